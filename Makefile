@@ -1,0 +1,38 @@
+# spec_torch — `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test test-all demo bench lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install spec_torch (editable, dev extras)
+
+test: $(STAMP)  ## run the test suite (CPU; gpu/browser tests skip where absent)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+demo: $(STAMP)  ## run the main job offline on the built-in synthetic dataset
+	HF_HUB_OFFLINE=1 $(PY) scripts/compare.py experiment=demo
+
+bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one run)
+	$(PY) bench/bench_core.py
+
+lint: $(STAMP)  ## ruff check and format check
+	$(PY) -m ruff check spec_torch scripts tests bench
+	$(PY) -m ruff format --check spec_torch scripts tests bench
+
+format: $(STAMP)  ## ruff format in place
+	$(PY) -m ruff format spec_torch scripts tests bench
+	$(PY) -m ruff check --fix spec_torch scripts tests bench
+
+clean:  ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,82 @@
+"""Input checks shared by the public entry points. Each raises :class:`SpecError` naming the argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SpecError
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_matrix(
+    value: Any,
+    name: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Return ``value`` as a floating 2-D tensor ``[N, D]``; numpy arrays and tensors are accepted.
+
+    float64 input stays float64, other floats and integers become float32 unless ``dtype`` is given.
+    """
+    if isinstance(value, np.ndarray):
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise SpecError(f"{name}: expected a numeric array, got dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    elif not isinstance(value, torch.Tensor):
+        raise SpecError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise SpecError(f"{name}: expected a 2-D array [N, D], got shape {tuple(value.shape)}")
+    if value.shape[0] == 0 or value.shape[1] == 0:
+        raise SpecError(f"{name}: expected a non-empty array [N, D] with N, D >= 1, got shape {tuple(value.shape)}")
+    if dtype is None:
+        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if value.is_complex() or value.dtype == torch.bool:
+        raise SpecError(f"{name}: expected real numbers, got dtype {value.dtype}")
+    value = value.to(device=device if device is not None else value.device, dtype=dtype)
+    if check_finite and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).any(dim=1).sum())
+        raise SpecError(f"{name}: contains NaN or Inf in {bad} row(s); clean the embeddings first")
+    return value
+
+
+def check_pair(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> None:
+    """Both embeddings must describe the same samples: same number of rows."""
+    if x.shape[0] != y.shape[0]:
+        raise SpecError(
+            f"{names[0]} and {names[1]}: expected the same samples in the same order, "
+            f"got {x.shape[0]} rows in {names[0]} and {y.shape[0]} rows in {names[1]}"
+        )
+
+
+def check_positive(value: Any, name: str, *, integer: bool = False) -> None:
+    """``value`` must be a positive (integer) number."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or value != value:
+        what = "a positive integer" if integer else "a positive number"
+        raise SpecError(f"{name}: expected {what}, got {value!r}")
+
+
+def memory_available(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (host RAM for CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(n_bytes: int, device: torch.device, what: str, name: str) -> None:
+    """Refuse work whose dense matrices would not fit in the memory of ``device``."""
+    avail = memory_available(device)
+    if n_bytes > avail:
+        raise SpecError(
+            f"{name}: {what} needs about {n_bytes / 2**30:.1f} GiB on {device}, "
+            f"but only {avail / 2**30:.1f} GiB is available; reduce it"
+        )
