@@ -1,1 +1,34 @@
-"""spec_torch."""
+"""spec_torch: Spectral Pairwise Embedding Comparison (SPEC) in PyTorch.
+
+Compare two embeddings of the same samples by the eigendecomposition of the difference of their kernel
+matrices; find the sample clusters one embedding captures and the other does not.
+
+Example:
+    >>> import torch, spec_torch as st
+    >>> x, y = torch.randn(500, 16), torch.randn(500, 8)
+    >>> res = st.spec(x, y, kernel_x="cosine", kernel_y=st.GaussianKernel(sigma="auto", rff_dim=256, seed=0))
+    >>> res.spec_diff > 0
+    True
+"""
+
+from .api import difference_matrix, spec
+from .covariance import DiffCovariance
+from .errors import SpecError
+from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
+from .result import SpecResult, TopSamples
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spec",
+    "difference_matrix",
+    "DiffCovariance",
+    "SpecResult",
+    "TopSamples",
+    "SpecError",
+    "Kernel",
+    "CosineKernel",
+    "LinearKernel",
+    "GaussianKernel",
+    "resolve_kernel",
+]

@@ -33,7 +33,9 @@ def as_matrix(
     if value.dim() != 2:
         raise SpecError(f"{name}: expected a 2-D array [N, D], got shape {tuple(value.shape)}")
     if value.shape[0] == 0 or value.shape[1] == 0:
-        raise SpecError(f"{name}: expected a non-empty array [N, D] with N, D >= 1, got shape {tuple(value.shape)}")
+        raise SpecError(
+            f"{name}: expected a non-empty array [N, D] with N, D >= 1, got shape {tuple(value.shape)}"
+        )
     if dtype is None:
         dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     if value.is_complex() or value.dtype == torch.bool:

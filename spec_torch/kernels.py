@@ -114,7 +114,9 @@ def median_sigma(x: torch.Tensor, max_samples: int = 2000, seed: int = 0) -> flo
     iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
     med = float(d[iu[0], iu[1]].median())
     if not med > 0:
-        raise SpecError("sigma='auto': the median pairwise distance is 0 (duplicated rows?); give sigma explicitly")
+        raise SpecError(
+            "sigma='auto': the median pairwise distance is 0 (duplicated rows?); give sigma explicitly"
+        )
     return med
 
 
@@ -170,12 +172,16 @@ class GaussianKernel(Kernel):
             if out._omega is None or out._omega.shape[0] != p:
                 gen = torch.Generator().manual_seed(self.seed)
                 # w_j ~ N(0, sigma^-2 I): [p, m]
-                out._omega = torch.randn(p, out.rff_dim, generator=gen, dtype=torch.float64) / float(out.sigma)
+                out._omega = torch.randn(p, out.rff_dim, generator=gen, dtype=torch.float64) / float(
+                    out.sigma
+                )
         return out
 
     def feature_dim(self, p: int) -> int:
         if self.rff_dim is None:
-            raise SpecError("kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim")
+            raise SpecError(
+                "kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim"
+            )
         return 2 * self.rff_dim
 
     def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +198,9 @@ class GaussianKernel(Kernel):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.rff_dim is None:
-            raise SpecError("kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim")
+            raise SpecError(
+                "kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim"
+            )
         proj = x @ self._frequencies(x)  # [B, p] @ [p, m] -> [B, m]
         scale = 1.0 / math.sqrt(self.rff_dim)
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1).mul_(scale)  # [B, 2m]
@@ -225,16 +233,22 @@ def resolve_kernel(kernel: str | Kernel | dict[str, Any], name: str = "kernel") 
     if isinstance(kernel, str):
         key = kernel.lower()
         if key not in _BY_NAME:
-            raise SpecError(f"{name}: unknown kernel {kernel!r}; expected one of {sorted(set(_BY_NAME) - {'rbf'})}")
+            raise SpecError(
+                f"{name}: unknown kernel {kernel!r}; expected one of {sorted(set(_BY_NAME) - {'rbf'})}"
+            )
         return _BY_NAME[key]()
     if isinstance(kernel, dict):
         kwargs = dict(kernel)
         kind = str(kwargs.pop("name", "")).lower()
         if kind not in _BY_NAME:
-            raise SpecError(f"{name}: unknown kernel {kind!r}; expected one of {sorted(set(_BY_NAME) - {'rbf'})}")
+            raise SpecError(
+                f"{name}: unknown kernel {kind!r}; expected one of {sorted(set(_BY_NAME) - {'rbf'})}"
+            )
         kwargs.pop("sigma_auto", None)
         try:
             return _BY_NAME[kind](**kwargs)
         except TypeError as exc:
             raise SpecError(f"{name}: bad settings for the {kind} kernel: {exc}") from None
-    raise SpecError(f"{name}: expected a kernel name, a dict or a spec_torch Kernel, got {type(kernel).__name__}")
+    raise SpecError(
+        f"{name}: expected a kernel name, a dict or a spec_torch Kernel, got {type(kernel).__name__}"
+    )

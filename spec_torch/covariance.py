@@ -1,0 +1,232 @@
+"""Streaming difference-covariance accumulator: update / merge / compute.
+
+State (all sums, so batches, shards and ranks merge by addition):
+
+- ``xx = sum_i phi_x(x_i) phi_x(x_i)^T``  [Dx, Dx]
+- ``xy = sum_i phi_x(x_i) phi_y(y_i)^T``  [Dx, Dy]
+- ``yy = sum_i phi_y(y_i) phi_y(y_i)^T``  [Dy, Dy]
+- ``sum_x``, ``sum_y``: feature sums [Dx], [Dy] (for centred statistics), and the count ``n``.
+
+Memory is O(D^2), independent of n; each batch costs one GEMM per block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._validate import as_matrix, check_fits, check_pair, check_positive
+from .errors import SpecError
+from .kernels import Kernel, resolve_kernel
+from .result import SpecResult
+from .solver import check_top_k, solve_features
+
+__all__ = ["DiffCovariance", "distributed_ready"]
+
+_STATE = ("xx", "xy", "yy", "sum_x", "sum_y", "count")
+
+
+def distributed_ready() -> bool:
+    """True when a torch.distributed process group is initialised with more than one rank."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+class DiffCovariance:
+    """Accumulates the blocks of ``C = A^T A`` over batches without storing features.
+
+    Args:
+        kernel_x, kernel_y: ``"cosine"``, ``"linear"``, or a :class:`~spec_torch.kernels.Kernel` with a
+            feature map (``GaussianKernel`` needs ``rff_dim``). Unfitted kernels (``sigma="auto"``, RFF
+            frequencies) are fitted on the first batch.
+        accumulate_dtype: dtype of the sums; default the input dtype (float32, or float64 for float64 input).
+            ``torch.float64`` gives float64 accumulation for float32 features.
+        device: where the state lives; default the device of the first batch.
+
+    Example:
+        >>> import torch, spec_torch as st
+        >>> acc = st.DiffCovariance("cosine", "linear")
+        >>> for xb, yb in zip(torch.randn(100, 5).split(32), torch.randn(100, 3).split(32)):
+        ...     acc.update(xb, yb)
+        >>> acc.n
+        100
+        >>> res = acc.compute(eta=1.0)
+        >>> res.eigenvalues.shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        kernel_x: str | Kernel = "cosine",
+        kernel_y: str | Kernel = "cosine",
+        accumulate_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.kernel_x = resolve_kernel(kernel_x, "kernel_x")
+        self.kernel_y = resolve_kernel(kernel_y, "kernel_y")
+        for k, name in ((self.kernel_x, "kernel_x"), (self.kernel_y, "kernel_y")):
+            if not k.has_features:
+                raise SpecError(
+                    f"{name}: {k!r} has no finite feature map; give GaussianKernel(rff_dim=...) for the "
+                    "streaming route, or use spec(..., method='exact') for small n"
+                )
+        self.accumulate_dtype = accumulate_dtype
+        self.device = torch.device(device) if device is not None else None
+        self.dims: tuple[int, int] | None = None  # input dims (p, q), fixed by the first batch
+        self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
+        self.count = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n(self) -> int:
+        """Number of samples accumulated so far (this process)."""
+        return int(self.count)
+
+    def _init_state(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.kernel_x = self.kernel_x if self.kernel_x.is_fitted else self.kernel_x.fit(x)
+        self.kernel_y = self.kernel_y if self.kernel_y.is_fitted else self.kernel_y.fit(y)
+        self.dims = (x.shape[1], y.shape[1])
+        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])
+        dtype = self.accumulate_dtype or x.dtype
+        device = self.device or x.device
+        self.device = device
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # the state plus the float64 solve's C, Z, S, eigenvectors: about 6 D x D matrices
+        d = dx + dy
+        check_fits(
+            (dx * dx + dx * dy + dy * dy) * itemsize + 6 * d * d * 8,
+            device,
+            f"D = {dx} + {dy} = {d} features (D x D matrices)",
+            "kernel_x/kernel_y",
+        )
+        self.xx = torch.zeros(dx, dx, dtype=dtype, device=device)
+        self.xy = torch.zeros(dx, dy, dtype=dtype, device=device)
+        self.yy = torch.zeros(dy, dy, dtype=dtype, device=device)
+        self.sum_x = torch.zeros(dx, dtype=dtype, device=device)
+        self.sum_y = torch.zeros(dy, dtype=dtype, device=device)
+
+    def features(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate a batch and map it to features ``([B, Dx], [B, Dy])`` with the fitted kernels."""
+        x = as_matrix(x, "x", device=self.device)
+        y = as_matrix(y, "y", device=self.device)
+        check_pair(x, y)
+        if self.dims is not None and (x.shape[1], y.shape[1]) != self.dims:
+            raise SpecError(
+                f"x/y: expected feature dimensions {self.dims} as in the first batch, "
+                f"got ({x.shape[1]}, {y.shape[1]})"
+            )
+        self.kernel_x.check_input(x, "x")
+        self.kernel_y.check_input(y, "y")
+        if self.xx is None:
+            self._init_state(x, y)
+        dtype = self.xx.dtype
+        px = self.kernel_x.features(x.to(self.device)).to(dtype)  # [B, Dx]
+        py = self.kernel_y.features(y.to(self.device)).to(dtype)  # [B, Dy]
+        return px, py
+
+    @torch.no_grad()
+    def update(self, x: Any, y: Any) -> DiffCovariance:
+        """Add a batch: ``x: [B, p]``, ``y: [B, q]`` (tensors or numpy arrays, same samples in the same order)."""
+        px, py = self.features(x, y)
+        self.xx.addmm_(px.T, px)  # [Dx, B] @ [B, Dx] -> [Dx, Dx]
+        self.xy.addmm_(px.T, py)  # [Dx, B] @ [B, Dy] -> [Dx, Dy]
+        self.yy.addmm_(py.T, py)  # [Dy, B] @ [B, Dy] -> [Dy, Dy]
+        self.sum_x.add_(px.sum(0))
+        self.sum_y.add_(py.sum(0))
+        self.count += px.shape[0]
+        return self
+
+    def merge(self, other: DiffCovariance) -> DiffCovariance:
+        """Add another accumulator's sums (same kernels, same fitted frequencies) into this one."""
+        if not isinstance(other, DiffCovariance):
+            raise SpecError(f"other: expected a DiffCovariance, got {type(other).__name__}")
+        if other.xx is None:
+            return self
+        if self.xx is None:
+            self.kernel_x, self.kernel_y, self.dims, self.device = (
+                other.kernel_x,
+                other.kernel_y,
+                other.dims,
+                other.device,
+            )
+            for key in _STATE[:-1]:
+                setattr(self, key, getattr(other, key).clone())
+            self.count = other.count
+            return self
+        if self.kernel_x != other.kernel_x or self.kernel_y != other.kernel_y or self.dims != other.dims:
+            raise SpecError(
+                "other: cannot merge accumulators with different kernels or input dimensions: "
+                f"{self.kernel_x!r}/{self.kernel_y!r} {self.dims} vs {other.kernel_x!r}/{other.kernel_y!r} {other.dims}"
+            )
+        for key in _STATE[:-1]:
+            getattr(self, key).add_(getattr(other, key).to(getattr(self, key)))
+        self.count += other.count
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums, count and resolved kernels, for checkpoints (``torch.save``) and resumed runs."""
+        if self.xx is None:
+            return {"count": 0}
+        out = {key: getattr(self, key) for key in _STATE}
+        out.update(dims=self.dims, kernel_x=self.kernel_x, kernel_y=self.kernel_y)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> DiffCovariance:
+        if int(state.get("count", 0)) == 0:
+            return self
+        self.kernel_x, self.kernel_y, self.dims = state["kernel_x"], state["kernel_y"], tuple(state["dims"])
+        for key in _STATE[:-1]:
+            setattr(self, key, state[key].clone())
+        self.device = self.xx.device
+        self.count = int(state["count"])
+        return self
+
+    def synced(self) -> DiffCovariance:
+        """A copy whose sums are all-reduced (summed) over the ranks of the default process group."""
+        out = DiffCovariance(self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device)
+        if self.xx is None:
+            raise SpecError("update: every rank must add at least one batch before compute()")
+        out.kernel_x, out.kernel_y, out.dims = self.kernel_x, self.kernel_y, self.dims
+        flat = torch.cat(
+            [getattr(self, k).reshape(-1) for k in _STATE[:-1]] + [self.xx.new_tensor([self.count])]
+        )
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for key in _STATE[:-1]:
+            t = getattr(self, key)
+            setattr(out, key, flat[offset : offset + t.numel()].view_as(t).clone())
+            offset += t.numel()
+        out.count = int(round(float(flat[-1])))
+        return out
+
+    # ---------------------------------------------------------------- compute
+    def compute(
+        self, eta: float = 1.0, top_k: int | None = None, sync_dist: bool | None = None
+    ) -> SpecResult:
+        """Solve for the spectrum of ``(K_x - eta K_y) / n``.
+
+        Args:
+            eta: weight of the y kernel, > 0.
+            top_k: ``None`` for the full spectrum (``min(n, D)`` eigenvalues of largest magnitude), or the number
+                of strongest modes of each sign, found with LOBPCG (cheaper for large D).
+            sync_dist: all-reduce the sums over the ranks of ``torch.distributed`` first. ``None`` (default):
+                when a process group with more than one rank is initialised.
+        """
+        check_positive(eta, "eta")
+        if self.xx is None:
+            raise SpecError("update: no samples were accumulated; call update(x, y) before compute()")
+        state = self.synced() if (sync_dist if sync_dist is not None else distributed_ready()) else self
+        n = state.n
+        d = state.xx.shape[0] + state.yy.shape[0]
+        check_top_k(top_k, min(n, d))
+        f64 = torch.float64
+        evals, u = solve_features(
+            state.xx.to(f64), state.xy.to(f64), state.yy.to(f64), n, float(eta), top_k=top_k
+        )
+        return SpecResult.from_features(
+            evals, u, n=n, eta=float(eta), kernel_x=state.kernel_x, kernel_y=state.kernel_y, dims=state.dims
+        )

@@ -1,0 +1,227 @@
+"""The result of a SPEC comparison: spectrum, modes, and the streaming pass that scores samples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._validate import as_matrix, check_pair
+from .errors import SpecError
+from .kernels import Kernel
+
+__all__ = ["SpecResult", "TopSamples"]
+
+#: modes whose |eigenvalue| is below this fraction of SPEC-diff have no determined eigenvector (numerical zeros)
+ZERO_RTOL = 1e-10
+
+
+@dataclass
+class TopSamples:
+    """The highest-scoring samples of each requested mode (sign-fixed: the largest-|score| sample is positive).
+
+    Attributes:
+        modes: indices into ``SpecResult.eigenvalues``.
+        eigenvalues: the modes' eigenvalues.
+        indices: ``[M, k]`` sample indices (positions in the scored data), best first.
+        scores: ``[M, k]`` their scores (entries of the unit-norm sample-space eigenvector).
+        flipped: ``[M]`` whether the mode's sign was flipped to make its largest-|score| entry positive.
+    """
+
+    modes: list[int]
+    eigenvalues: list[float]
+    indices: torch.Tensor
+    scores: torch.Tensor
+    flipped: list[bool]
+
+
+class SpecResult:
+    """Spectrum of ``L = (K_x - eta K_y) / n`` and what is needed to score samples on its eigenvectors.
+
+    Attributes:
+        eigenvalues: float64 ``[K]``, descending. Positive: clusters x holds together and y does not;
+            negative: the reverse.
+        spec_diff: ``max |eigenvalue|`` = ``||L||_op``.
+        n, eta, method ("features" or "exact"), kernel_x, kernel_y (fitted kernels).
+    """
+
+    def __init__(
+        self,
+        eigenvalues: torch.Tensor,
+        *,
+        n: int,
+        eta: float,
+        method: str,
+        kernel_x: Kernel,
+        kernel_y: Kernel,
+        dims: tuple[int, int] | None,
+        u: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.eigenvalues = eigenvalues
+        self.n = n
+        self.eta = eta
+        self.method = method
+        self.kernel_x = kernel_x
+        self.kernel_y = kernel_y
+        self.dims = dims
+        self._u = u  # feature route: [D, K] feature-space directions u_k = J Z^T w_k
+        self._v = v  # exact route: [n, K] sample-space eigenvectors
+        self._data = data  # exact route: the (x, y) the kernel matrices were built from (Nystrom scoring)
+
+    @classmethod
+    def from_features(cls, eigenvalues, u, **kw) -> SpecResult:
+        return cls(eigenvalues, method="features", u=u, **kw)
+
+    @classmethod
+    def from_exact(cls, eigenvalues, v, data, **kw) -> SpecResult:
+        return cls(eigenvalues, method="exact", v=v, data=data, **kw)
+
+    # ------------------------------------------------------------ spectrum
+    @property
+    def spec_diff(self) -> float:
+        """SPEC-diff: the largest |eigenvalue|."""
+        return float(self.eigenvalues.abs().max()) if self.eigenvalues.numel() else 0.0
+
+    def positive_modes(self, k: int) -> list[int]:
+        """Indices of the (at most) ``k`` largest positive eigenvalues: clusters x captures and y does not."""
+        pos = [i for i, lam in enumerate(self.eigenvalues.tolist()) if lam > self._zero_tol()]
+        return pos[:k]
+
+    def negative_modes(self, k: int) -> list[int]:
+        """Indices of the (at most) ``k`` most negative eigenvalues: clusters y captures and x does not."""
+        neg = [i for i, lam in enumerate(self.eigenvalues.tolist()) if lam < -self._zero_tol()]
+        return neg[::-1][:k]
+
+    def _zero_tol(self) -> float:
+        return ZERO_RTOL * self.spec_diff
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary: spectrum and resolved settings."""
+        return {
+            "eigenvalues": [float(v) for v in self.eigenvalues.tolist()],
+            "spec_diff": self.spec_diff,
+            "n": self.n,
+            "eta": self.eta,
+            "method": self.method,
+            "kernel_x": self.kernel_x.describe(),
+            "kernel_y": self.kernel_y.describe(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SpecResult(n={self.n}, K={self.eigenvalues.numel()}, spec_diff={self.spec_diff:.4g}, "
+            f"eta={self.eta}, method={self.method!r})"
+        )
+
+    # -------------------------------------------------------------- scores
+    def _check_modes(self, modes: Iterable[int] | None) -> list[int]:
+        k_all = self.eigenvalues.numel()
+        if modes is None:
+            return [i for i in range(k_all) if abs(float(self.eigenvalues[i])) > self._zero_tol()]
+        modes = [int(m) for m in modes]
+        for m in modes:
+            if not 0 <= m < k_all:
+                raise SpecError(f"modes: index {m} out of range for {k_all} eigenvalues")
+            if abs(float(self.eigenvalues[m])) <= self._zero_tol():
+                raise SpecError(
+                    f"modes: mode {m} has eigenvalue {float(self.eigenvalues[m]):.3g}, numerically zero; "
+                    "its eigenvector is not determined"
+                )
+        return modes
+
+    def _batch_scores(self, x: torch.Tensor, y: torch.Tensor, modes: list[int]) -> torch.Tensor:
+        """Unoriented scores ``[B, M]`` of a validated batch."""
+        lam = self.eigenvalues[modes]  # [M]
+        if self.method == "features":
+            u = self._u[:, modes]  # [D, M]
+            dx = u.shape[0] - self.kernel_y.feature_dim(y.shape[1])
+            dtype = u.dtype
+            px = self.kernel_x.features(x).to(dtype)  # [B, Dx]
+            py = self.kernel_y.features(y).to(dtype)  # [B, Dy]
+            proj = px @ u[:dx] + math.sqrt(self.eta) * (py @ u[dx:])  # [B, M]
+            return proj / (math.sqrt(self.n) * lam.abs())
+        x_fit, y_fit = self._data
+        v = self._v[:, modes]  # [n, M]
+        kx = self.kernel_x.gram(x.to(x_fit.dtype), x_fit)  # [B, n]
+        ky = self.kernel_y.gram(y.to(y_fit.dtype), y_fit)  # [B, n]
+        lmat = (kx - self.eta * ky).to(v.dtype) / self.n  # [B, n], rows of L (Nystrom extension)
+        return lmat @ v / lam  # [B, n] @ [n, M] -> [B, M]
+
+    def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self._u if self._u is not None else self._v
+        x = as_matrix(x, "x", device=ref.device)
+        y = as_matrix(y, "y", device=ref.device)
+        check_pair(x, y)
+        if self.dims is not None and (x.shape[1], y.shape[1]) != tuple(self.dims):
+            raise SpecError(
+                f"x/y: expected feature dimensions {tuple(self.dims)}, got ({x.shape[1]}, {y.shape[1]})"
+            )
+        self.kernel_x.check_input(x, "x")
+        self.kernel_y.check_input(y, "y")
+        return x, y
+
+    @torch.no_grad()
+    def sample_scores(
+        self, x: Any, y: Any, modes: Iterable[int] | None = None, batch_size: int = 8192
+    ) -> torch.Tensor:
+        """Sample-space eigenvectors ``[n, M]`` on ``x: [n, p]``, ``y: [n, q]`` (the compared samples).
+
+        On the compared samples the columns are unit-norm eigenvectors of L. Each column's sign is fixed so
+        that its largest-magnitude entry is positive. ``modes`` defaults to every mode with a nonzero eigenvalue.
+        """
+        modes = self._check_modes(modes)
+        x, y = self._prepare(x, y)
+        out = torch.cat(
+            [self._batch_scores(xb, yb, modes) for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+        )  # [n, M]
+        peak = out.gather(0, out.abs().argmax(0, keepdim=True))  # [1, M]
+        return out * torch.where(peak < 0, -1.0, 1.0).to(out.dtype)
+
+    @torch.no_grad()
+    def top_samples(self, data: Any, k: int = 10, modes: Iterable[int] | None = None) -> TopSamples:
+        """Streaming pass: the ``k`` highest-scoring samples of each mode, never holding an ``[n, M]`` matrix.
+
+        Args:
+            data: ``(x, y)`` (tensors or arrays) or an iterable of ``(x_batch, y_batch)`` in sample order.
+            k: samples per mode.
+            modes: indices into ``eigenvalues``; default every mode with a nonzero eigenvalue.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise SpecError(f"k: expected a positive integer, got {k!r}")
+        modes = self._check_modes(modes)
+        if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
+            data = [data]
+        hi_val = hi_idx = lo_val = lo_idx = None
+        offset = 0
+        for xb, yb in data:
+            xb, yb = self._prepare(xb, yb)
+            s = self._batch_scores(xb, yb, modes)  # [B, M]
+            idx = torch.arange(offset, offset + s.shape[0], device=s.device).unsqueeze(1).expand_as(s)
+            offset += s.shape[0]
+            if hi_val is None:
+                hi_val, hi_idx, lo_val, lo_idx = s, idx, s, idx
+            else:
+                hi_val, hi_idx = torch.cat([hi_val, s]), torch.cat([hi_idx, idx])
+                lo_val, lo_idx = torch.cat([lo_val, s]), torch.cat([lo_idx, idx])
+            kk = min(k, hi_val.shape[0])
+            top = torch.topk(hi_val, kk, dim=0)  # running top-k largest, [kk, M]
+            hi_val, hi_idx = top.values, hi_idx.gather(0, top.indices)
+            bot = torch.topk(lo_val, kk, dim=0, largest=False)  # running top-k smallest
+            lo_val, lo_idx = bot.values, lo_idx.gather(0, bot.indices)
+        if hi_val is None:
+            raise SpecError("data: no samples to score")
+        flip = lo_val[0].abs() > hi_val[0].abs()  # [M]: the largest-|score| entry is negative
+        vals = torch.where(flip, -lo_val, hi_val)  # [kk, M]
+        idxs = torch.where(flip, lo_idx, hi_idx)
+        return TopSamples(
+            modes=modes,
+            eigenvalues=[float(self.eigenvalues[m]) for m in modes],
+            indices=idxs.T.cpu(),
+            scores=vals.T.cpu(),
+            flipped=flip.tolist(),
+        )
