@@ -1,0 +1,52 @@
+"""Compare two encoders on one dataset with SPEC; writes spec.json, plots and report.html to the run dir.
+
+The work is :func:`spec_torch.compare.run`; this file only parses the Hydra config (``configs/``).
+
+Examples::
+
+    # the offline demo: synthetic images with planted attributes, two offline encoders (= make demo)
+    python scripts/compare.py experiment=demo
+
+    # CLIP ViT-B/32 vs DINOv2 ViT-B/14 on ImageNet val
+    python scripts/compare.py experiment=imagenet_clip_vs_dinov2 data.root=/data/imagenet/val
+
+    # two text encoders on MS-COCO captions
+    python scripts/compare.py experiment=mscoco_captions_text_encoders \\
+        data.annotations=/data/coco/annotations/captions_val2017.json
+
+    # precomputed embeddings (the machine-readable contract: OUT/spec.json)
+    python scripts/compare.py data=features data.x_path=A.npy data.y_path=B.npy \\
+        kernel@kernel_x=cosine kernel@kernel_y=cosine hydra.run.dir=OUT
+
+    # any image folder, any pair of encoders and kernels
+    python scripts/compare.py data=imagefolder data.root=/my/images \\
+        encoder@encoder_x=open_clip_vit_b32 encoder@encoder_y=torchvision_resnet50 \\
+        kernel@kernel_x=gaussian kernel_x.sigma=auto top_k=5
+
+Bad input (missing paths, unknown models, mismatched feature files, an unwritable output directory) prints
+one line ``error: ...`` to stderr and exits with status 2; no spec.json is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from spec_torch.errors import SpecError
+
+
+@hydra.main(config_path="../configs", config_name="compare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from spec_torch.compare import run
+
+    try:
+        run(cfg)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""The compare pipeline: two encoders, one dataset, one SPEC comparison, one run directory.
+
+``run(cfg)`` is what ``scripts/compare.py`` calls with the composed Hydra config (``configs/compare.yaml``):
+
+1. check that the output directory is writable (before any work) and remove a stale ``spec.json``;
+2. build the dataset and both encoders, extract and cache features for each (``data=features`` instead
+   loads precomputed arrays), and pair the cached rows by sample id: a sample skipped as corrupt by either
+   encoder is dropped from both;
+3. stream the cached rows through :class:`~spec_torch.DiffCovariance` (and the linear CKA sums) batch by
+   batch, never holding all features in memory, and solve;
+4. a second streaming pass for the top samples of the strongest modes of each sign;
+5. per-mode metrics (tightness under each kernel, KMeans agreement, label composition, purity on planted
+   attributes) and mutual k-NN overlap on a subsample;
+6. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
+   ``spec.json`` is a finished run.
+
+Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .covariance import DiffCovariance
+from .errors import SpecError
+from .kernels import resolve_kernel
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+SPEC_JSON = "spec.json"
+
+
+# --------------------------------------------------------------------------------------- paired features
+@dataclass
+class PairedFeatures:
+    """Row-paired embeddings of the same samples, read batch by batch from (memory-mapped) arrays.
+
+    Paired row ``i`` is ``x[rows_x[i]]`` and ``y[rows_y[i]]`` (``rows_* = None``: the identity).
+    """
+
+    x: Any  # [Nx, p] np.memmap / np.ndarray / torch.Tensor
+    y: Any  # [Ny, q]
+    ids: list[str]  # [n] sample id of each paired row
+    rows_x: np.ndarray | None = None  # [n] row of x for each paired row
+    rows_y: np.ndarray | None = None  # [n]
+    skipped: list[str] = field(default_factory=list)  # ids dropped (corrupt under either encoder)
+    dataset_index: np.ndarray | None = None  # [n] dataset position of each paired row (labels, display)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def gather(self, idx: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx`` (paired positions) of both embeddings: ``([m, p], [m, q])`` float32."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rx = idx if self.rows_x is None else self.rows_x[idx]
+        ry = idx if self.rows_y is None else self.rows_y[idx]
+        return _take(self.x, rx), _take(self.y, ry)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(xb [B, p], yb [B, q])`` in paired order; only one batch is in memory at a time."""
+        for start in range(0, self.n, batch_size):
+            yield self.gather(np.arange(start, min(start + batch_size, self.n)))
+
+
+def _take(array: Any, rows: np.ndarray) -> torch.Tensor:
+    """``array[rows]`` as a float32 CPU tensor; contiguous row ranges are read as one slice."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1):
+        part = array[int(rows[0]) : int(rows[-1]) + 1]
+    else:
+        part = array[torch.from_numpy(rows)] if isinstance(array, torch.Tensor) else array[rows]
+    if isinstance(part, torch.Tensor):
+        return part.detach().to("cpu", torch.float32)
+    return torch.from_numpy(np.array(part, dtype=np.float32, copy=True))
+
+
+def pair_by_id(ids_x: Sequence[str], ids_y: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Rows of x and y holding the same sample id, in x's order, and the ids present in only one side."""
+    pos_y = {sid: j for j, sid in enumerate(ids_y)}
+    rows_x = [i for i, sid in enumerate(ids_x) if sid in pos_y]
+    rows_y = [pos_y[ids_x[i]] for i in rows_x]
+    only_one = sorted(set(ids_x).symmetric_difference(pos_y))
+    return np.asarray(rows_x, dtype=np.int64), np.asarray(rows_y, dtype=np.int64), only_one
+
+
+# ------------------------------------------------------------------------------------------- settings
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device: {name!r} was asked for but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir``, else the Hydra run dir; created and checked writable before any work."""
+    out = cfg.get("output_dir")
+    if out is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            out = HydraConfig.get().runtime.output_dir
+        except ValueError:
+            raise SpecError("output_dir: not set and no Hydra run dir; give output_dir=PATH") from None
+    path = Path(str(out)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise SpecError(f"output_dir: {path} is not a writable directory ({exc.strerror or exc})") from None
+    return path
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " ".join(f"{key}=..." for key in missing)
+        raise SpecError(f"{', '.join(missing)}: required by this config but not given; add {hint}")
+    for key in ("top_k", "samples_per_mode", "batch_size"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"{key}: expected a positive integer, got {value!r}")
+    eta = cfg.get("eta")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
+        raise SpecError(f"eta: expected a positive number, got {eta!r}")
+    if cfg.get("method", "auto") not in ("auto", "features", "exact"):
+        raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name in the same directory, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------- loading inputs
+def _load_precomputed(data_cfg: dict[str, Any]) -> tuple[PairedFeatures, dict[str, Any]]:
+    from .data import load_feature_pair
+
+    for key in ("x_path", "y_path"):
+        if not data_cfg.get(key):
+            raise SpecError(f"data.{key}: required with data=features (a .npy/.npz/.pt/.safetensors file)")
+        if not Path(str(data_cfg[key])).expanduser().is_file():
+            raise SpecError(f"data.{key}: no such file: {data_cfg[key]}")
+    ids_path = data_cfg.get("ids_path")
+    if ids_path and not Path(str(ids_path)).expanduser().is_file():
+        raise SpecError(f"data.ids_path: no such file: {ids_path}")
+    x, y, ids = load_feature_pair(data_cfg["x_path"], data_cfg["y_path"], ids_path)
+    if len(x.shape) != 2 or len(y.shape) != 2:
+        raise SpecError(f"data.x_path/y_path: expected 2-D arrays [N, D], got shapes {x.shape} and {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise SpecError(
+            f"data.x_path/y_path: expected the same samples in the same order, got {x.shape[0]} rows in "
+            f"{data_cfg['x_path']} and {y.shape[0]} rows in {data_cfg['y_path']}"
+        )
+    ids = [f"row:{i}" for i in range(x.shape[0])] if ids is None else [str(s) for s in ids]
+    if len(ids) != x.shape[0]:
+        raise SpecError(f"data.ids_path: expected {x.shape[0]} ids (one per row), got {len(ids)}")
+    info = {
+        "name": "features",
+        "x_path": str(data_cfg["x_path"]),
+        "y_path": str(data_cfg["y_path"]),
+        "ids_path": str(ids_path) if ids_path else None,
+        "dims": [int(x.shape[1]), int(y.shape[1])],
+    }
+    return PairedFeatures(x=x, y=y, ids=ids), info
+
+
+def _build_encoder(enc_cfg: dict[str, Any], which: str):
+    from .encoders import build_encoder
+
+    kwargs = dict(enc_cfg)
+    family = kwargs.pop("family", None)
+    if not family:
+        raise SpecError(f"{which}.family: expected an encoder family (e.g. open_clip, timm, minilm)")
+    try:
+        return build_encoder(family, **kwargs)
+    except SpecError as exc:
+        raise SpecError(f"{which}: {exc}") from None
+    except (RuntimeError, KeyError, TypeError, OSError) as exc:  # a library's own "unknown model" etc.
+        model = kwargs.get("model", family)
+        raise SpecError(f"{which}: could not build the {family} encoder {model!r}: {exc}") from None
+
+
+def _extract_pair(cfg: DictConfig, device: torch.device):
+    """Dataset + both encoders -> cached features, paired by sample id."""
+    from .data import build_dataset
+    from .extract import extract_features
+
+    data_cfg = dict(_container(cfg.data))
+    name = data_cfg.pop("name")
+    dataset = build_dataset(name, **data_cfg)
+    if len(dataset) == 0:
+        raise SpecError(f"data: the {name} dataset is empty; check its path settings")
+    encoders = {w: _build_encoder(_container(cfg[f"encoder_{w}"]), f"encoder_{w}") for w in ("x", "y")}
+    for w, enc in encoders.items():
+        if enc.modality != dataset.modality:
+            raise SpecError(
+                f"encoder_{w}: a {enc.modality} encoder cannot embed the {dataset.modality} samples of data={name}"
+            )
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    caches = {
+        w: extract_features(
+            dataset,
+            enc,
+            cache_dir,
+            batch_size=int(cfg.batch_size),
+            num_workers=int(cfg.num_workers),
+            device=str(device),
+            progress=bool(cfg.get("progress", True)),
+        )
+        for w, enc in encoders.items()
+    }
+    cx, cy = caches["x"], caches["y"]
+    rows_x, rows_y, only_one = pair_by_id(cx.ids, cy.ids)
+    skipped = sorted(set(cx.skipped) | set(cy.skipped) | set(only_one))
+    if rows_x.size < 2:
+        raise SpecError(f"data: only {rows_x.size} readable sample(s) left after skipping {len(skipped)}")
+    pos = {dataset.sample_id(i): i for i in range(len(dataset))}
+    ids = [cx.ids[i] for i in rows_x]
+    paired = PairedFeatures(
+        x=cx.features,
+        y=cy.features,
+        ids=ids,
+        rows_x=rows_x,
+        rows_y=rows_y,
+        skipped=skipped,
+        dataset_index=np.asarray([pos[s] for s in ids], dtype=np.int64),
+    )
+    info = {
+        "name": name,
+        **{k: v for k, v in data_cfg.items()},
+        "modality": dataset.modality,
+        "size": len(dataset),
+        "fingerprint": dataset.fingerprint(),
+    }
+    enc_info = {
+        w: {**_container(cfg[f"encoder_{w}"]), "embed_dim": int(caches[w].dim), "cache_key": enc.cache_key()}
+        for w, enc in encoders.items()
+    }
+    return paired, dataset, info, enc_info
+
+
+# ------------------------------------------------------------------------------------------- the solve
+def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
+    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka)."""
+    from . import api
+    from .report import metrics
+
+    kx = resolve_kernel(_container(cfg.kernel_x), "kernel_x")
+    ky = resolve_kernel(_container(cfg.kernel_y), "kernel_y")
+    cka = metrics.LinearCKA()
+    solve_top_k = cfg.get("solve_top_k")
+    method = cfg.get("method", "auto")
+    if method == "exact" or not (kx.has_features and ky.has_features):
+        # exact route: the n x n kernel matrices; st.spec checks they fit in memory
+        x, y = paired.gather(np.arange(paired.n))
+        cka.update(x, y)
+        res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
+        return res, cka.compute()
+    acc = DiffCovariance(kx, ky, device=device)
+    for xb, yb in paired.batches(int(cfg.batch_size)):
+        acc.update(xb.to(device), yb.to(device))  # [B, p], [B, q]
+        cka.update(xb, yb)
+    return acc.compute(eta=float(cfg.eta), top_k=solve_top_k), cka.compute()
+
+
+# -------------------------------------------------------------------------------------- per-mode facts
+def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dict]], list[Any], dict]:
+    """Top samples and metrics of the strongest modes of each sign -> (spec.json modes, ModeViews, clustering)."""
+    from .report import ModeView, metrics
+
+    top_k = int(cfg.top_k)
+    chosen = {"x": res.positive_modes(top_k), "y": res.negative_modes(top_k)}
+    all_modes = chosen["x"] + chosen["y"]
+    entries: dict[str, list[dict]] = {"x": [], "y": []}
+    views: list[Any] = []
+    clustering: dict[str, Any] = {}
+    if not all_modes:
+        return entries, views, clustering
+    k = min(int(cfg.samples_per_mode), paired.n)
+    batches = (
+        (xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size))
+    )  # second streaming pass
+    top = res.top_samples(batches, k=k, modes=all_modes)
+    by_mode = {m: (top.indices[j].numpy(), top.scores[j].tolist()) for j, m in enumerate(top.modes)}
+    labels = getattr(dataset, "labels", None) if dataset is not None else None
+    attributes = getattr(dataset, "attributes", None) if dataset is not None else None
+    modality = getattr(dataset, "modality", None) if dataset is not None else None
+    for direction, modes in chosen.items():
+        for rank, m in enumerate(modes):
+            idx, scores = by_mode[m]
+            xs, ys = paired.gather(idx)  # [k, p], [k, q]
+            tight_x, tight_y = metrics.mode_tightness(res.kernel_x, res.kernel_y, xs, ys)
+            entry: dict[str, Any] = {
+                "index": int(m),
+                "rank": rank + 1,
+                "eigenvalue": float(res.eigenvalues[m]),
+                "top_ids": [paired.ids[i] for i in idx],
+                "top_scores": [float(s) for s in scores],
+                "tightness_x": float(tight_x),
+                "tightness_y": float(tight_y),
+            }
+            ds_rows = paired.dataset_index[idx] if paired.dataset_index is not None else None
+            comp = purity = None
+            if labels is not None and ds_rows is not None:
+                comp = metrics.label_composition([labels[i] for i in ds_rows])
+                entry["labels"] = [[str(lab), float(f)] for lab, f in comp]
+            if attributes and ds_rows is not None:
+                majority = metrics.purity(attributes, ds_rows)  # attr -> (majority value, fraction)
+                purity = {attr: frac for attr, (_, frac) in majority.items()}
+                entry["purity"] = purity
+                entry["dominant"] = {attr: value for attr, (value, _) in majority.items()}
+            entries[direction].append(entry)
+            images = texts = None
+            if ds_rows is not None and modality == "image":
+                images = [dataset.display(int(i)) for i in ds_rows]
+            elif ds_rows is not None and modality == "text":
+                texts = [str(dataset.display(int(i))) for i in ds_rows]
+            views.append(
+                ModeView(
+                    direction=direction,
+                    index=rank + 1,
+                    eigenvalue=entry["eigenvalue"],
+                    sample_ids=entry["top_ids"],
+                    scores=entry["top_scores"],
+                    images=images,
+                    texts=texts,
+                    tightness_x=entry["tightness_x"],
+                    tightness_y=entry["tightness_y"],
+                    labels=comp,
+                    purity=purity,
+                )
+            )
+        clustering[direction] = _kmeans_agreement(res, paired, top, modes, int(cfg.seed))
+    return entries, views, clustering
+
+
+def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: int) -> dict | None:
+    """KMeans (k = #modes) on the union of the modes' top samples, in each kernel's feature space (the
+    geometry SPEC compared), against mode membership. A sample in several modes' tops goes to its best."""
+    from .report import metrics
+
+    if len(modes) < 2:
+        return None
+    pick = [top.modes.index(m) for m in modes]
+    rows, membership = metrics.mode_membership(top.indices[pick], top.scores[pick])
+    if len(rows) <= len(modes):
+        return None
+    xs, ys = paired.gather(rows)  # [m, p], [m, q]
+    out = metrics.kmeans_agreement(
+        xs, ys, membership, seed=seed, kernel_x=res.kernel_x, kernel_y=res.kernel_y
+    )
+    return {key: float(v) for key, v in out.items()}
+
+
+def _mutual_knn(cfg, paired: PairedFeatures) -> dict[str, Any]:
+    from .report import metrics
+
+    m = min(int(cfg.metrics.mutual_knn_subsample), paired.n)
+    k = min(int(cfg.metrics.mutual_knn_k), m - 1)
+    rng = np.random.default_rng(int(cfg.seed))
+    rows = np.sort(rng.choice(paired.n, size=m, replace=False))
+    xs, ys = paired.gather(rows)
+    return {"value": float(metrics.mutual_knn_overlap(xs, ys, k=k)), "k": k, "subsample": m}
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one comparison as configured (``configs/compare.yaml``); returns the ``spec.json`` dict.
+
+    Writes into ``cfg.output_dir`` (default: the Hydra run dir): ``plots/``, ``report.html`` (if
+    ``cfg.report``) and, last, ``spec.json``.
+    """
+    _check_settings(cfg)
+    out_dir = _output_dir(cfg)
+    spec_path = out_dir / SPEC_JSON
+    if spec_path.exists():  # a rerun in the same directory: the old result must not pass for this run's
+        spec_path.unlink()
+    torch.manual_seed(int(cfg.seed))
+    device = _resolve_device(cfg.get("device", "auto"))
+    data_cfg = _container(cfg.data)
+
+    dataset = None
+    if data_cfg.get("name") == "features":
+        paired, data_info = _load_precomputed(data_cfg)
+        enc_info = {"x": None, "y": None}
+    else:
+        paired, dataset, data_info, enc_info = _extract_pair(cfg, device)
+    log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
+
+    res, cka = _solve(cfg, paired, device)
+    modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
+    knn = _mutual_knn(cfg, paired)
+
+    summary = res.to_dict()
+    summary.update(
+        skipped={"count": len(paired.skipped), "ids": list(paired.skipped)},
+        settings={
+            "eta": float(cfg.eta),
+            "method": res.method,
+            "top_k": int(cfg.top_k),
+            "samples_per_mode": int(cfg.samples_per_mode),
+            "solve_top_k": cfg.get("solve_top_k"),
+            "seed": int(cfg.seed),
+            "device": str(device),
+            "batch_size": int(cfg.batch_size),
+        },
+        kernels={"x": res.kernel_x.describe(), "y": res.kernel_y.describe()},
+        encoders=enc_info,
+        dataset=data_info,
+        metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
+        modes=modes,
+    )
+    if cfg.get("report", True):
+        from .report import write_report
+
+        summary["report"] = str(write_report(out_dir, summary, views, extra=None).name)
+    _atomic_write_json(spec_path, summary)
+    _print_summary(summary, spec_path)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
+    m = summary["metrics"]
+    print(
+        f"SPEC-diff = {summary['spec_diff']:.4g}  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
+        f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
+    )
+    for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):
+        for e in summary["modes"][direction]:
+            line = f"  mode {direction}{e['rank']} ({what}): eigenvalue {e['eigenvalue']:+.4g}"
+            line += f"  tightness x {e['tightness_x']:.2f} / y {e['tightness_y']:.2f}"
+            if "purity" in e:
+                parts = [f"{a}={p:.2f} ({e['dominant'][a]})" for a, p in e["purity"].items()]
+                line += "  purity " + ", ".join(parts)
+            elif "labels" in e and e["labels"]:
+                lab, frac = e["labels"][0]
+                line += f"  top label {lab} ({frac:.0%})"
+            else:
+                line += f"  top ids {', '.join(e['top_ids'][:3])}"
+            print(line)
+    print(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
