@@ -1,0 +1,204 @@
+"""The report's figures, drawn with matplotlib's Agg backend and saved as PNG files.
+
+- :func:`plot_spectrum`: every eigenvalue of ``K_X - eta K_Y`` by rank (positive and negative in two
+  colours, SPEC-diff marked) beside a bar chart of the strongest modes of each sign.
+- :func:`image_grid`: a mode's top images with their scores as captions.
+- :func:`score_histogram`: the distribution of one mode's sample scores, top samples marked.
+
+Each function writes to a temporary name beside ``path`` and renames it, so a crash leaves no partial PNG,
+and returns the path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede the pyplot import
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ..errors import SpecError  # noqa: E402
+
+__all__ = ["plot_spectrum", "image_grid", "score_histogram", "POSITIVE_COLOUR", "NEGATIVE_COLOUR"]
+
+#: Colour of the modes x captures and y does not (eigenvalue > 0), and of the reverse.
+POSITIVE_COLOUR = "#c0392b"
+NEGATIVE_COLOUR = "#2471a3"
+
+
+def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _vector(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise SpecError(f"{name}: expected a non-empty 1-D sequence of numbers, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise SpecError(f"{name}: contains NaN or Inf")
+    return arr
+
+
+def plot_spectrum(
+    eigenvalues: Any,
+    path: str | os.PathLike,
+    spec_diff: float | None = None,
+    *,
+    top: int = 10,
+    labels: tuple[str, str] = ("x", "y"),
+    dpi: int = 110,
+) -> Path:
+    """Eigenvalue spectrum of the kernel difference.
+
+    Left: all eigenvalues, sorted descending, against their rank; positive (captured by x, not by y) and
+    negative (the reverse) in two colours; the eigenvalue of largest magnitude (SPEC-diff) circled and
+    ``±SPEC-diff`` dashed. Right: ``|lambda|`` of the ``top`` strongest modes of each sign, side by side.
+
+    Args:
+        eigenvalues: 1-D, any order (sorted here).
+        spec_diff: the value to mark; defaults to ``max |lambda|``.
+        labels: short names of the two embeddings for the legend.
+    """
+    lam = np.sort(_vector(eigenvalues, "eigenvalues"))[::-1]
+    if spec_diff is None:
+        spec_diff = float(np.abs(lam).max())
+    rank = np.arange(1, lam.size + 1)
+    pos = lam > 0
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+
+    ax.axhline(0.0, color="#888888", lw=0.8)
+    for sign in (1, -1):
+        ax.axhline(sign * spec_diff, color="#555555", lw=0.8, ls="--")
+    ax.vlines(rank[pos], 0, lam[pos], color=POSITIVE_COLOUR, lw=1.2)
+    ax.vlines(rank[~pos], 0, lam[~pos], color=NEGATIVE_COLOUR, lw=1.2)
+    ax.scatter(
+        rank[pos],
+        lam[pos],
+        s=10,
+        color=POSITIVE_COLOUR,
+        label=f"λ > 0: {labels[0]} captures, {labels[1]} not",
+    )
+    ax.scatter(
+        rank[~pos],
+        lam[~pos],
+        s=10,
+        color=NEGATIVE_COLOUR,
+        label=f"λ < 0: {labels[1]} captures, {labels[0]} not",
+    )
+    i_max = int(np.argmax(np.abs(lam)))
+    ax.scatter([rank[i_max]], [lam[i_max]], s=110, facecolors="none", edgecolors="black", lw=1.4)
+    ax.annotate(
+        f"SPEC-diff = {spec_diff:.4g}",
+        (rank[i_max], lam[i_max]),
+        xytext=(12, -12 if lam[i_max] > 0 else 12),
+        textcoords="offset points",
+        fontsize=9,
+    )
+    if lam.size > 50:
+        ax.set_xscale("log")
+    ax.set_xlabel("rank (eigenvalues sorted descending)")
+    ax.set_ylabel("eigenvalue λ of K_X − η K_Y")
+    ax.set_title("Spectrum")
+    ax.legend(fontsize=8, loc="upper right")
+
+    pos_top = lam[lam > 0][:top]
+    neg_top = np.abs(lam[lam < 0][::-1][:top])  # most negative first
+    width = 0.4
+    bx.bar(
+        np.arange(1, pos_top.size + 1) - width / 2,
+        pos_top,
+        width,
+        color=POSITIVE_COLOUR,
+        label=f"{labels[0]} modes",
+    )
+    bx.bar(
+        np.arange(1, neg_top.size + 1) + width / 2,
+        neg_top,
+        width,
+        color=NEGATIVE_COLOUR,
+        label=f"{labels[1]} modes",
+    )
+    bx.set_xlabel("mode (strongest first)")
+    bx.set_ylabel("|λ|")
+    bx.set_title(f"Top {top} modes of each sign")
+    bx.set_xticks(np.arange(1, max(pos_top.size, neg_top.size, 1) + 1))
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def image_grid(
+    images: Sequence[Any],
+    captions: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    ncols: int = 8,
+    cell: float = 1.3,
+    title: str | None = None,
+    dpi: int = 90,
+) -> Path:
+    """Save a grid of images (PIL images or ``[H, W(, C)]`` arrays) with one caption under each."""
+    if len(images) == 0:
+        raise SpecError("images: expected at least one image, got none")
+    if len(captions) != len(images):
+        raise SpecError(f"captions: expected one caption per image ({len(images)}), got {len(captions)}")
+    ncols = max(1, min(ncols, len(images)))
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(cell * ncols, (cell + 0.3) * nrows + (0.3 if title else 0))
+    )
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, caption in zip(axes, images, captions, strict=False):
+        arr = np.asarray(image)
+        ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(str(caption), fontsize=7, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def score_histogram(
+    scores: Any,
+    path: str | os.PathLike,
+    *,
+    top_k: int | None = None,
+    title: str | None = None,
+    colour: str = POSITIVE_COLOUR,
+    dpi: int = 90,
+) -> Path:
+    """Histogram of one mode's sample scores ``v_k(i)`` over all samples; the ``top_k`` largest marked."""
+    s = _vector(scores, "scores")
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.hist(s, bins=min(60, max(10, s.size // 20)), color=colour, alpha=0.8)
+    if top_k:
+        ax.axvline(
+            np.sort(s)[::-1][min(top_k, s.size) - 1], color="black", ls="--", lw=1, label=f"top {top_k}"
+        )
+        ax.legend(fontsize=8)
+    ax.set_xlabel("sample score in the mode")
+    ax.set_ylabel("samples")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
