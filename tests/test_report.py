@@ -265,7 +265,9 @@ def _shape_image(i: int) -> Image.Image:
 
 
 def _fake_spec() -> dict:
+    """Shaped like the spec.json of spec_torch.compare: SpecResult.to_dict() plus the run's context."""
     lam = [0.2113, 0.0871, 0.0312, 0.0, -0.0021, -0.0455, -0.1534]
+    kernel_y = {"name": "gaussian", "sigma": 1.2345, "sigma_auto": True, "rff_dim": 500, "seed": 7}
     return {
         "eigenvalues": lam,
         "spec_diff": 0.2113,
@@ -273,12 +275,14 @@ def _fake_spec() -> dict:
         "eta": 1.0,
         "method": "features",
         "kernel_x": {"name": "cosine"},
-        "kernel_y": {"name": "gaussian", "sigma": 1.2345, "sigma_auto": True, "rff_dim": 500, "seed": 7},
-        "encoder_x": {"family": "offline_colour"},
-        "encoder_y": {"family": "offline_shape"},
-        "dataset": {"name": "synthetic", "n": 600, "fingerprint": "abc123"},
-        "skipped": ["img_13.png"],
-        "seed": 0,
+        "kernel_y": kernel_y,
+        "kernels": {"x": {"name": "cosine"}, "y": kernel_y},
+        "encoders": {"x": {"family": "offline_colour", "embed_dim": 12}, "y": {"family": "offline_shape"}},
+        "dataset": {"name": "synthetic", "size": 601, "fingerprint": "abc123"},
+        "skipped": {"count": 1, "ids": ["img_13.png"]},
+        "settings": {"eta": 1.0, "method": "features", "top_k": 3, "batch_size": 64},
+        "metrics": {"linear_cka": 0.4321},
+        "modes": {"x": [], "y": []},
     }
 
 
@@ -318,7 +322,7 @@ def test_report_with_images(tmp_path):
     extra = {
         "linear_cka": 0.4321,
         "mutual_knn": {"value": 0.1234, "k": 10, "m": 600},
-        "kmeans": {"x": {"nmi_x": 0.91, "ami_x": 0.88, "nmi_y": 0.12, "ami_y": 0.05}},
+        "kmeans": {"x": {"nmi_x": 0.91, "ami_x": 0.88, "nmi_y": 0.12, "ami_y": 0.05}, "y": None},
     }
     path = write_report(tmp_path / "run", _fake_spec(), _image_modes(), extra)
     assert path == tmp_path / "run" / "report.html" and path.exists()
@@ -328,7 +332,7 @@ def test_report_with_images(tmp_path):
         "Modes offline_colour captures and offline_shape does not",
         "Modes offline_shape captures and offline_colour does not",
         "0.4321", "0.1234", "0.912", "0.254", "KMeans agreement", "0.91", "planted attribute", "75%",
-        "synthetic/0003.png", "1 skipped",
+        "synthetic/0003.png", "1 skipped", "settings.top_k", "embed_dim=12", "mutual k-NN", "k=10",
     ]:  # fmt: skip
         assert expected in text, expected
     # strongest mode of direction x is shown first, as x1
@@ -348,12 +352,12 @@ def test_report_with_texts_escapes_everything(tmp_path):
         ModeView("x", 0, 0.2113, ["cap:1", "cap:2", "cap:3"], [0.5, 0.4, 0.3], texts=texts),
         ModeView("y", 6, -0.1534, ["cap:<9>", "cap:8", "cap:7"], [0.6, 0.2, 0.1], texts=["x", "y", "z"]),
     ]
-    spec = dict(_fake_spec(), encoder_x="MiniLM <v2>", encoder_y="bag-of-words")
+    spec = dict(_fake_spec(), encoder_x="MiniLM <v2>", encoder_y="bag-of-words", skipped=["a", "b"])
     path = write_report(tmp_path, spec, modes)
     text = path.read_text(encoding="utf-8")
     assert "<script>" not in text and "<b>bold" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "cap:&lt;9&gt;" in text
-    assert "MiniLM &lt;v2&gt;" in text and "plain caption" in text
+    assert "MiniLM &lt;v2&gt;" in text and "plain caption" in text and "2 skipped" in text
     assert "Context scores" not in text and "KMeans agreement" not in text  # nothing given
     assert len(_attr_values(path, "src")) == 1  # only the spectrum
 

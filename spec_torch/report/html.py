@@ -179,7 +179,7 @@ def _side(spec: Mapping[str, Any], kind: str, side: str) -> Any:
 
 _KNOWN_KEYS = {
     "eigenvalues", "spec_diff", "n", "eta", "method", "kernel_x", "kernel_y", "kernels", "encoder_x",
-    "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title",
+    "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title", "metrics", "report",
 }  # fmt: skip
 
 
@@ -192,17 +192,20 @@ def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, 
         f'<p class="sub">Spectral Pairwise Embedding Comparison · generated {stamp}</p>',
     ]
     skipped = _lookup(spec, "n_skipped", "skipped")
-    if isinstance(skipped, (list, tuple)):
+    if isinstance(skipped, Mapping):  # {"count": ..., "ids": [...]}
+        skipped = skipped.get("count", len(skipped.get("ids") or []))
+    elif isinstance(skipped, (list, tuple)):
         skipped = len(skipped)
     stats = [
         ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖K_X − η K_Y‖"),
         ("samples n", spec.get("n"), "compared" + (f", {skipped} skipped" if skipped else "")),
     ]
-    stats += [
-        (key, extra[key], desc)
-        for key, desc in _CONTEXT
-        if key in extra and not isinstance(extra[key], Mapping)
-    ]
+    for key, label, desc in _CONTEXT:
+        value = extra.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("value")
+        if value is not None:
+            stats.append((label, float(value), desc.split(" (")[0]))
     out.append('<div class="headline">')
     for label, value, desc in stats:
         out.append(
@@ -219,29 +222,38 @@ def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, 
         ["method", _fmt(spec.get("method")), f"{len(spec.get('eigenvalues') or [])} eigenvalues computed"],
     ]
     for key, value in spec.items():
-        if key not in _KNOWN_KEYS and not isinstance(value, (Mapping, list, tuple)):
+        if key in _KNOWN_KEYS:
+            continue
+        if isinstance(value, Mapping):  # e.g. "settings": one row per scalar entry
+            rows += [
+                [f"{key}.{k}", _fmt(v), ""]
+                for k, v in value.items()
+                if not isinstance(v, (Mapping, list, tuple))
+                and not (key == "settings" and k in ("eta", "method"))
+            ]
+        elif not isinstance(value, (list, tuple)):
             rows.append([key, _fmt(value), ""])
     out.append("<h2>Settings</h2>" + _table(rows, ["", "name", "resolved settings"]))
     return "\n".join(out)
 
 
 _CONTEXT = (
-    ("linear_cka", "centred linear CKA (1 = same up to rotation and scale)"),
-    ("mutual_knn", "mutual k-NN overlap (1 = same neighbours)"),
+    ("linear_cka", "linear CKA", "centred linear CKA (1 = same up to rotation and scale)"),
+    ("mutual_knn", "mutual k-NN", "mutual k-NN overlap (1 = same neighbours, about k/m by chance)"),
 )
 
 
 def _context(extra: Mapping[str, Any]) -> str:
     rows = []
-    for key, desc in _CONTEXT:
+    for key, label, desc in _CONTEXT:
         value = extra.get(key)
         if value is None:
             continue
         if isinstance(value, Mapping):
             detail = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items() if k != "value")
-            rows.append([key, value.get("value"), desc + (f" ({detail})" if detail else "")])
+            rows.append([label, value.get("value"), desc + (f"; {detail}" if detail else "")])
         else:
-            rows.append([key, float(value), desc])
+            rows.append([label, float(value), desc])
     if not rows:
         return ""
     return (
@@ -266,7 +278,7 @@ def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
     items = list(labels)[:top]
     rest = 1.0 - sum(f for _, f in items)
     rows = "".join(
-        f'<tr><td>{_e(label)}</td><td class="num"><span class="bar" style="width:{int(round(120 * frac))}px">'
+        f'<tr><td>{_e(label)}</td><td><span class="bar" style="width:{int(round(120 * frac))}px">'
         f"</span>{frac:.0%}</td></tr>"
         for label, frac in items
     )
@@ -332,7 +344,10 @@ def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> s
 
 
 def _kmeans(kmeans: Mapping[str, Any], names: dict[str, str]) -> str:
-    groups = kmeans if all(isinstance(v, Mapping) for v in kmeans.values()) else {"": kmeans}
+    grouped = all(v is None or isinstance(v, Mapping) for v in kmeans.values())
+    groups = {k: v for k, v in kmeans.items() if v is not None} if grouped else {"": kmeans}
+    if not groups:
+        return ""
     rows = []
     for group, scores in groups.items():
         label = {"x": f"modes of {names['x']}", "y": f"modes of {names['y']}"}.get(

@@ -81,14 +81,16 @@ def plot_spectrum(
     if spec_diff is None:
         spec_diff = float(np.abs(lam).max())
     rank = np.arange(1, lam.size + 1)
-    pos = lam > 0
+    tiny = 1e-9 * max(float(np.abs(lam).max()), 1e-300)  # below this: numerically zero, no direction
+    pos, neg = lam > tiny, lam < -tiny
+    zero = ~(pos | neg)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
 
     ax.axhline(0.0, color="#888888", lw=0.8)
     for sign in (1, -1):
         ax.axhline(sign * spec_diff, color="#555555", lw=0.8, ls="--")
     ax.vlines(rank[pos], 0, lam[pos], color=POSITIVE_COLOUR, lw=1.2)
-    ax.vlines(rank[~pos], 0, lam[~pos], color=NEGATIVE_COLOUR, lw=1.2)
+    ax.vlines(rank[neg], 0, lam[neg], color=NEGATIVE_COLOUR, lw=1.2)
     ax.scatter(
         rank[pos],
         lam[pos],
@@ -97,12 +99,14 @@ def plot_spectrum(
         label=f"λ > 0: {labels[0]} captures, {labels[1]} not",
     )
     ax.scatter(
-        rank[~pos],
-        lam[~pos],
+        rank[neg],
+        lam[neg],
         s=10,
         color=NEGATIVE_COLOUR,
         label=f"λ < 0: {labels[1]} captures, {labels[0]} not",
     )
+    if zero.any():
+        ax.scatter(rank[zero], lam[zero], s=6, color="#999999", label="λ ≈ 0")
     i_max = int(np.argmax(np.abs(lam)))
     ax.scatter([rank[i_max]], [lam[i_max]], s=110, facecolors="none", edgecolors="black", lw=1.4)
     ax.annotate(
@@ -119,8 +123,8 @@ def plot_spectrum(
     ax.set_title("Spectrum")
     ax.legend(fontsize=8, loc="upper right")
 
-    pos_top = lam[lam > 0][:top]
-    neg_top = np.abs(lam[lam < 0][::-1][:top])  # most negative first
+    pos_top = lam[pos][:top]
+    neg_top = np.abs(lam[neg][::-1][:top])  # most negative first
     width = 0.4
     bx.bar(
         np.arange(1, pos_top.size + 1) - width / 2,
