@@ -235,7 +235,13 @@ def test_plots_write_png_files(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 400
     imgs = [Image.new("RGB", (16, 16), (i * 20, 0, 0)) for i in range(5)]
-    grid = plots.image_grid(imgs, [f"{i}" for i in range(5)], tmp_path / "grid.png", ncols=3)
+    imgs.append(np.zeros((10, 30), dtype=np.uint8))  # a grey-level array, not square
+    grid = plots.image_grid(imgs, [f"{i}" for i in range(6)], tmp_path / "grid.png", ncols=4, cell=40)
+    with Image.open(grid) as im:
+        assert im.size == (4 * 46 + 6, 2 * (40 + 16 + 6) + 6)  # 4 columns, 2 rows of cells with captions
+        assert im.getpixel((6 + 20, 6 + 16 + 20)) == (0, 0, 0)  # first cell: the (0, 0, 0) image
+    with pytest.raises(SpecError, match="uint8"):
+        plots.image_grid([np.zeros((4, 4))], ["a"], tmp_path / "bad.png")
     hist = plots.score_histogram(_rng().normal(size=300), tmp_path / "hist.png", top_k=10)
     assert grid.exists() and hist.exists()
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
@@ -244,7 +250,7 @@ def test_plots_write_png_files(tmp_path):
         "spectrum.png",
     ]
     with pytest.raises(SpecError, match="one caption per image"):
-        plots.image_grid(imgs, ["a"], tmp_path / "bad.png")
+        plots.image_grid(imgs[:2], ["a"], tmp_path / "bad.png")
     with pytest.raises(SpecError, match="NaN"):
         plots.plot_spectrum([0.1, float("nan")], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()

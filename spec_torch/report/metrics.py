@@ -40,7 +40,9 @@ class LinearCKA:
     ``CKA = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc``, ``Yc`` the column-centred
     embeddings. The state is the sample count, the column sums and the three cross-product matrices, all
     float64; centring is applied at :meth:`compute` (``Xc^T Yc = X^T Y - s_x s_y^T / n``). Two states merge
-    by addition, so batches, shards and ranks can be combined in any order. Memory is O((p + q)^2).
+    by addition, so batches, shards and ranks can be combined in any order (or all-reduced with a sum).
+    Memory is O((p + q)^2). Plain sums lose digits to cancellation when |mean| >> std: measured error
+    below 1e-8 at |mean| / std = 1e4 (tests check 1e-10 at a mean of 3 std).
 
     Example:
         >>> import torch

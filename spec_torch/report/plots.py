@@ -1,8 +1,8 @@
-"""The report's figures, drawn with matplotlib's Agg backend and saved as PNG files.
+"""The report's figures, saved as PNG files (matplotlib's Agg backend for the charts).
 
 - :func:`plot_spectrum`: every eigenvalue of ``K_X - eta K_Y`` by rank (positive and negative in two
   colours, SPEC-diff marked) beside a bar chart of the strongest modes of each sign.
-- :func:`image_grid`: a mode's top images with their scores as captions.
+- :func:`image_grid`: a mode's top images with their scores as captions (composed with PIL).
 - :func:`score_histogram`: the distribution of one mode's sample scores, top samples marked.
 
 Each function writes to a temporary name beside ``path`` and renames it, so a crash leaves no partial PNG,
@@ -155,31 +155,58 @@ def image_grid(
     path: str | os.PathLike,
     *,
     ncols: int = 8,
-    cell: float = 1.3,
+    cell: int = 112,
     title: str | None = None,
-    dpi: int = 90,
 ) -> Path:
-    """Save a grid of images (PIL images or ``[H, W(, C)]`` arrays) with one caption under each."""
+    """Save a grid of images (PIL images or ``[H, W(, C)]`` uint8 arrays) with a caption above each.
+
+    Composed with PIL (no matplotlib): each image is scaled to fit a ``cell x cell`` square, aspect kept.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
     if len(images) == 0:
         raise SpecError("images: expected at least one image, got none")
     if len(captions) != len(images):
         raise SpecError(f"captions: expected one caption per image ({len(images)}), got {len(captions)}")
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(cell * ncols, (cell + 0.3) * nrows + (0.3 if title else 0))
-    )
-    axes = np.atleast_1d(axes).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, caption in zip(axes, images, captions, strict=False):
-        arr = np.asarray(image)
-        ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(str(caption), fontsize=7, pad=2)
+    font = ImageFont.load_default(size=12)
+    pad, cap_h = 6, 16
+    top = 24 if title else 0
+    sheet = Image.new("RGB", (ncols * (cell + pad) + pad, top + nrows * (cell + cap_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path, dpi)
+        draw.text((pad, 4), str(title), fill="black", font=ImageFont.load_default(size=15))
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        if not isinstance(image, Image.Image):
+            arr = np.asarray(image)
+            if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+                raise SpecError(
+                    f"images[{i}]: expected a PIL image or a uint8 array [H, W(, C)], got {arr.dtype} {arr.shape}"
+                )
+            image = Image.fromarray(arr)
+        thumb = image.convert("RGB")
+        scale = cell / max(thumb.size)
+        thumb = thumb.resize(
+            (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
+            Image.NEAREST if scale >= 2 else Image.LANCZOS,  # small synthetic images stay crisp
+        )
+        r, c = divmod(i, ncols)
+        x0, y0 = pad + c * (cell + pad), top + pad + r * (cell + cap_h + pad)
+        text = str(caption)
+        while len(text) > 1 and draw.textlength(text, font=font) > cell:
+            text = text[:-2] + "…"
+        draw.text((x0 + (cell - draw.textlength(text, font=font)) / 2, y0), text, fill="#333333", font=font)
+        sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + cap_h + (cell - thumb.height) // 2))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        sheet.save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def score_histogram(
