@@ -97,7 +97,7 @@ th{background:#f6f8fa;font-weight:600}td.num{text-align:right;font-variant-numer
 .facts{display:flex;gap:28px;flex-wrap:wrap}
 img{max-width:100%;height:auto;display:block;margin:8px 0}
 .bar{display:inline-block;height:10px;background:#8c959f;vertical-align:middle;margin-right:6px}
-ol.texts{padding-left:22px;margin:6px 0}ol.texts li{margin:3px 0}
+ol.texts{padding-left:22px;margin:6px 0}ol.texts li{margin:3px 0}ol.ids{columns:4 220px}
 .score{font-variant-numeric:tabular-nums;color:#57606a;margin-right:8px}
 code{background:#f6f8fa;padding:1px 4px;border-radius:3px;font-size:.9em}
 details{margin:6px 0}summary{cursor:pointer;color:#57606a}
@@ -175,6 +175,15 @@ def _side(spec: Mapping[str, Any], kind: str, side: str) -> Any:
     return group.get(side) if isinstance(group, Mapping) else None
 
 
+def _encoder(spec: Mapping[str, Any], side: str) -> Any:
+    """The encoder settings of one side; for precomputed features, the file they came from."""
+    enc = _side(spec, "encoder", side)
+    dataset = _lookup(spec, "dataset", "data")
+    if enc is None and isinstance(dataset, Mapping) and dataset.get(f"{side}_path"):
+        return f"precomputed features: {dataset[f'{side}_path']}"
+    return enc
+
+
 # ---------------------------------------------------------------- sections
 
 _KNOWN_KEYS = {
@@ -213,8 +222,8 @@ def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, 
         )
     out.append("</div>")
     rows = [
-        ["embedding x", names["x"], _describe(_side(spec, "encoder", "x"))],
-        ["embedding y", names["y"], _describe(_side(spec, "encoder", "y"))],
+        ["embedding x", names["x"], _describe(_encoder(spec, "x"))],
+        ["embedding y", names["y"], _describe(_encoder(spec, "y"))],
         ["kernel x", _short_name(_side(spec, "kernel", "x"), "—"), _describe(_side(spec, "kernel", "x"))],
         ["kernel y", _short_name(_side(spec, "kernel", "y"), "—"), _describe(_side(spec, "kernel", "y"))],
         ["dataset", _short_name(dataset, "—"), _describe(dataset)],
@@ -330,7 +339,7 @@ def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> s
             for i, s in zip(view.sample_ids, view.scores, strict=True)
         )
         out.append(
-            f'<details><summary>sample ids and scores</summary><ol class="texts">{items}</ol></details>'
+            f'<details><summary>sample ids and scores</summary><ol class="texts ids">{items}</ol></details>'
         )
     else:
         texts = view.texts if view.texts is not None else [None] * len(view.sample_ids)
@@ -338,7 +347,8 @@ def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> s
         for sid, score, text in zip(view.sample_ids, view.scores, texts, strict=True):
             body = f"{_e(text[:400] + ('…' if len(text) > 400 else ''))} " if text is not None else ""
             items.append(f"<li><span class='score'>{score:.4g}</span>{body}<code>{_e(sid)}</code></li>")
-        out.append(f'<ol class="texts">{"".join(items)}</ol>')
+        listing = "texts" if view.texts is not None else "texts ids"  # bare ids: in columns
+        out.append(f'<ol class="{listing}">{"".join(items)}</ol>')
     out.append("</section>")
     return "\n".join(out)
 

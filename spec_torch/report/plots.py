@@ -112,12 +112,12 @@ def plot_spectrum(
     ax.annotate(
         f"SPEC-diff = {spec_diff:.4g}",
         (rank[i_max], lam[i_max]),
-        xytext=(12, -12 if lam[i_max] > 0 else 12),
+        xytext=(12 if i_max < lam.size / 2 else -12, -12 if lam[i_max] > 0 else 12),
         textcoords="offset points",
+        ha="left" if i_max < lam.size / 2 else "right",  # keep the label inside the axes
         fontsize=9,
     )
-    if lam.size > 50:
-        ax.set_xscale("log")
+    ax.set_xlim(0, lam.size + 1)
     ax.set_xlabel("rank (eigenvalues sorted descending)")
     ax.set_ylabel("eigenvalue λ of K_X − η K_Y")
     ax.set_title("Spectrum")
