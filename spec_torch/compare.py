@@ -172,7 +172,13 @@ def _load_precomputed(data_cfg: dict[str, Any]) -> tuple[PairedFeatures, dict[st
     ids_path = data_cfg.get("ids_path")
     if ids_path and not Path(str(ids_path)).expanduser().is_file():
         raise SpecError(f"data.ids_path: no such file: {ids_path}")
-    x, y, ids = load_feature_pair(data_cfg["x_path"], data_cfg["y_path"], ids_path)
+    x, y, ids = load_feature_pair(
+        data_cfg["x_path"],
+        data_cfg["y_path"],
+        ids_path,
+        x_key=data_cfg.get("x_key"),
+        y_key=data_cfg.get("y_key"),
+    )
     if len(x.shape) != 2 or len(y.shape) != 2:
         raise SpecError(f"data.x_path/y_path: expected 2-D arrays [N, D], got shapes {x.shape} and {y.shape}")
     if x.shape[0] != y.shape[0]:
@@ -269,13 +275,30 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------- the solve
+#: rows the data-dependent kernel settings (sigma="auto") are fitted on: a seeded random subset, not the first
+#: batch, which in a class-sorted folder holds one class only
+FIT_ROWS = 2000
+
+
+def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
+    """Both kernels fitted on the same seeded random subset of at most ``FIT_ROWS`` paired rows."""
+    kx = resolve_kernel(_container(cfg.kernel_x), "kernel_x")
+    ky = resolve_kernel(_container(cfg.kernel_y), "kernel_y")
+    if kx.is_fitted and ky.is_fitted:
+        return kx, ky
+    rows = np.arange(paired.n)
+    if paired.n > FIT_ROWS:
+        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=FIT_ROWS, replace=False))
+    xs, ys = paired.gather(rows)  # [m, p], [m, q]
+    return kx.fit(xs), ky.fit(ys)
+
+
 def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka)."""
     from . import api
     from .report import metrics
 
-    kx = resolve_kernel(_container(cfg.kernel_x), "kernel_x")
-    ky = resolve_kernel(_container(cfg.kernel_y), "kernel_y")
+    kx, ky = _fit_kernels(cfg, paired)
     cka = metrics.LinearCKA()
     solve_top_k = cfg.get("solve_top_k")
     method = cfg.get("method", "auto")
@@ -329,14 +352,13 @@ def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dic
                 "tightness_y": float(tight_y),
             }
             ds_rows = paired.dataset_index[idx] if paired.dataset_index is not None else None
-            comp = purity = None
+            comp = majority = None
             if labels is not None and ds_rows is not None:
                 comp = metrics.label_composition([labels[i] for i in ds_rows])
                 entry["labels"] = [[str(lab), float(f)] for lab, f in comp]
             if attributes and ds_rows is not None:
                 majority = metrics.purity(attributes, ds_rows)  # attr -> (majority value, fraction)
-                purity = {attr: frac for attr, (_, frac) in majority.items()}
-                entry["purity"] = purity
+                entry["purity"] = {attr: frac for attr, (_, frac) in majority.items()}
                 entry["dominant"] = {attr: value for attr, (value, _) in majority.items()}
             entries[direction].append(entry)
             images = texts = None
@@ -347,7 +369,7 @@ def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dic
             views.append(
                 ModeView(
                     direction=direction,
-                    index=rank + 1,
+                    index=int(m),
                     eigenvalue=entry["eigenvalue"],
                     sample_ids=entry["top_ids"],
                     scores=entry["top_scores"],
@@ -356,7 +378,7 @@ def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dic
                     tightness_x=entry["tightness_x"],
                     tightness_y=entry["tightness_y"],
                     labels=comp,
-                    purity=purity,
+                    purity=majority,
                 )
             )
         clustering[direction] = _kmeans_agreement(res, paired, top, modes, int(cfg.seed))
@@ -389,7 +411,7 @@ def _mutual_knn(cfg, paired: PairedFeatures) -> dict[str, Any]:
     rng = np.random.default_rng(int(cfg.seed))
     rows = np.sort(rng.choice(paired.n, size=m, replace=False))
     xs, ys = paired.gather(rows)
-    return {"value": float(metrics.mutual_knn_overlap(xs, ys, k=k)), "k": k, "subsample": m}
+    return {"value": float(metrics.mutual_knn_overlap(xs, ys, k=k)), "k": k, "m": m}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -433,7 +455,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "device": str(device),
             "batch_size": int(cfg.batch_size),
         },
-        kernels={"x": res.kernel_x.describe(), "y": res.kernel_y.describe()},
         encoders=enc_info,
         dataset=data_info,
         metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
@@ -442,7 +463,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("report", True):
         from .report import write_report
 
-        summary["report"] = str(write_report(out_dir, summary, views, extra=None).name)
+        extra = {"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering}
+        if data_info["name"] == "features":
+            extra["names"] = {w: Path(data_info[f"{w}_path"]).stem for w in ("x", "y")}
+        summary["report"] = str(write_report(out_dir, summary, views, extra=extra).name)
     _atomic_write_json(spec_path, summary)
     _print_summary(summary, spec_path)
     return summary
