@@ -46,6 +46,8 @@ class Encoder(nn.Module):
     family: str = "encoder"
     modality: str = "image"  # "image" | "text"
     embed_dim: int = 0
+    #: False for encoders whose arithmetic should stay float32 under CUDA autocast
+    autocast_ok: bool = True
 
     def preprocess(self, raw: Any) -> Any:
         """One raw sample (``PIL.Image`` RGB or ``str``) -> model input (a ``[3, H, W]`` tensor or the text)."""

@@ -57,6 +57,7 @@ def _soft_hist(values: torch.Tensor, weight: torch.Tensor, n_bins: int, *, circu
 
 class _PilImageEncoder(Encoder):
     modality = "image"
+    autocast_ok = False  # histograms: keep float32
 
     def __init__(self, image_size: int = 64):
         super().__init__()
