@@ -70,6 +70,13 @@ def test_linear_cka_batch_split_and_merge_invariance():
     restored = metrics.LinearCKA()
     restored.load_state_dict(whole.state_dict())
     assert restored.compute() == pytest.approx(whole.compute(), abs=TOL_SPLIT)
+    # small chunks: rows are pooled and flushed mid-stream; a batch buffer reused in place is no problem
+    pooled, buf_x, buf_y = metrics.LinearCKA(chunk_rows=16), torch.empty(10, 7, dtype=torch.float64), None
+    for lo in range(0, 240, 10):
+        buf_x.copy_(torch.from_numpy(x[lo : lo + 10]))
+        buf_y = torch.from_numpy(y[lo : lo + 10])
+        pooled.update(buf_x, buf_y)
+    assert pooled.compute() == pytest.approx(whole.compute(), abs=TOL_SPLIT)
 
 
 def test_linear_cka_invariances():

@@ -54,8 +54,14 @@ class LinearCKA:
         1.0
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_rows: int = 1024) -> None:
+        check_positive(chunk_rows, "chunk_rows", integer=True)
+        # Small batches are pooled up to this many rows per GEMM. Measured side by side (n=8000, p=512,
+        # q=768, batches of 64, 2 busy cores): 6.2-12 s flushing every batch vs 1.8-2.3 s pooled to 1024.
+        self.chunk_rows = chunk_rows
         self.n = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
         self._sum_x: torch.Tensor | None = None  # [p]
         self._sum_y: torch.Tensor | None = None  # [q]
         self._xx: torch.Tensor | None = None  # [p, p]
@@ -75,14 +81,25 @@ class LinearCKA:
             self._xy = x.new_zeros(p, q)
             self._yy = x.new_zeros(q, q)
         self._check_dims(x.shape[1], y.shape[1], "update")
-        x = x.to(self._xx.device)
-        y = y.to(self._xx.device)
         self.n += x.shape[0]
+        # copies: the caller may reuse its batch buffers before the pooled rows are flushed
+        self._pending.append((x.to(self._xx.device, copy=True), y.to(self._xx.device, copy=True)))
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= self.chunk_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the pooled rows to the sums: three GEMMs over all of them at once."""
+        if not self._pending:
+            return
+        x = torch.cat([a for a, _ in self._pending])  # [R, p]
+        y = torch.cat([b for _, b in self._pending])  # [R, q]
+        self._pending, self._pending_rows = [], 0
         self._sum_x += x.sum(0)
         self._sum_y += y.sum(0)
-        self._xx += x.T @ x  # [p, B] @ [B, p] -> [p, p]
-        self._xy += x.T @ y  # [p, B] @ [B, q] -> [p, q]
-        self._yy += y.T @ y  # [q, B] @ [B, q] -> [q, q]
+        self._xx.addmm_(x.T, x)  # [p, R] @ [R, p] -> [p, p]
+        self._xy.addmm_(x.T, y)  # [p, R] @ [R, q] -> [p, q]
+        self._yy.addmm_(y.T, y)  # [q, R] @ [R, q] -> [q, q]
 
     def merge(self, other: LinearCKA) -> LinearCKA:
         """Add the state of ``other`` (e.g. another shard) into this one; returns ``self``."""
@@ -90,6 +107,8 @@ class LinearCKA:
             raise SpecError(f"other: expected a LinearCKA, got {type(other).__name__}")
         if other._xx is None:
             return self
+        other._flush()
+        self._flush()
         if self._xx is None:
             self.n = other.n
             self._sum_x, self._sum_y = other._sum_x.clone(), other._sum_y.clone()
@@ -109,6 +128,7 @@ class LinearCKA:
         """The centred linear CKA in [0, 1]. Needs at least 2 samples and non-constant embeddings."""
         if self._xx is None or self.n < 2:
             raise SpecError(f"LinearCKA: needs at least 2 samples before compute(), got {self.n}")
+        self._flush()
         n = float(self.n)
         cxx = self._xx - torch.outer(self._sum_x, self._sum_x) / n  # Xc^T Xc  [p, p]
         cxy = self._xy - torch.outer(self._sum_x, self._sum_y) / n  # Xc^T Yc  [p, q]
@@ -123,6 +143,8 @@ class LinearCKA:
 
     def state_dict(self) -> dict[str, Any]:
         """The sums (float64 tensors) and the count; all-reduce them with a sum to combine ranks."""
+        if self._xx is not None:
+            self._flush()
         return {
             "n": self.n,
             "sum_x": self._sum_x,
@@ -134,6 +156,7 @@ class LinearCKA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n = int(state["n"])
+        self._pending, self._pending_rows = [], 0
         self._sum_x, self._sum_y = state["sum_x"], state["sum_y"]
         self._xx, self._xy, self._yy = state["xx"], state["xy"], state["yy"]
 
