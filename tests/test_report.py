@@ -312,7 +312,7 @@ def _image_modes() -> list[ModeView]:
             tightness_x=0.912 if direction == "x" else 0.301,
             tightness_y=0.254 if direction == "x" else 0.877,
             labels=[("red", 0.75), ("green", 0.25)],
-            purity={"colour": ("red", 0.75), "shape": ("disc", 0.5)},
+            purity={"colour": ("red", 1.0), "shape": ("disc", 0.5)},
         )
 
     return [view("x", 1, 0.0871, 0), view("x", 0, 0.2113, 8), view("y", 6, -0.1534, 16)]
@@ -344,10 +344,12 @@ def test_report_with_images(tmp_path):
         "offline_colour", "offline_shape", "synthetic", "0.2113", "1.234", "rff_dim=500", "seed=7",
         "Modes offline_colour captures and offline_shape does not",
         "Modes offline_shape captures and offline_colour does not",
-        "0.4321", "0.1234", "0.912", "0.254", "KMeans agreement", "0.91", "planted attribute", "75%",
+        "0.4321", "0.1234", "0.912", "0.254", "KMeans agreement", "0.91", "planted attribute", "75%", "SPEC: offline_colour vs offline_shape on synthetic",
         "synthetic/0003.png", "1 skipped", "settings.top_k", "embed_dim=12", "mutual k-NN", "k=10",
     ]:  # fmt: skip
         assert expected in text, expected
+    assert '<tr style="font-weight:600"><td>colour</td><td>red</td><td>100%</td></tr>' in text  # pure: bold
+    assert "<td>shape</td><td>disc</td><td>50%</td>" in text
     # strongest mode of direction x is shown first, as x1
     assert text.index("λ = 0.2113") < text.index("λ = 0.0871")
     srcs = _attr_values(path, "src")

@@ -193,8 +193,9 @@ _KNOWN_KEYS = {
 
 
 def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
-    title = extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}"
     dataset = _lookup(spec, "dataset", "data")
+    on = f" on {_short_name(dataset, '')}" if _short_name(dataset, "") not in ("", "features") else ""
+    title = extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         f"<h1>{_e(title)}</h1>",
@@ -292,18 +293,18 @@ def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
         for label, frac in items
     )
     if len(labels) > top and rest > 1e-9:
-        rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td class="num">{rest:.0%}</td></tr>'
+        rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td>{rest:.0%}</td></tr>'
     return f"<table><tr><th>label</th><th>fraction</th></tr>{rows}</table>"
 
 
-def _purity(purity: Mapping[str, Any]) -> str:
-    rows = []
+def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
+    """Majority value and its fraction per planted attribute; attributes at least ``pure`` in bold."""
+    rows = ["<tr><th>planted attribute</th><th>majority value</th><th>fraction of top samples</th></tr>"]
     for attr, value in purity.items():
-        if isinstance(value, (tuple, list)) and len(value) == 2:
-            rows.append([attr, str(value[0]), f"{float(value[1]):.0%}"])
-        else:
-            rows.append([attr, "", f"{float(value):.0%}"])
-    return _table(rows, ["planted attribute", "majority value", "fraction of top samples"])
+        major, frac = (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
+        style = ' style="font-weight:600"' if frac >= pure else ""
+        rows.append(f"<tr{style}><td>{_e(attr)}</td><td>{_e(major)}</td><td>{frac:.0%}</td></tr>")
+    return f"<table>{''.join(rows)}</table>"
 
 
 def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> str:
