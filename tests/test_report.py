@@ -336,6 +336,7 @@ def test_report_with_images(tmp_path):
         "linear_cka": 0.4321,
         "mutual_knn": {"value": 0.1234, "k": 10, "m": 600},
         "kmeans": {"x": {"nmi_x": 0.91, "ami_x": 0.88, "nmi_y": 0.12, "ami_y": 0.05}, "y": None},
+        "tightness_baseline": (0.1357, 0.2468),
     }
     path = write_report(tmp_path / "run", _fake_spec(), _image_modes(), extra)
     assert path == tmp_path / "run" / "report.html" and path.exists()
@@ -345,6 +346,7 @@ def test_report_with_images(tmp_path):
         "Modes offline_colour captures and offline_shape does not",
         "Modes offline_shape captures and offline_colour does not",
         "0.4321", "0.1234", "0.912", "0.254", "KMeans agreement", "0.91", "planted attribute", "75%", "SPEC: offline_colour vs offline_shape on synthetic",
+        "random pairs", "0.1357", "0.2468",
         "synthetic/0003.png", "1 skipped", "settings.top_k", "embed_dim=12", "mutual k-NN", "k=10",
     ]:  # fmt: skip
         assert expected in text, expected
@@ -374,6 +376,7 @@ def test_report_with_texts_escapes_everything(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "cap:&lt;9&gt;" in text
     assert "MiniLM &lt;v2&gt;" in text and "plain caption" in text and "2 skipped" in text
     assert "Context scores" not in text and "KMeans agreement" not in text  # nothing given
+    assert "random pairs" not in text
     assert len(_attr_values(path, "src")) == 1  # only the spectrum
 
 

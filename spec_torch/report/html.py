@@ -307,7 +307,9 @@ def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
     return f"<table>{''.join(rows)}</table>"
 
 
-def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> str:
+def _mode(
+    view: ModeView, rank: int, names: dict[str, str], plot_dir: Path, baseline: Mapping[str, float] | None
+) -> str:
     other = "y" if view.direction == "x" else "x"
     heading = (
         f"Mode {view.direction}{rank} · λ = {view.eigenvalue:.4g} "
@@ -315,17 +317,13 @@ def _mode(view: ModeView, rank: int, names: dict[str, str], plot_dir: Path) -> s
     )
     out = [f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3><div class="facts">']
     if view.tightness_x is not None or view.tightness_y is not None:
-        out.append(
-            "<div>"
-            + _table(
-                [
-                    [f"under {names['x']} (x)", view.tightness_x],
-                    [f"under {names['y']} (y)", view.tightness_y],
-                ],
-                ["tightness of top samples", "mean kernel"],
-            )
-            + "</div>"
-        )
+        rows = [[f"under {names['x']} (x)", view.tightness_x], [f"under {names['y']} (y)", view.tightness_y]]
+        header = ["tightness of top samples", "mean kernel"]
+        if baseline:
+            rows[0].append(baseline.get("x"))
+            rows[1].append(baseline.get("y"))
+            header.append("random pairs")
+        out.append("<div>" + _table(rows, header) + "</div>")
     if view.purity:
         out.append("<div>" + _purity(view.purity) + "</div>")
     if view.labels:
@@ -397,7 +395,9 @@ def write_report(
         modes: the modes to show, both directions; shown strongest first within each direction.
         extra: optional: ``linear_cka`` (float), ``mutual_knn`` (float, or ``{"value", "k", "m"}``),
             ``kmeans`` (:func:`metrics.kmeans_agreement` dict, or ``{"x": dict, "y": dict}`` per direction),
-            ``names`` (``{"x": "CLIP", "y": "DINOv2"}`` short names), ``title``.
+            ``names`` (``{"x": "CLIP", "y": "DINOv2"}`` short names), ``title``, ``tightness_baseline``
+            (``{"x", "y"}`` or a pair: :func:`metrics.mode_tightness` of a random subsample, the mean kernel
+            value of random pairs, shown beside each mode's tightness).
 
     Raises:
         SpecError: when ``spec`` has no ``eigenvalues`` or a mode is not a :class:`ModeView`.
@@ -420,6 +420,9 @@ def write_report(
     if names["x"] == names["y"]:
         names = {side: f"{names[side]} ({side})" for side in names}
 
+    baseline = extra.get("tightness_baseline")
+    if isinstance(baseline, (tuple, list)):
+        baseline = {"x": baseline[0], "y": baseline[1]}
     spectrum = plots.plot_spectrum(
         spec["eigenvalues"], plot_dir / "spectrum.png", spec.get("spec_diff"), labels=(names["x"], names["y"])
     )
@@ -435,7 +438,7 @@ def write_report(
         )
         if not chosen:
             body.append('<p class="muted">No mode reported in this direction.</p>')
-        body += [_mode(view, rank, names, plot_dir) for rank, view in enumerate(chosen, start=1)]
+        body += [_mode(view, rank, names, plot_dir, baseline) for rank, view in enumerate(chosen, start=1)]
     if extra.get("kmeans"):
         body.append(_kmeans(extra["kmeans"], names))
 
