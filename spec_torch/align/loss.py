@@ -26,7 +26,7 @@ for the gradient: ``Phi_s^T v`` is O(n D).
 
 The eigenproblem is solved, detached, in the cheaper space: the ``n x n`` matrix L (``method="exact"``) or
 the ``D x D`` covariance ``C = A^T A`` (``method="features"``, symmetric form ``Z J Z^T`` of
-:func:`spec_torch.solver.solve_features`), or with ``solver="iterative"`` by a block-Krylov Rayleigh-Ritz
+as in :mod:`spec_torch.solver`), or with ``solver="iterative"`` by a block-Krylov Rayleigh-Ritz
 solve warm-started from the previous call's feature-space eigenvectors (a buffer), falling back to eigh when
 its residuals are above ``solver_tol``.
 
@@ -51,7 +51,6 @@ from torch import nn
 from .._validate import as_matrix, check_pair, check_positive
 from ..errors import SpecError
 from ..kernels import GaussianKernel, Kernel, median_sigma, resolve_kernel
-from ..solver import solve_features
 
 __all__ = ["SpecAlignLoss"]
 
@@ -140,6 +139,30 @@ def _objective_weights(
     m = 1 if norm == "op" else min(k, lam.numel())
     idx = torch.topk(-lam, m).indices  # the m most negative
     return idx, -negative[idx].to(lam.dtype)
+
+
+def _solve_covariance(c: torch.Tensor, jv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of ``L = A J A^T`` from ``C = A^T A: [D, D]`` by the symmetric form ``S = Z J Z^T``.
+
+    ``C = Z^T Z`` by Cholesky when C is well conditioned, else by ``eigh(C)`` restricted to its numerical range
+    (dropping, not just clipping, the eigenvalues below ``D eps max(g)``: their square roots, ~sqrt(eps), would
+    otherwise leak O(sqrt(eps)) errors into every eigenvalue, 3e-4 in float32).
+
+    Returns:
+        ``(lam [r], u [D, r])`` with ``u = J Z^T w``, so that ``v = A u / |lam|`` is unit-norm.
+    """
+    d = c.shape[0]
+    eps = torch.finfo(c.dtype).eps
+    r, info = torch.linalg.cholesky_ex(c)  # C = R R^T, Z = R^T
+    if int(info) == 0 and bool((torch.diagonal(r).square() > d * eps * c.diagonal().max()).all()):
+        zt = r  # Z^T  [D, D]
+    else:
+        g, e = torch.linalg.eigh(c)
+        keep = g > d * eps * g.max()
+        zt = e[:, keep] * g[keep].sqrt()  # Z^T  [D, r]
+    s = zt.T @ (jv[:, None] * zt)  # Z J Z^T  [r, r]
+    lam, w = torch.linalg.eigh((s + s.T) / 2)
+    return lam, jv[:, None] * (zt @ w)  # [r], J Z^T w  [D, r]
 
 
 def _wanted_order(lam: torch.Tensor, one_sided: bool) -> torch.Tensor:
@@ -495,7 +518,7 @@ class SpecAlignLoss(nn.Module):
                 self._store_warm(u)
         else:
             c = _reduce(a.T @ a, distributed)  # C = A^T A  [D, D], summed over ranks
-            lam, u = solve_features(c[:ds, :ds], c[:ds, ds:], c[ds:, ds:], n=1, eta=1.0, keep=c.shape[0])
+            lam, u = _solve_covariance((c + c.T) / 2, jv)
             idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
             v = (a @ u[:, idx]) / lam[idx].abs().clamp_min(max(zero, torch.finfo(a.dtype).tiny))  # [B, M]
             if self.solver == "iterative":

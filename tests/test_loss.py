@@ -1,0 +1,384 @@
+"""SpecAlignLoss against the dense numpy oracle: values, gradients, invariances, bad input, state, learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import difference, gram
+from torch import nn
+
+import spec_torch as st
+from spec_torch.align import SpecAlignLoss
+from spec_torch.errors import SpecError
+from spec_torch.kernels import median_sigma
+
+TOL64 = 1e-10  # float64 value vs the float64 oracle
+TOL32 = 2e-5  # float32 internal math vs the float64 oracle (values of order 0.1-1)
+FD_STEP = 1e-6  # central finite differences of the oracle
+FD_TOL = 1e-6  # directional derivative vs finite differences (relative to the gradient's norm)
+ITER_TOL = 1e-3  # the iterative solver's default relative residual
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny eigen-solves under OpenMP on a shared 2-core machine are 10-30x slower with 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def planted(n=24, p=6, q=5, clusters=3, seed=0, noise=0.3):
+    """Student and teacher embeddings with different cluster structure, so the top eigenvalue is simple."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.arange(n) % clusters
+    cs = torch.randn(clusters, p, generator=g, dtype=torch.float64)
+    ct = torch.randn(clusters + 1, q, generator=g, dtype=torch.float64)
+    x = cs[lab] + noise * torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = ct[(lab + (torch.arange(n) % 2)) % (clusters + 1)] + noise * torch.randn(
+        n, q, generator=g, dtype=torch.float64
+    )
+    return x, y
+
+
+def oracle_objective(lmat: np.ndarray, norm: str, k: int = 3, one_sided: bool = False) -> float:
+    w = np.linalg.eigvalsh(lmat)
+    if one_sided:
+        neg = np.clip(-w, 0, None)
+        return {"op": neg.max(), "topk": np.sort(neg)[-k:].sum(), "fro": np.sqrt((neg**2).sum())}[norm]
+    return {"op": np.abs(w).max(), "topk": np.sort(np.abs(w))[-k:].sum(), "fro": np.linalg.norm(lmat)}[norm]
+
+
+OBJECTIVES = [(norm, one_sided) for norm in ("op", "topk", "fro") for one_sided in (False, True)]
+
+
+# ------------------------------------------------------------------------------------------- values
+@pytest.mark.parametrize("method", ["exact", "features"])
+@pytest.mark.parametrize("kx,ky", [("cosine", "cosine"), ("linear", "cosine"), ("cosine", "linear")])
+def test_value_matches_oracle_spectral_radius(kx, ky, method):
+    x, y = planted()
+    loss = SpecAlignLoss(kx, ky, eta=0.7, method=method, dtype=torch.float64)(x, y)
+    ref = np.abs(np.linalg.eigvalsh(difference(x.numpy(), y.numpy(), kx, ky, eta=0.7))).max()
+    assert loss.dtype == torch.float64
+    assert abs(float(loss) - ref) < TOL64
+
+
+def test_value_gaussian_exact_kernel_matches_oracle():
+    x, y = planted()
+    loss = SpecAlignLoss(st.GaussianKernel(sigma=1.5), "cosine", dtype=torch.float64)(x, y)
+    ref = np.abs(
+        np.linalg.eigvalsh(difference(x.numpy(), y.numpy(), "gaussian", "cosine", sigma_x=1.5))
+    ).max()
+    assert abs(float(loss) - ref) < TOL64
+
+
+@pytest.mark.parametrize("method", ["exact", "features"])
+def test_value_gaussian_rff_matches_core_kernel_features(method):
+    """RFF frequencies and the auto bandwidth follow GaussianKernel.fit: same features as the core."""
+    x, y = planted()
+    kern = st.GaussianKernel(sigma="auto", rff_dim=16, seed=3)
+    fn = SpecAlignLoss(kern, "cosine", method=method, dtype=torch.float64)
+    loss = fn(x, y)
+    phi = kern.fit(x).features(x).numpy()  # the core's RFF features with the auto sigma of this batch
+    lmat = (phi @ phi.T - gram(y.numpy(), "cosine")) / len(x)
+    assert abs(float(loss) - np.abs(np.linalg.eigvalsh(lmat)).max()) < TOL64
+    assert float(fn.student_sigma) == pytest.approx(median_sigma(x, seed=3), rel=1e-12)
+    assert fn.student_omega.shape == (x.shape[1], 16)
+
+
+@pytest.mark.parametrize("norm,one_sided", OBJECTIVES)
+@pytest.mark.parametrize("method", ["exact", "features"])
+def test_every_objective_matches_oracle(norm, one_sided, method):
+    x, y = planted(n=30)
+    lmat = difference(x.numpy(), y.numpy(), "cosine", "cosine")
+    fn = SpecAlignLoss(norm=norm, k=3, one_sided=one_sided, method=method, dtype=torch.float64)
+    assert abs(float(fn(x, y)) - oracle_objective(lmat, norm, 3, one_sided)) < TOL64
+
+
+def test_float32_internal_math_close_to_oracle():
+    x, y = planted(n=40)
+    loss = SpecAlignLoss()(x.float(), y.float())
+    ref = np.abs(np.linalg.eigvalsh(difference(x.numpy(), y.numpy()))).max()
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - ref) < TOL32
+
+
+def test_zero_when_student_equals_teacher():
+    x, _ = planted(n=20)
+    for norm, one_sided in OBJECTIVES:
+        for method in ("exact", "features"):
+            xs = x.clone().requires_grad_()
+            loss = SpecAlignLoss(norm=norm, one_sided=one_sided, method=method, dtype=torch.float64)(xs, x)
+            loss.backward()
+            assert abs(float(loss.detach())) < TOL64, (norm, one_sided, method)
+            assert torch.isfinite(xs.grad).all() and float(xs.grad.abs().max()) < 1e-6, (
+                norm,
+                one_sided,
+                method,
+            )
+
+
+def test_invariant_to_batch_order():
+    x, y = planted(n=30)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
+    for norm, one_sided in OBJECTIVES:
+        fn = SpecAlignLoss(norm=norm, one_sided=one_sided, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x[perm].clone().requires_grad_()
+        la, lb = fn(xa, y), fn(xb, y[perm])
+        la.backward()
+        lb.backward()
+        assert abs(float(la.detach()) - float(lb.detach())) < TOL64
+        torch.testing.assert_close(xa.grad[perm], xb.grad, rtol=1e-8, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("norm,one_sided", OBJECTIVES)
+@pytest.mark.parametrize("method", ["exact", "features"])
+def test_gradcheck_every_objective(norm, one_sided, method):
+    """Detached eigenvectors + v^T L v: the gradient of the eigenvalue function itself (finite differences)."""
+    x, y = planted(n=12, p=4, q=3)
+    fn = SpecAlignLoss(norm=norm, k=2, one_sided=one_sided, method=method, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: fn(a, y), (x.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kernel", ["linear", st.GaussianKernel(sigma=2.0), st.GaussianKernel(sigma=2.0, rff_dim=8, seed=0)]
+)
+def test_gradcheck_other_kernels(kernel):
+    x, y = planted(n=12, p=4, q=3)
+    fn = SpecAlignLoss(kernel, "cosine", dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: fn(a, y), (x.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["op", "topk", "fro"])
+def test_gradient_matches_finite_differences_of_oracle(norm):
+    """Directional derivatives of the numpy oracle objective equal <grad, direction>."""
+    x, y = planted(n=16)
+    fn = SpecAlignLoss(norm=norm, k=3, dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    fn(xs, y).backward()
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+        def f(xx):
+            return oracle_objective(difference(xx.numpy(), y.numpy()), norm, 3)
+
+        fd = (f(x + FD_STEP * d) - f(x - FD_STEP * d)) / (2 * FD_STEP)
+        assert abs(float((xs.grad * d).sum()) - fd) < FD_TOL * max(1.0, float(xs.grad.norm() * d.norm()))
+
+
+def test_tied_top_eigenvalues_give_finite_gradients():
+    """Two identical teacher clusters the student lacks: lambda_1 = lambda_2 exactly; no NaN."""
+    n = 20
+    y = torch.zeros(n, 6, dtype=torch.float64)
+    y[:8, 0], y[8:16, 1] = 1.0, 1.0  # two clusters of 8
+    y[16:, 2:] = torch.eye(4, dtype=torch.float64)  # and 4 singletons
+    x = torch.eye(n, dtype=torch.float64)  # the student holds no cluster: K_s = I
+    lam = np.linalg.eigvalsh(difference(x.numpy(), y.numpy()))
+    assert abs(lam[0] - lam[1]) < 1e-12  # tied
+    for norm in ("op", "topk"):
+        for method in ("exact", "features"):
+            for solver in ("eigh", "iterative"):
+                xs = x.clone().requires_grad_()
+                loss = SpecAlignLoss(norm=norm, k=2, method=method, solver=solver, dtype=torch.float64)(xs, y)
+                loss.backward()
+                assert abs(float(loss) - oracle_objective(difference(x.numpy(), y.numpy()), norm, 2)) < 1e-9
+                assert torch.isfinite(xs.grad).all()
+
+
+def test_teacher_carries_no_gradient():
+    x, y = planted()
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    SpecAlignLoss(dtype=torch.float64)(xs, ys).backward()
+    assert ys.grad is None and xs.grad is not None
+
+
+# ---------------------------------------------------------------------------------- dtype, autocast
+def test_autocast_bf16_inputs_use_float32_math():
+    x, y = planted(n=32)
+    lin = nn.Linear(6, 6).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(6))
+        lin.bias.zero_()
+    lin = lin.float()
+    fn = SpecAlignLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = lin(x.float())  # bf16 under autocast
+        assert s.dtype == torch.bfloat16
+        loss = fn(s, y.to(torch.bfloat16))
+    loss.backward()
+    assert loss.dtype == torch.float32
+    ref = SpecAlignLoss(dtype=torch.float64)(s.detach().double(), y.to(torch.bfloat16).double())
+    assert abs(float(loss) - float(ref)) < TOL32
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "student,teacher,match",
+    [
+        (torch.randn(8, 4), torch.randn(7, 3), "student and teacher"),
+        (torch.randn(1, 4), torch.randn(1, 3), "at least 2 samples"),
+        (torch.randn(8), torch.randn(8, 3), "student: expected a 2-D"),
+        (torch.randn(8, 4), torch.randn(8, 3, 1), "teacher: expected a 2-D"),
+        (
+            torch.randn(8, 4).index_fill(0, torch.tensor([2]), float("nan")),
+            torch.randn(8, 3),
+            "student: contains",
+        ),
+        (
+            torch.randn(8, 4),
+            torch.randn(8, 3).index_fill(0, torch.tensor([5]), float("inf")),
+            "teacher: contains",
+        ),
+        (torch.zeros(8, 4), torch.randn(8, 3), "student: the cosine kernel needs non-zero rows"),
+    ],
+)
+def test_bad_input_raises(student, teacher, match):
+    with pytest.raises(SpecError, match=match):
+        SpecAlignLoss()(student, teacher)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"norm": "nuc"}, "norm"),
+        ({"eta": 0.0}, "eta"),
+        ({"k": 0}, "k"),
+        ({"solver": "lanczos"}, "solver"),
+        ({"method": "dense"}, "method"),
+        ({"dtype": torch.float16}, "dtype"),
+        ({"one_sided": 1}, "one_sided"),
+        ({"sync_dist": "yes"}, "sync_dist"),
+        ({"kernel_student": "poly"}, "kernel_student"),
+        ({"kernel_student": st.GaussianKernel(sigma=1.0), "solver": "iterative"}, "kernel_student"),
+        ({"norm": "fro", "one_sided": True, "solver": "iterative"}, "solver"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(SpecError, match=match):
+        SpecAlignLoss(**kwargs)
+
+
+def test_sync_dist_true_needs_a_process_group():
+    with pytest.raises(SpecError, match="sync_dist"):
+        SpecAlignLoss(sync_dist=True)(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_input_dims_fixed_by_first_call():
+    fn = SpecAlignLoss()
+    fn(torch.randn(8, 4), torch.randn(8, 3))
+    with pytest.raises(SpecError, match="feature dimensions"):
+        fn(torch.randn(8, 5), torch.randn(8, 3))
+
+
+# ------------------------------------------------------------------------------------- state, solver
+def test_state_dict_keeps_fitted_gaussian_and_warm_start():
+    x, y = planted(n=30)
+    kern = st.GaussianKernel(sigma="auto", rff_dim=32, seed=5)
+    fn = SpecAlignLoss(kern, kern, solver="iterative", dtype=torch.float64)
+    fn(x, y)  # fits sigma (auto) and frequencies on this batch
+    x2, y2 = planted(n=30, seed=4)
+    expected = float(fn(x2 * 3, y2))  # later batches keep the first batch's sigma
+    state = fn.state_dict()
+    assert {"student_sigma", "student_omega", "teacher_omega", "warm_u", "solver_calls"} <= set(state)
+    fresh = SpecAlignLoss(kern, kern, solver="iterative", dtype=torch.float64)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.student_omega, fn.student_omega) and torch.equal(fresh.warm_u, fn.warm_u)
+    assert abs(float(fresh(x2 * 3, y2)) - expected) < ITER_TOL * expected
+    refit = SpecAlignLoss(kern, kern, dtype=torch.float64)
+    assert abs(float(refit(x2 * 3, y2)) - expected) > 1e-3  # a fresh fit on the scaled batch differs
+
+
+def test_iterative_solver_warm_starts_and_matches_eigh():
+    g = torch.Generator().manual_seed(0)
+    x, y = planted(n=64, p=24, q=20)
+    fn = SpecAlignLoss(solver="iterative", dtype=torch.float64)
+    used = []
+    for step in range(6):  # slowly drifting batches, as in training
+        xb = x + 0.01 * step * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        value = float(fn(xb, y))
+        used.append(fn.last_solver)
+        ref = np.abs(np.linalg.eigvalsh(difference(xb.numpy(), y.numpy()))).max()
+        assert abs(value - ref) < ITER_TOL * ref
+    assert used[1:].count("iterative") >= 4, used
+    assert int(fn.solver_calls) == 6
+
+
+def test_iterative_solver_falls_back_to_eigh():
+    x, y = planted(n=64, p=24, q=20)
+    fn = SpecAlignLoss(solver="iterative", solver_tol=1e-15, dtype=torch.float32)  # unreachable in float32
+    value = float(fn(x.float(), y.float()))
+    assert fn.last_solver == "eigh"
+    assert abs(value - np.abs(np.linalg.eigvalsh(difference(x.numpy(), y.numpy()))).max()) < TOL32
+
+
+# ---------------------------------------------------------------------------------------- learning
+def _spec_diff(s: torch.Tensor, t: torch.Tensor) -> float:
+    return float(SpecAlignLoss(dtype=torch.float64, method="exact")(s.double(), t.double()))
+
+
+def _knn_accuracy(train, train_labels, test, test_labels, k=5) -> float:
+    a, b = nn.functional.normalize(train, dim=1), nn.functional.normalize(test, dim=1)
+    idx = (b @ a.T).topk(k, dim=1).indices  # [n_test, k] cosine neighbours
+    pred = torch.mode(train_labels[idx], dim=1).values
+    return float((pred == test_labels).float().mean())
+
+
+def _train(x_tr, t_tr, x_te, t_te, lab_tr, lab_te, d_out, steps, norm="op", lr=3e-3, batch=128):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(x_tr.shape[1], 128), nn.GELU(), nn.Linear(128, d_out))
+    loss_fn = SpecAlignLoss("cosine", "cosine", norm=norm)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    with torch.no_grad():
+        before = _spec_diff(net(x_te), t_te), _knn_accuracy(net(x_tr), lab_tr, net(x_te), lab_te)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_tr), (batch,), generator=g)
+        loss = loss_fn(net(x_tr[idx]), t_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = _spec_diff(net(x_te), t_te), _knn_accuracy(net(x_tr), lab_tr, net(x_te), lab_te)
+    return before, after
+
+
+def test_learning_planted_clusters():
+    """A student seeing the latent through a rotated, noisy view learns the teacher's cluster structure."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 1200, 6
+    lab = torch.randint(0, c, (n,), generator=g)
+    z = (2 * torch.randn(c, 4, generator=g))[lab] + 0.3 * torch.randn(n, 4, generator=g)  # latent
+    teacher = z @ torch.randn(4, 8, generator=g)
+    rot = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    view = torch.cat([0.5 * z @ torch.randn(4, 4, generator=g), 2 * torch.randn(n, 12, generator=g)], 1) @ rot
+    (sd0, acc0), (sd1, acc1) = _train(
+        view[:800], teacher[:800], view[800:], teacher[800:], lab[:800], lab[800:], 8, steps=600
+    )
+    print(f"SPEC-diff {sd0:.4f} -> {sd1:.4f} ({sd0 / sd1:.1f}x), kNN accuracy {acc0:.3f} -> {acc1:.3f}")
+    assert sd0 / sd1 >= 5, (sd0, sd1)
+    assert acc1 > acc0 + 0.3, (acc0, acc1)
+
+
+def test_learning_digits():
+    """Student: MLP on permuted pixels; teacher: a fixed LDA projection of the digits (held-out evaluation)."""
+    from sklearn.datasets import load_digits
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, labels = load_digits(return_X_y=True)
+    x, labels = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(labels)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[:1300], perm[1300:]
+    lda = LinearDiscriminantAnalysis(n_components=9).fit(x[tr].numpy(), labels[tr].numpy())
+    teacher = torch.tensor(lda.transform(x.numpy()), dtype=torch.float32)
+    view = x[:, torch.randperm(64, generator=g)]  # the student sees permuted pixels
+    (sd0, acc0), (sd1, acc1) = _train(
+        view[tr], teacher[tr], view[te], teacher[te], labels[tr], labels[te], 16, steps=400
+    )
+    print(f"SPEC-diff {sd0:.4f} -> {sd1:.4f} ({sd0 / sd1:.1f}x), kNN accuracy {acc0:.3f} -> {acc1:.3f}")
+    assert sd0 / sd1 >= 5, (sd0, sd1)
+    assert acc1 > acc0, (acc0, acc1)
