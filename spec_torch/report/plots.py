@@ -1,4 +1,7 @@
-"""The report's figures, saved as PNG files (matplotlib's Agg backend for the charts).
+"""The report's figures, saved as PNG files.
+
+Charts use matplotlib's object API (:class:`~matplotlib.figure.Figure`, rendered by Agg), never pyplot, so
+importing this module changes no global matplotlib state (a notebook's backend stays as it is).
 
 - :func:`plot_spectrum`: every eigenvalue of ``K_X - eta K_Y`` by rank (positive and negative in two
   colours, SPEC-diff marked) beside a bar chart of the strongest modes of each sign.
@@ -16,15 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display; must precede the pyplot import
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from ..errors import SpecError  # noqa: E402
+from ..errors import SpecError
 
 __all__ = ["plot_spectrum", "image_grid", "score_histogram", "POSITIVE_COLOUR", "NEGATIVE_COLOUR"]
 
@@ -41,7 +40,6 @@ def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
 
@@ -84,7 +82,8 @@ def plot_spectrum(
     tiny = 1e-9 * max(float(np.abs(lam).max()), 1e-300)  # below this: numerically zero, no direction
     pos, neg = lam > tiny, lam < -tiny
     zero = ~(pos | neg)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig = Figure(figsize=(11, 3.8))
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
 
     ax.axhline(0.0, color="#888888", lw=0.8)
     for sign in (1, -1):
@@ -220,7 +219,8 @@ def score_histogram(
 ) -> Path:
     """Histogram of one mode's sample scores ``v_k(i)`` over all samples; the ``top_k`` largest marked."""
     s = _vector(scores, "scores")
-    fig, ax = plt.subplots(figsize=(5, 2.6))
+    fig = Figure(figsize=(5, 2.6))
+    ax = fig.subplots()
     ax.hist(s, bins=min(60, max(10, s.size // 20)), color=colour, alpha=0.8)
     if top_k:
         ax.axvline(
