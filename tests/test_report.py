@@ -380,6 +380,20 @@ def test_report_with_texts_escapes_everything(tmp_path):
     assert len(_attr_values(path, "src")) == 1  # only the spectrum
 
 
+def test_report_names_same_model_by_weights(tmp_path):
+    spec = dict(_fake_spec())
+    spec["encoders"] = {
+        "x": {"family": "open_clip", "model": "ViT-B-32", "pretrained": "openai"},
+        "y": {"family": "open_clip", "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+    }
+    text = write_report(tmp_path / "a", spec, []).read_text(encoding="utf-8")
+    assert "Modes ViT-B-32 (openai) captures and ViT-B-32 (laion2b_s34b_b79k) does not" in text
+    spec["encoders"] = {"x": {"model": "resnet50"}, "y": {"model": "resnet50"}}
+    text = write_report(tmp_path / "b", spec, []).read_text(encoding="utf-8")
+    assert "Modes resnet50 (y) captures and resnet50 (x) does not" in text
+    assert text.count("No mode reported in this direction") == 2
+
+
 def test_report_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(SpecError, match="eigenvalues"):
         write_report(tmp_path, {"spec_diff": 1.0}, [])

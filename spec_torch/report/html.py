@@ -159,6 +159,16 @@ def _short_name(value: Any, fallback: str) -> str:
     return str(value) if value else fallback
 
 
+def _weights_tag(encoder: Any) -> str | None:
+    """The weights an encoder config names (open_clip pretrained tag, torchvision weights, checkpoint)."""
+    if not isinstance(encoder, Mapping):
+        return None
+    for key in ("pretrained", "weights", "checkpoint"):
+        if isinstance(encoder.get(key), str) and encoder[key]:
+            return Path(encoder[key]).name if key == "checkpoint" else encoder[key]
+    return None
+
+
 def _lookup(spec: Mapping[str, Any], *keys: str) -> Any:
     for key in keys:
         if key in spec and spec[key] is not None:
@@ -417,8 +427,10 @@ def write_report(
         side: str(given.get(side) or _short_name(_side(spec, "encoder", side), f"embedding {side}"))
         for side in ("x", "y")
     }
-    if names["x"] == names["y"]:
-        names = {side: f"{names[side]} ({side})" for side in names}
+    if names["x"] == names["y"]:  # same model: tell them apart by weights, else by side
+        tags = {side: _weights_tag(_side(spec, "encoder", side)) for side in ("x", "y")}
+        use_tags = tags["x"] != tags["y"] and all(tags.values())
+        names = {side: f"{names[side]} ({tags[side] if use_tags else side})" for side in names}
 
     baseline = extra.get("tightness_baseline")
     if isinstance(baseline, (tuple, list)):
