@@ -184,7 +184,7 @@ def test_tied_top_eigenvalues_give_finite_gradients():
                 xs = x.clone().requires_grad_()
                 loss = SpecAlignLoss(norm=norm, k=2, method=method, solver=solver, dtype=torch.float64)(xs, y)
                 loss.backward()
-                assert abs(float(loss) - oracle_objective(difference(x.numpy(), y.numpy()), norm, 2)) < 1e-9
+                assert abs(loss.item() - oracle_objective(difference(x.numpy(), y.numpy()), norm, 2)) < 1e-9
                 assert torch.isfinite(xs.grad).all()
 
 
