@@ -434,3 +434,18 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert 0.01 < dark < 0.6  # some dark ink (text, images), mostly light background
     if os.environ.get("SPEC_TORCH_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["SPEC_TORCH_KEEP_SCREENSHOT"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_on_cuda_match_cpu():
+    x, y = _correlated(n=300, p=6, q=6, noise=1.0, seed=7)
+    xc, yc = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+    on_gpu, on_cpu = metrics.LinearCKA(chunk_rows=64), metrics.LinearCKA()
+    for lo in range(0, 300, 50):
+        on_gpu.update(xc[lo : lo + 50], yc[lo : lo + 50])
+    on_cpu.update(x, y)
+    assert on_gpu.compute() == pytest.approx(on_cpu.compute(), abs=TOL_F64)
+    assert metrics.mutual_knn_overlap(xc, yc, k=8) == pytest.approx(_knn_oracle(x, y, 8), abs=1e-12)
+    tx, ty = metrics.mode_tightness(CosineKernel(), CosineKernel(), xc[:10], yc[:10])
+    assert (tx, ty) == pytest.approx(metrics.mode_tightness(CosineKernel(), CosineKernel(), x[:10], y[:10]))

@@ -180,7 +180,7 @@ def _cosine_knn(xn: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
     out = []
     for start in range(0, xn.shape[0], block):
         sim = xn[start : start + block] @ xn.T  # [b, p] @ [p, m] -> [b, m]
-        rows = torch.arange(start, start + sim.shape[0])
+        rows = torch.arange(start, start + sim.shape[0], device=xn.device)
         sim[rows - start, rows] = -torch.inf  # a sample is not its own neighbour
         out.append(sim.topk(k, dim=1).indices)  # [b, k]
     return torch.cat(out)
