@@ -203,6 +203,24 @@ def test_pretrained_weights_missing_offline_fail_fast(monkeypatch, tmp_path):
     )
 
 
+def test_pretrained_weights_unreachable_hub_fail_fast(monkeypatch, tmp_path):
+    """Hubs not switched off, but unreachable: no minute of download retries."""
+    import huggingface_hub.constants
+
+    from spec_torch.encoders import base
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPEC_TORCH_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    for host in ("huggingface.co", "download.pytorch.org"):
+        monkeypatch.setitem(base._REACHABLE, host, False)
+    msg = _fails_fast("unreachable", family="open_clip", model="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert "'laion/CLIP-ViT-B-32-laion2B-s34B-b79K'" in msg
+    _fails_fast("unreachable", family="timm", **{**TINY_DINO, "pretrained": True})
+    _fails_fast("unreachable", family="torchvision", model="resnet18", weights="DEFAULT")
+
+
 def test_random_weights_fallback_is_refused():
     with pytest.raises(SpecError, match="refusing to continue with random weights"):
         with random_weights_guard("ViT-X", "open_clip weights"):

@@ -90,6 +90,41 @@ def offline() -> bool:
     return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(url: str | None = None, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the Hugging Face hub (or ``url``'s host) be opened within ``timeout`` s?
+
+    Checked once per host and process, so that a machine without internet fails at once instead of
+    waiting through the hub client's retries (about a minute per file).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if url is None:
+        from huggingface_hub import constants
+
+        url = constants.ENDPOINT
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def in_hf_cache(repo: str, filenames: Sequence[str], cache_dir: str | None = None) -> bool:
+    """True when one of ``filenames`` of Hugging Face repo ``repo`` is in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = repo.strip("/").split("@")[0]
+    return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache_dir), str) for f in filenames)
+
+
 def file_stamp(path: str | os.PathLike, name: str) -> str:
     """``path`` resolved, with size and modification time: identifies a local weights file in cache keys."""
     p = Path(str(path)).expanduser()

@@ -13,7 +13,17 @@ import torch
 from PIL import Image
 
 from ..errors import SpecError
-from .base import Encoder, close_names, file_stamp, quiet_random_init_warning, random_weights_guard, seeded
+from .base import (
+    Encoder,
+    close_names,
+    file_stamp,
+    hub_reachable,
+    in_hf_cache,
+    offline,
+    quiet_random_init_warning,
+    random_weights_guard,
+    seeded,
+)
 
 __all__ = ["OpenClipEncoder"]
 
@@ -85,6 +95,8 @@ class OpenClipEncoder(Encoder):
                 )
             self.weights = f"tag:{pretrained}"
             source = pretrained
+            if not has_schema:
+                self._check_reachable(open_clip, model, pretrained, cache_dir)
         else:
             self.weights, source = f"random(seed={seed})", None
         self._load(open_clip, model, source, cache_dir, kwargs, seed, pretrained)
@@ -118,6 +130,26 @@ class OpenClipEncoder(Encoder):
             raise SpecError(self._weights_message(open_clip, model, tag, source, cache_dir, exc)) from None
         self.model, self.transform = m, pre
 
+    def _check_reachable(self, open_clip, model: str, tag: str, cache_dir: str | None) -> None:
+        """Weights neither cached nor downloadable (offline, or the hub unreachable) -> error before trying."""
+        cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+        repo = cfg.get("hf_hub", "")
+        if not repo:
+            return  # URL-only weights: open_clip's own download reports its failure
+        parts = repo.split("/")
+        repo_id = "/".join(parts[:2])
+        names = (
+            [parts[2]]
+            if len(parts) > 2 and parts[2]
+            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        )
+        if in_hf_cache(repo_id, names, cache_dir):
+            return
+        if offline() or not hub_reachable():
+            why = "hubs offline" if offline() else "the Hugging Face hub is unreachable"
+            exc = RuntimeError(f"{why}, not in the cache")
+            raise SpecError(self._weights_message(open_clip, model, tag, tag, cache_dir, exc))
+
     def _weights_message(self, open_clip, model, tag, source, cache_dir, exc) -> str:
         if source is None:
             return f"encoder: cannot build open_clip model {model!r}: {type(exc).__name__}: {exc}"
@@ -130,7 +162,7 @@ class OpenClipEncoder(Encoder):
         where = []
         if cfg.get("hf_hub"):
             where.append(
-                f"open_clip_model.safetensors / open_clip_pytorch_model.bin in Hugging Face repo {cfg['hf_hub']!r}"
+                f"open_clip_model.safetensors / open_clip_pytorch_model.bin in Hugging Face repo {cfg['hf_hub'].strip('/')!r}"
             )
         if cfg.get("url"):
             where.append(f"URL {cfg['url']}")

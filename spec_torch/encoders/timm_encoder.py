@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 
 from ..errors import SpecError
-from .base import Encoder, close_names, file_stamp, offline, random_weights_guard, seeded
+from .base import (
+    Encoder,
+    close_names,
+    file_stamp,
+    hub_reachable,
+    in_hf_cache,
+    offline,
+    random_weights_guard,
+    seeded,
+)
 
 __all__ = ["TimmEncoder"]
 
@@ -32,11 +41,8 @@ def _in_hf_cache(cfg) -> bool:
     """True when a weights file of timm pretrained config ``cfg`` is in the local Hugging Face cache."""
     if not cfg.hf_hub_id:
         return False
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = cfg.hf_hub_id.split("@")[0]
     names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    return in_hf_cache(cfg.hf_hub_id, names)
 
 
 class TimmEncoder(Encoder):
@@ -114,11 +120,12 @@ class TimmEncoder(Encoder):
                 f"encoder.pretrained: timm model {model!r} has no pretrained weights; pretrained variants: "
                 f"{tags[:10] or 'none'} (or give encoder.checkpoint=/path/to/weights)"
             )
-        if offline() and not cfg.file and not _in_hf_cache(cfg):
+        if cfg.file or _in_hf_cache(cfg):
+            return
+        if cfg.hf_hub_id and (offline() or not hub_reachable()):
+            why = "hubs offline" if offline() else "the Hugging Face hub is unreachable"
             raise SpecError(
-                self._weights_message(
-                    timm, model, None, True, RuntimeError("offline and not in the local cache")
-                )
+                self._weights_message(timm, model, None, True, RuntimeError(f"{why}, not in the cache"))
             )
 
     @staticmethod

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..errors import SpecError
-from .base import Encoder, close_names, file_stamp, offline, seeded
+from .base import Encoder, close_names, file_stamp, hub_reachable, offline, seeded
 
 __all__ = ["TorchvisionEncoder"]
 
@@ -126,10 +126,10 @@ class TorchvisionEncoder(Encoder):
             f"Supply them by setting encoder.checkpoint=/path/to/file.pth, or by copying the file to {file} "
             f"(download it from {w.url} on a machine with internet; TORCH_HOME moves the cache)."
         )
-        if not os.path.isfile(file) and offline():
+        if not os.path.isfile(file) and (offline() or not hub_reachable(w.url)):
             raise SpecError(
-                f"encoder: torchvision weights {w} of {model!r} are not in the cache ({file}) and the hubs are "
-                f"offline. {how}"
+                f"encoder: torchvision weights {w} of {model!r} are not in the cache ({file}) and cannot be "
+                f"downloaded (hubs offline or {w.url} unreachable). {how}"
             )
         try:
             return tvm.get_model(model, weights=w)
