@@ -338,6 +338,8 @@ def test_report_with_images(tmp_path):
         "kmeans": {"x": {"nmi_x": 0.91, "ami_x": 0.88, "nmi_y": 0.12, "ami_y": 0.05}, "y": None},
         "tightness_baseline": (0.1357, 0.2468),
     }
+    (tmp_path / "run" / "plots").mkdir(parents=True)
+    (tmp_path / "run" / "plots" / "mode_x9.png").write_bytes(b"from an earlier run")
     path = write_report(tmp_path / "run", _fake_spec(), _image_modes(), extra)
     assert path == tmp_path / "run" / "report.html" and path.exists()
     text = path.read_text(encoding="utf-8")
@@ -364,7 +366,7 @@ def test_report_with_images(tmp_path):
 
 
 def test_report_with_texts_escapes_everything(tmp_path):
-    texts = ["a <b>bold</b> claim & more", "<script>alert(1)</script>", "plain caption"]
+    texts = ["a <b>bold</b> claim & more", "<script>alert(1)</script>", 12345]  # not all str
     modes = [
         ModeView("x", 0, 0.2113, ["cap:1", "cap:2", "cap:3"], [0.5, 0.4, 0.3], texts=texts),
         ModeView("y", 6, -0.1534, ["cap:<9>", "cap:8", "cap:7"], [0.6, 0.2, 0.1], texts=["x", "y", "z"]),
@@ -374,7 +376,7 @@ def test_report_with_texts_escapes_everything(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "<script>" not in text and "<b>bold" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "cap:&lt;9&gt;" in text
-    assert "MiniLM &lt;v2&gt;" in text and "plain caption" in text and "2 skipped" in text
+    assert "MiniLM &lt;v2&gt;" in text and "12345" in text and "2 skipped" in text
     assert "Context scores" not in text and "KMeans agreement" not in text  # nothing given
     assert "random pairs" not in text
     assert len(_attr_values(path, "src")) == 1  # only the spectrum

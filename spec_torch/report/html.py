@@ -65,6 +65,8 @@ class ModeView:
             )
         self.sample_ids = [str(s) for s in self.sample_ids]
         self.scores = [float(s) for s in self.scores]
+        if self.texts is not None:
+            self.texts = [str(t) for t in self.texts]
         if len(self.scores) != len(self.sample_ids):
             raise SpecError(
                 f"{where}: scores: expected one score per sample id ({len(self.sample_ids)}), got {len(self.scores)}"
@@ -421,6 +423,8 @@ def write_report(
     run_dir = Path(run_dir)
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
+    for old in plot_dir.glob("mode_[xy]*.png"):  # grids of an earlier run here must not pass for this one's
+        old.unlink()
 
     given = extra.get("names") or {}
     names = {
