@@ -207,3 +207,38 @@ def test_cuda_extraction_matches_cpu(tmp_path):
     assert amp.meta["precision"].startswith("amp") and amp.path != gpu.path  # one cache per precision
     unit = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in (amp.features, cpu.features)]
     assert (unit[0] * unit[1]).sum(1).min() > 0.99
+
+
+def test_crash_while_finishing_leaves_no_complete_cache_and_rerun_finishes(tmp_path, monkeypatch):
+    import spec_torch.extract as ex
+
+    ds = _folder_with_corrupt_image(tmp_path)
+    enc = Counting(build_encoder("offline_colour", image_size=24))
+    real_write = ex._atomic_write
+
+    def dying_write(path, text):
+        if path.name == "complete.json":
+            raise OSError("disk full")
+        real_write(path, text)
+
+    monkeypatch.setattr(ex, "_atomic_write", dying_write)
+    with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="disk full"):
+        extract_features(ds, enc, tmp_path / "c", batch_size=4, progress=False)
+    folder = cache_folder(ds, enc, tmp_path / "c")
+    assert (folder / "features.npy").exists() and not (folder / "complete.json").exists()
+    with pytest.raises(SpecError, match="no finished feature cache"):
+        FeatureCache.load(folder)
+    monkeypatch.setattr(ex, "_atomic_write", real_write)
+    enc.rows = 0
+    cache = extract_features(ds, enc, tmp_path / "c", batch_size=4, progress=False)
+    assert enc.rows == 0  # every row was already done: only the finishing steps ran again
+    assert cache.skipped == ["im3.png"] and cache.n == 5
+    np.testing.assert_allclose(cache.features, direct(ds, enc.inner, [0, 1, 2, 4, 5]), atol=FLOAT32_TOL)
+
+
+def test_encoder_with_wrong_width_is_reported(tmp_path):
+    ds = build_dataset("synthetic", n=4)
+    enc = build_encoder("offline_colour")
+    enc.embed_dim = 10  # claims 10, returns 36
+    with pytest.raises(SpecError, match=r"returned shape \(4, 36\) for a batch of 4, expected \[4, 10\]"):
+        extract_features(ds, enc, tmp_path, progress=False)
