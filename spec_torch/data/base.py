@@ -141,9 +141,11 @@ def existing_path(value: Any, name: str, *, kind: str = "any") -> Path:
 
 def limit_rows(n: int, max_samples: int | None, name: str = "max_samples") -> list[int]:
     """Positions kept when at most ``max_samples`` of ``n`` are wanted: evenly spaced, in order."""
-    if max_samples is None or max_samples >= n:
+    if max_samples is None:
         return list(range(n))
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise SpecError(f"{name}: expected a positive integer or null, got {max_samples!r}")
+    if max_samples >= n:
+        return list(range(n))
     step = n / max_samples
     return [int(k * step) for k in range(max_samples)]

@@ -15,6 +15,7 @@ from functools import cache
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import SpecError
@@ -61,19 +62,10 @@ class SyntheticShapes(SampleDataset):
             raise SpecError(f"data.seed: expected a non-negative integer, got {seed!r}")
         self.n, self.image_size, self.seed = n, image_size, seed
         self._ids = [f"syn:{i}" for i in range(n)]
-        self._attrs = [self._draw_attributes(i) for i in range(n)]
+        self._attrs = [_draw_attributes(self._rng(i)) for i in range(n)]
 
     def _rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, i])
-
-    def _draw_attributes(self, i: int) -> dict[str, str]:
-        rng = self._rng(i)
-        return {
-            "shape": SHAPES[rng.integers(len(SHAPES))],
-            "colour": COLOURS[rng.integers(len(COLOURS))],
-            "texture": TEXTURES[rng.integers(len(TEXTURES))],
-            "word": WORDS[rng.integers(len(WORDS))],
-        }
 
     @property
     def attributes(self) -> dict[str, list[str]]:
@@ -90,12 +82,12 @@ class SyntheticShapes(SampleDataset):
             "image_size": self.image_size,
             "seed": self.seed,
             "v": _VERSION,
+            "pillow": PIL.__version__,  # the text font comes with Pillow
         }
 
     def load(self, i: int) -> Image.Image:
         rng = self._rng(i)
-        self._draw_attributes_from(rng)  # advance the generator past the attribute draws
-        a = self._attrs[i]
+        a = _draw_attributes(rng)  # the same draws as in __init__; the rest of the stream renders
         s = self.image_size * _SUPERSAMPLE
         base = int(rng.integers(165, 196))
         img = Image.new("RGB", (s, s), (base,) * 3)
@@ -109,13 +101,15 @@ class SyntheticShapes(SampleDataset):
         draw.text(corner, a["word"], fill=(15, 15, 15), font=font)
         return img.resize((self.image_size, self.image_size), Image.Resampling.BOX)
 
-    def _draw_attributes_from(self, rng: np.random.Generator) -> None:
-        (
-            rng.integers(len(SHAPES)),
-            rng.integers(len(COLOURS)),
-            rng.integers(len(TEXTURES)),
-            rng.integers(len(WORDS)),
-        )
+
+def _draw_attributes(rng: np.random.Generator) -> dict[str, str]:
+    """The planted factors: the first four draws of a sample's generator."""
+    return {
+        "shape": SHAPES[rng.integers(len(SHAPES))],
+        "colour": COLOURS[rng.integers(len(COLOURS))],
+        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "word": WORDS[rng.integers(len(WORDS))],
+    }
 
 
 def _colour(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
