@@ -352,6 +352,7 @@ def test_report_with_images(tmp_path):
         "synthetic/0003.png", "1 skipped", "settings.top_k", "embed_dim=12", "mutual k-NN", "k=10",
     ]:  # fmt: skip
         assert expected in text, expected
+    assert "<title>SPEC: offline_colour vs offline_shape on synthetic</title>" in text
     assert '<tr style="font-weight:600"><td>colour</td><td>red</td><td>100%</td></tr>' in text  # pure: bold
     assert "<td>shape</td><td>disc</td><td>50%</td>" in text
     # strongest mode of direction x is shown first, as x1

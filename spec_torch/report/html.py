@@ -204,10 +204,15 @@ _KNOWN_KEYS = {
 }  # fmt: skip
 
 
+def _title(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
+    dataset = _short_name(_lookup(spec, "dataset", "data"), "")
+    on = f" on {dataset}" if dataset not in ("", "features") else ""
+    return str(extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}")
+
+
 def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
     dataset = _lookup(spec, "dataset", "data")
-    on = f" on {_short_name(dataset, '')}" if _short_name(dataset, "") not in ("", "features") else ""
-    title = extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}"
+    title = _title(spec, names, extra)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         f"<h1>{_e(title)}</h1>",
@@ -461,7 +466,7 @@ def write_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(extra.get('title') or 'SPEC report')}</title><style>{_CSS}</style></head>\n"
+        f"<title>{_e(_title(spec, names, extra))}</title><style>{_CSS}</style></head>\n"
         "<body><main>\n" + "\n".join(part for part in body if part) + "\n</main></body></html>\n"
     )
     path = run_dir / "report.html"
