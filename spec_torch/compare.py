@@ -241,6 +241,8 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
             num_workers=int(cfg.num_workers),
             device=str(device),
             progress=bool(cfg.get("progress", True)),
+            chunk_rows=int(cfg.get("chunk_rows", 4096)),
+            amp=bool(cfg.get("amp", True)),
         )
         for w, enc in encoders.items()
     }
