@@ -113,5 +113,21 @@ def spec(
     lmat = difference_matrix(x, y, kx, ky, float(eta))
     evals, v = solve_exact(lmat, top_k=top_k, keep=min(n, d))
     return SpecResult.from_exact(
-        evals, v, data=(x, y), n=n, eta=float(eta), kernel_x=kx, kernel_y=ky, dims=(p, q)
+        evals,
+        v,
+        data=(x, y),
+        n=n,
+        eta=float(eta),
+        kernel_x=kx,
+        kernel_y=ky,
+        dims=(p, q),
+        scale=_trace_scale(x, y, kx, ky, float(eta)),
     )
+
+
+def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: float) -> float:
+    """``(tr K_x + eta tr K_y) / n``, computed row block by row block from the kernels' diagonals."""
+    n = x.shape[0]
+    tx = sum(float(torch.diagonal(kx.gram(b, b)).sum()) for b in x.split(1024))
+    ty = sum(float(torch.diagonal(ky.gram(b, b)).sum()) for b in y.split(1024))
+    return (tx + eta * ty) / n

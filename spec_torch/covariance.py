@@ -212,7 +212,7 @@ class DiffCovariance:
         Args:
             eta: weight of the y kernel, > 0.
             top_k: ``None`` for the full spectrum (``min(n, D)`` eigenvalues of largest magnitude), or the number
-                of strongest modes of each sign, found with LOBPCG (cheaper for large D).
+                of strongest modes of each sign, found with a block Krylov solver (cheaper for large D).
             sync_dist: all-reduce the sums over the ranks of ``torch.distributed`` first. ``None`` (default):
                 when a process group with more than one rank is initialised.
         """
@@ -228,5 +228,12 @@ class DiffCovariance:
             state.xx.to(f64), state.xy.to(f64), state.yy.to(f64), n, float(eta), top_k=top_k
         )
         return SpecResult.from_features(
-            evals, u, n=n, eta=float(eta), kernel_x=state.kernel_x, kernel_y=state.kernel_y, dims=state.dims
+            evals,
+            u,
+            n=n,
+            eta=float(eta),
+            kernel_x=state.kernel_x,
+            kernel_y=state.kernel_y,
+            dims=state.dims,
+            scale=float(state.xx.diagonal().sum() + eta * state.yy.diagonal().sum()) / n,
         )

@@ -112,7 +112,7 @@ def median_sigma(x: torch.Tensor, max_samples: int = 2000, seed: int = 0) -> flo
         x = x[idx]
     d = torch.cdist(x.double(), x.double())  # [m, m]
     iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
-    med = float(d[iu[0], iu[1]].median())
+    med = float(torch.quantile(d[iu[0], iu[1]], 0.5))  # the midpoint median, as numpy.median
     if not med > 0:
         raise SpecError(
             "sigma='auto': the median pairwise distance is 0 (duplicated rows?); give sigma explicitly"

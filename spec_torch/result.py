@@ -15,7 +15,8 @@ from .kernels import Kernel
 
 __all__ = ["SpecResult", "TopSamples"]
 
-#: modes whose |eigenvalue| is below this fraction of SPEC-diff have no determined eigenvector (numerical zeros)
+#: modes whose |eigenvalue| is below this fraction of ``scale`` (= (tr K_x + eta tr K_y) / n, an upper bound
+#: on ||L||) are numerical zeros: their eigenvectors are not determined and they are not reported as modes
 ZERO_RTOL = 1e-10
 
 
@@ -46,6 +47,7 @@ class SpecResult:
             negative: the reverse.
         spec_diff: ``max |eigenvalue|`` = ``||L||_op``.
         n, eta, method ("features" or "exact"), kernel_x, kernel_y (fitted kernels).
+        scale: ``(tr K_x + eta tr K_y) / n``, an upper bound on SPEC-diff (``1 + eta`` for cosine kernels).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class SpecResult:
         kernel_x: Kernel,
         kernel_y: Kernel,
         dims: tuple[int, int] | None,
+        scale: float,
         u: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -69,6 +72,7 @@ class SpecResult:
         self.kernel_x = kernel_x
         self.kernel_y = kernel_y
         self.dims = dims
+        self.scale = scale
         self._u = u  # feature route: [D, K] feature-space directions u_k = J Z^T w_k
         self._v = v  # exact route: [n, K] sample-space eigenvectors
         self._data = data  # exact route: the (x, y) the kernel matrices were built from (Nystrom scoring)
@@ -98,7 +102,7 @@ class SpecResult:
         return neg[::-1][:k]
 
     def _zero_tol(self) -> float:
-        return ZERO_RTOL * self.spec_diff
+        return ZERO_RTOL * self.scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary: spectrum and resolved settings."""

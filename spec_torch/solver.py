@@ -48,7 +48,11 @@ def symmetric_factor(c: torch.Tensor) -> torch.Tensor:
         if bool((diag.square() > eps * c.diagonal().max() * c.shape[0]).all()):
             return r.T
     d, q = torch.linalg.eigh(c)  # [D], [D, D]
-    return (q * d.clamp_min(0).sqrt()) @ q.T  # C^{1/2}, symmetric
+    # eigenvalues at rounding level (|d| <= D eps max d) are zeros of the PSD C: drop them rather than take
+    # sqrt of noise, which would put sqrt(eps)-sized errors into S
+    tol = c.shape[0] * torch.finfo(c.dtype).eps * d.abs().max()
+    d = torch.where(d > tol, d, torch.zeros_like(d))
+    return (q * d.sqrt()) @ q.T  # C^{1/2}, symmetric
 
 
 def select_modes(eigenvalues: torch.Tensor, keep: int) -> torch.Tensor:
@@ -58,30 +62,49 @@ def select_modes(eigenvalues: torch.Tensor, keep: int) -> torch.Tensor:
     return idx[torch.argsort(eigenvalues[idx], descending=True)]
 
 
-def _top_k_both_signs(s: torch.Tensor, top_k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top_k`` largest and ``top_k`` smallest eigenpairs of symmetric ``S: [D, D]`` by LOBPCG.
+def _full_both_signs(s: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = s.shape[0]
+    evals, evecs = torch.linalg.eigh(s)  # ascending
+    idx = torch.cat([torch.arange(d - top_k, d), torch.arange(top_k)]).to(s.device)
+    return evals[idx], evecs[:, idx]
 
-    Falls back to a full eigh when D is too small for LOBPCG (D < 3 k + 1) or it does not converge.
+
+def _top_k_both_signs(
+    s: torch.Tensor, top_k: int, seed: int = 0, rtol: float = 1e-9, max_steps: int = 60
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` largest and ``top_k`` smallest eigenpairs of symmetric ``S: [D, D]``.
+
+    Block Krylov (block Lanczos with full reorthogonalisation) and Rayleigh-Ritz: the Krylov space of a
+    symmetric matrix converges to both ends of its spectrum at once, so one run finds both signs. It stops
+    when every returned pair has residual ``||S w - lambda w|| <= rtol * ||S||`` and falls back to a full eigh
+    when the basis would grow past D / 2 (small D) or ``max_steps`` blocks did not converge.
     """
     d = s.shape[0]
-    if d < 3 * top_k + 2:
-        evals, evecs = torch.linalg.eigh(s)
-        idx = torch.cat([torch.arange(d - top_k, d), torch.arange(top_k)]).to(s.device)
-        return evals[idx], evecs[:, idx]
+    block = top_k + 8
+    if d < 4 * block:
+        return _full_both_signs(s, top_k)
     gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(d, top_k, generator=gen, dtype=s.dtype).to(s.device)  # [D, k]
-    vals, vecs = [], []
-    for sign in (1.0, -1.0):
-        ev, ew = torch.lobpcg(sign * s, k=top_k, X=x0, largest=True, niter=200, tol=1e-10)
-        resid = torch.linalg.vector_norm(s @ ew - ew * (sign * ev), dim=0).max()
-        scale = torch.linalg.matrix_norm(s, ord="fro")
-        if not bool(torch.isfinite(resid)) or resid > 1e-6 * max(float(scale), 1e-30):
-            evals, evecs = torch.linalg.eigh(s)
-            idx = torch.cat([torch.arange(d - top_k, d), torch.arange(top_k)]).to(s.device)
-            return evals[idx], evecs[:, idx]
-        vals.append(sign * ev)
-        vecs.append(ew)
-    return torch.cat(vals), torch.cat(vecs, dim=1)
+    x = torch.linalg.qr(torch.randn(d, block, generator=gen, dtype=s.dtype).to(s.device)).Q  # [D, b]
+    basis = x
+    for step in range(1, max_steps + 1):
+        w = s @ x  # [D, D] @ [D, b] -> [D, b]
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - basis @ (basis.T @ w)  # [D, m] @ [m, b]
+        x = torch.linalg.qr(w).Q
+        basis = torch.cat([basis, x], dim=1)  # [D, m + b]
+        if basis.shape[1] + block > d // 2:
+            return _full_both_signs(s, top_k)
+        if step % 4 and step != max_steps:
+            continue
+        t = basis.T @ s @ basis  # [m, m] projected matrix
+        theta, y = torch.linalg.eigh((t + t.T) / 2)
+        m = theta.shape[0]
+        idx = torch.cat([torch.arange(m - top_k, m), torch.arange(top_k)]).to(s.device)
+        vals, vecs = theta[idx], basis @ y[:, idx]  # Ritz pairs [2k], [D, 2k]
+        resid = torch.linalg.vector_norm(s @ vecs - vecs * vals, dim=0).max()
+        if float(resid) <= rtol * float(theta.abs().max()):
+            return vals, vecs
+    return _full_both_signs(s, top_k)
 
 
 def solve_features(
@@ -99,7 +122,7 @@ def solve_features(
         xx, xy, yy: the streamed sums ``Phi_x^T Phi_x [Dx,Dx]``, ``Phi_x^T Phi_y [Dx,Dy]``, ``Phi_y^T Phi_y [Dy,Dy]``.
         n: number of samples summed.
         eta: weight of the y kernel (> 0).
-        top_k: if given, only the ``top_k`` strongest modes of each sign, by LOBPCG.
+        top_k: if given, only the ``top_k`` strongest modes of each sign, by a block Krylov solver.
         keep: how many modes of largest magnitude to keep with the full solve (default ``min(n, D)``).
 
     Returns:
