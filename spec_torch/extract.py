@@ -12,7 +12,8 @@ One cache folder per key (dataset fingerprint, ``encoder.cache_key()``, precisio
 
 An interrupted run resumes after the last complete chunk (rows already written are never recomputed); a
 finished cache is reused without touching the encoder; a cache whose ids do not match the dataset is
-refused. Crash-safety comes from ordering: rows are flushed before the manifest that counts them, and the
+refused; one process at a time writes a cache folder (``.lock``; others wait, then reuse it). Crash-safety
+comes from ordering: rows are flushed before the manifest that counts them, and the
 marker is renamed into place after everything it vouches for.
 
 >>> cache = extract_features(build_dataset("synthetic", n=32), build_encoder("offline_colour"), "/tmp/c")  # doctest: +SKIP
@@ -26,7 +27,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -51,6 +54,7 @@ _FORMAT = 1  # bump when the layout changes
 _COMPLETE, _MANIFEST, _PARTIAL = "complete.json", "manifest.json", "partial.npy"
 _FEATURES, _IDS, _SKIPPED, _ALL_IDS = "features.npy", "ids.txt", "skipped.txt", "all_ids.txt"
 _COPY_ROWS = 65536  # rows per block when compacting
+_LOCK_POLL_S = 1.0  # seconds between two looks at a held lock
 
 
 # ------------------------------------------------------------------------------------------ the result
@@ -217,6 +221,7 @@ def extract_features(
     progress: bool = True,
     chunk_rows: int = 4096,
     amp: bool = True,
+    lock_timeout: float = 24 * 3600.0,
 ) -> FeatureCache:
     """Embed every sample of ``dataset`` with ``encoder`` into the cache under ``cache_dir``; resume or reuse.
 
@@ -234,6 +239,7 @@ def extract_features(
         progress: show the tqdm progress bar.
         chunk_rows: rows between two checkpoints (the most work an interruption can lose).
         amp: use autocast on CUDA.
+        lock_timeout: seconds to wait for another process extracting into the same cache folder.
 
     Returns:
         The finished :class:`FeatureCache`.
@@ -271,14 +277,84 @@ def extract_features(
         raise SpecError(f"cache_dir: the feature cache folder {folder} is not writable")
     ids = dataset.ids
     if (folder / _COMPLETE).is_file():
-        cache = FeatureCache.load(folder)
-        _check_ids(folder, ids, cache.ids, cache.skipped)
-        log.info("reusing the finished feature cache %s", folder)
-        return cache
-    state = _start_or_resume(folder, dataset, encoder, precision, ids)
-    if state["rows_done"] < len(ids):
-        _run(dataset, encoder, folder, state, batch_size, num_workers, dev, amp_dtype, progress, chunk_rows)
-    return _finalise(folder, state, ids)
+        return _reuse(folder, ids)
+    with _Lock(folder, lock_timeout):
+        if (folder / _COMPLETE).is_file():  # another process finished it while we waited
+            return _reuse(folder, ids)
+        state = _start_or_resume(folder, dataset, encoder, precision, ids)
+        if state["rows_done"] < len(ids):
+            _run(
+                dataset, encoder, folder, state, batch_size, num_workers, dev, amp_dtype, progress, chunk_rows
+            )
+        return _finalise(folder, state, ids)
+
+
+def _reuse(folder: Path, ids: list[str]) -> FeatureCache:
+    cache = FeatureCache.load(folder)
+    _check_ids(folder, ids, cache.ids, cache.skipped)
+    log.info("reusing the finished feature cache %s", folder)
+    return cache
+
+
+class _Lock:
+    """One writer per cache folder: ``.lock`` created exclusively, holding ``host pid``.
+
+    A second process (another DDP rank, a second run) waits until the holder finishes, then reuses its
+    cache; a lock left by a dead process on this host is taken over; after ``timeout`` seconds of waiting
+    a :class:`SpecError` says who holds it.
+    """
+
+    def __init__(self, folder: Path, timeout: float):
+        self.path, self.timeout = folder / ".lock", float(timeout)
+        self.me = f"{socket.gethostname()} {os.getpid()}"
+
+    def _holder(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> _Lock:
+        t0, told = time.monotonic(), False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder[0] == socket.gethostname() and not _alive(holder[1]):
+                    log.warning("removing the stale lock %s of dead process %d", self.path, holder[1])
+                    self.path.unlink(missing_ok=True)
+                    continue
+                waited = time.monotonic() - t0
+                if waited > self.timeout:
+                    who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
+                    raise SpecError(
+                        f"cache_dir: {who} has been extracting into {self.path.parent} for over {self.timeout:.0f} s "
+                        f"(lock {self.path}); wait for it, or delete the lock file if that process is gone"
+                    ) from None
+                if not told:
+                    log.info("waiting for another process to finish the feature cache %s", self.path.parent)
+                    told = True
+                time.sleep(min(_LOCK_POLL_S, max(self.timeout - waited, 0.01)))
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.me)
+            return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder() == (self.me.split()[0], int(self.me.split()[1])):
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_ids(folder: Path, ids: list[str], kept: list[str], skipped: list[str]) -> None:

@@ -4,6 +4,7 @@ refusal of mismatched caches, and nothing that looks complete after a crash."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -242,3 +243,25 @@ def test_encoder_with_wrong_width_is_reported(tmp_path):
     enc.embed_dim = 10  # claims 10, returns 36
     with pytest.raises(SpecError, match=r"returned shape \(4, 36\) for a batch of 4, expected \[4, 10\]"):
         extract_features(ds, enc, tmp_path, progress=False)
+
+
+def test_cache_lock_waits_times_out_and_takes_over_stale_locks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    ds = build_dataset("synthetic", n=6)
+    enc = build_encoder("offline_colour")
+    folder = cache_folder(ds, enc, tmp_path)
+    folder.mkdir(parents=True)
+    lock = folder / ".lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # held by a live process (this one)
+    with pytest.raises(SpecError, match=rf"process {os.getpid()} .* has been extracting into"):
+        extract_features(ds, enc, tmp_path, progress=False, lock_timeout=0.2)
+    assert not (folder / "complete.json").exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # left by a process that is gone
+    cache = extract_features(ds, enc, tmp_path, progress=False, lock_timeout=0.2)
+    assert cache.n == 6 and not lock.exists()
