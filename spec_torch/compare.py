@@ -484,9 +484,11 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
         for e in summary["modes"][direction]:
             line = f"  mode {direction}{e['rank']} ({what}): eigenvalue {e['eigenvalue']:+.4g}"
             line += f"  tightness x {e['tightness_x']:.2f} / y {e['tightness_y']:.2f}"
-            if "purity" in e:
-                parts = [f"{a}={p:.2f} ({e['dominant'][a]})" for a, p in e["purity"].items()]
-                line += "  purity " + ", ".join(parts)
+            if "purity" in e:  # the planted attribute its top samples share most, then the others
+                ranked = sorted(e["purity"].items(), key=lambda kv: -kv[1])
+                (best, p), rest = ranked[0], ranked[1:]
+                line += f"  purity: {best}={e['dominant'][best]} {p:.2f}"
+                line += " (" + ", ".join(f"{a} {q:.2f}" for a, q in rest) + ")"
             elif "labels" in e and e["labels"]:
                 lab, frac = e["labels"][0]
                 line += f"  top label {lab} ({frac:.0%})"
