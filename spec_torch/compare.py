@@ -304,7 +304,7 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     cka = metrics.LinearCKA()
     solve_top_k = cfg.get("solve_top_k")
     method = cfg.get("method", "auto")
-    if method == "exact" or not (kx.has_features and ky.has_features):
+    if method == "exact" or (method == "auto" and not (kx.has_features and ky.has_features)):
         # exact route: the n x n kernel matrices; st.spec checks they fit in memory
         x, y = paired.gather(np.arange(paired.n))
         cka.update(x, y)
@@ -399,9 +399,9 @@ def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: 
     if len(rows) <= len(modes):
         return None
     xs, ys = paired.gather(rows)  # [m, p], [m, q]
-    out = metrics.kmeans_agreement(
-        xs, ys, membership, seed=seed, kernel_x=res.kernel_x, kernel_y=res.kernel_y
-    )
+    kx = res.kernel_x if res.kernel_x.has_features else None  # exact-only kernels: the raw embedding
+    ky = res.kernel_y if res.kernel_y.has_features else None
+    out = metrics.kmeans_agreement(xs, ys, membership, seed=seed, kernel_x=kx, kernel_y=ky)
     return {key: float(v) for key, v in out.items()}
 
 

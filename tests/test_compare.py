@@ -305,6 +305,34 @@ def test_gaussian_auto_sigma_and_rff_seed_are_recorded(work, feature_files):
     assert [m["top_ids"] for m in again["modes"]["x"]] == [m["top_ids"] for m in spec["modes"]["x"]]
 
 
+def test_exact_gaussian_route_matches_the_dense_oracle(work, feature_files):
+    """A Gaussian kernel without random features takes the exact n x n route; sigma resolved on the data."""
+    overrides = [
+        "data=features",
+        f"data.x_path={feature_files['x']}",
+        f"data.y_path={feature_files['y']}",
+        "kernel@kernel_x=gaussian",
+        "kernel_x.rff_dim=null",
+        "kernel@kernel_y=cosine",
+        "report=false",
+        "top_k=2",
+        "samples_per_mode=5",
+        f"output_dir={work / 'exact_out'}",
+        "progress=false",
+    ]
+    spec = run(compose_cfg(overrides))
+    assert spec["method"] == "exact"
+    x, y = np.load(feature_files["x"]), np.load(feature_files["y"])
+    sigma = spec["kernel_x"]["sigma"]
+    assert sigma == pytest.approx(st.kernels.median_sigma(torch.from_numpy(x), seed=0))
+    oracle_ev, _ = spectrum(
+        difference(x, y, "gaussian", "cosine", sigma_x=sigma), keep=len(spec["eigenvalues"])
+    )
+    np.testing.assert_allclose(spec["eigenvalues"], oracle_ev, rtol=0, atol=EIG_RTOL * spec["spec_diff"])
+    with pytest.raises(SpecError, match="feature map"):
+        run(compose_cfg([*overrides, "method=features"]))
+
+
 # ------------------------------------------------------------------------------------ datasets via the CLI
 @pytest.fixture(scope="module")
 def dataset_runs(
