@@ -25,6 +25,7 @@ demo: $(STAMP)  ## run the main job offline on the built-in synthetic dataset
 
 bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one run)
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_loss.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench
