@@ -59,7 +59,7 @@ _SOLVERS = ("eigh", "iterative")
 _METHODS = ("auto", "exact", "features")
 _SIDES = ("student", "teacher")
 _OVERSAMPLE = 4  # extra columns (random probes + spare warm vectors) of the iterative solver's block
-_KRYLOV_STEPS = 3  # block Krylov steps of the iterative solver: basis [X, JCX, (JC)^2 X, (JC)^3 X]
+_KRYLOV_STEPS = 8  # at most this many block Krylov steps of the iterative solver before falling back to eigh
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -170,39 +170,28 @@ def _wanted_order(lam: torch.Tensor, one_sided: bool) -> torch.Tensor:
     return torch.argsort(lam if one_sided else -lam.abs())
 
 
-def _krylov_ritz(
-    a: torch.Tensor, jv: torch.Tensor, x0: torch.Tensor, steps: int, distributed: bool
+def _rayleigh_ritz(
+    x: torch.Tensor, h: torch.Tensor, jv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rayleigh-Ritz approximations of eigenpairs of ``L = A J A^T`` on a block Krylov subspace.
+    """Rayleigh-Ritz approximations of eigenpairs of ``L = A J A^T`` on the sample-space subspace ``A X``.
 
-    The sample-space basis is ``A X`` with feature-space ``X = [X0, J C X0, (J C)^2 X0, ...]`` (since
-    ``L A u = A J C u``), so only products ``C X = A^T (A X)`` are needed: O(B D m) per step, no D x D matrix.
+    Only feature-space quantities are needed: with ``H = C X`` (``C = A^T A``) the Gram matrix of ``A X`` is
+    ``X^T H`` and the projection of L is ``(A X)^T L (A X) = H^T J H``. Nearly dependent directions of the
+    basis (Gram eigenvalues below ``100 eps`` of the largest) are dropped.
 
     Args:
-        a: ``[B, D]`` this rank's rows of A.
-        jv: ``[D]`` the diagonal of J (+1 student, -1 teacher).
-        x0: ``[D, m]`` start block (previous eigenvectors and random probes).
+        x: ``[D, q]`` basis in feature space; ``h``: ``[D, q]`` = ``C x``; ``jv``: ``[D]`` the diagonal of J.
 
     Returns:
-        ``(theta [r], u [D, r], cu [D, r])``: Ritz values, feature-space Ritz vectors with ``A u`` the
-        unit-norm sample-space vectors, and ``C u``.
+        ``(theta [r], u [D, r], cu [D, r])``: Ritz values (ascending), feature-space Ritz vectors with
+        ``A u`` the unit-norm sample-space vectors, and ``C u``.
     """
-    xs, hs = [], []
-    x = x0
-    for step in range(steps + 1):
-        x = x / torch.linalg.vector_norm(x, dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        h = _reduce(a.T @ (a @ x), distributed)  # [D, B] @ [B, m] -> C X  [D, m]
-        xs.append(x)
-        hs.append(h)
-        if step < steps:
-            x = jv[:, None] * h  # J C X
-    x, h = torch.cat(xs, 1), torch.cat(hs, 1)  # [D, (steps+1) m]
-    gram = x.T @ h  # (A X)^T (A X) = X^T C X
-    t = h.T @ (jv[:, None] * h)  # (A X)^T L (A X) = (C X)^T J (C X)
+    gram = x.T @ h  # (A X)^T (A X)  [q, q]
+    t = h.T @ (jv[:, None] * h)  # (A X)^T L (A X)  [q, q]
     g, e = torch.linalg.eigh((gram + gram.T) / 2)
     keep = g > g.max() * (100 * torch.finfo(g.dtype).eps)
     white = e[:, keep] / g[keep].sqrt()  # [q, r]: white^T gram white = I
-    tw = white.T @ ((t + t.T) / 2) @ white
+    tw = white.T @ t @ white
     theta, y = torch.linalg.eigh((tw + tw.T) / 2)
     coef = white @ y  # [q, r]
     return theta, x @ coef, h @ coef
@@ -305,6 +294,7 @@ class SpecAlignLoss(nn.Module):
         self._fitted: dict[str, Kernel] = {}
         #: ``"eigh"`` or ``"iterative"``: which solver produced the last forward's eigenpairs.
         self.last_solver: str | None = None
+        self.last_krylov_steps = 0  # Krylov steps the iterative solver needed in the last call
         #: eigenvalues of the modes the last forward used (detached), for logging; ``None`` for two-sided "fro".
         self.last_eigenvalues: torch.Tensor | None = None
 
@@ -535,7 +525,12 @@ class SpecAlignLoss(nn.Module):
         return (1 if self.norm == "op" else self.k) + _OVERSAMPLE
 
     def _solve_iterative(self, a, jv, zero, distributed):
-        """Warm-started block Krylov Rayleigh-Ritz; ``None`` when the wanted residuals are above tolerance."""
+        """Warm-started block Krylov with Rayleigh-Ritz after every step; ``None`` if not converged.
+
+        The sample-space Krylov basis is ``A X`` with ``X = [X0, J C X0, (J C)^2 X0, ...]`` (since
+        ``L A u = A J C u``): each step is one product ``C X = A^T (A X)``, O(B D m), and no D x D or B x B
+        matrix is formed. ``X0`` = the previous call's eigenvectors (the ``warm_u`` buffer) plus random probes.
+        """
         d, m = a.shape[1], self._block_size()
         warm = self.warm_u if self.warm_u.dim() == 2 and self.warm_u.shape[0] == d else a.new_zeros(d, 0)
         warm = warm[:, : m - 2].to(a)  # at least 2 fresh random probes, for modes the warm start misses
@@ -543,13 +538,26 @@ class SpecAlignLoss(nn.Module):
         probes = torch.randn(d, m - warm.shape[1], generator=gen, dtype=a.dtype).to(a.device)
         self._calls += 1
         self.solver_calls.fill_(self._calls)
-        theta, u, cu = _krylov_ritz(a, jv, torch.cat([warm, probes], 1), _KRYLOV_STEPS, distributed)
-        idx, w = _objective_weights(theta, self.norm, self.k, self.one_sided, zero)
-        resid = jv[:, None] * cu[:, idx] - u[:, idx] * theta[idx]  # [D, M]: A r = L v - theta v
-        res2 = _reduce((a @ resid).square().sum(0), distributed)  # [M] ||L v - theta v||^2
-        bound = max(self.solver_tol * float(theta.abs().max()), zero)
-        if float(res2.max().sqrt()) > bound:
-            return None
-        self._store_warm(u[:, _wanted_order(theta, self.one_sided)[:m]])
-        self.last_solver = "iterative"
-        return theta[idx], a @ u[:, idx], w  # A u: unit-norm sample-space Ritz vectors, this rank's rows
+        xs, hs, x = [], [], torch.cat([warm, probes], 1)  # [D, m]
+        for step in range(_KRYLOV_STEPS + 1):
+            x = x / torch.linalg.vector_norm(x, dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            h = _reduce(a.T @ (a @ x), distributed)  # C X: [D, B] @ [B, m] -> [D, m]
+            xs.append(x)
+            hs.append(h)
+            x = jv[:, None] * h  # next block J C X
+            if step == 0:
+                continue
+            theta, u, cu = _rayleigh_ritz(torch.cat(xs, 1), torch.cat(hs, 1), jv)
+            idx, w = _objective_weights(theta, self.norm, self.k, self.one_sided, zero)
+            resid = jv[:, None] * cu[:, idx] - u[:, idx] * theta[idx]  # [D, M]: A r = L v - theta v
+            res2 = _reduce((a @ resid).square().sum(0), distributed)  # [M] ||L v - theta v||^2
+            if float(res2.max().sqrt()) <= max(self.solver_tol * float(theta.abs().max()), zero):
+                self._store_warm(u[:, _wanted_order(theta, self.one_sided)[:m]])
+                self.last_solver = "iterative"
+                self.last_krylov_steps = step
+                return (
+                    theta[idx],
+                    a @ u[:, idx],
+                    w,
+                )  # A u: unit-norm sample-space Ritz vectors, this rank's rows
+        return None
