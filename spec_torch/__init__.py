@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from .align import SpecAlignLoss
 from .api import difference_matrix, spec
 from .covariance import DiffCovariance
 from .errors import SpecError
@@ -25,6 +26,7 @@ __all__ = [
     "DiffCovariance",
     "SpecResult",
     "TopSamples",
+    "SpecAlignLoss",
     "SpecError",
     "Kernel",
     "CosineKernel",
