@@ -208,8 +208,11 @@ def _build_encoder(enc_cfg: dict[str, Any], which: str):
         raise SpecError(f"{which}.family: expected an encoder family (e.g. open_clip, timm, minilm)")
     try:
         return build_encoder(family, **kwargs)
-    except SpecError as exc:
-        raise SpecError(f"{which}: {exc}") from None
+    except SpecError as exc:  # "encoder.model: ..." -> "encoder_x.model: ..."
+        msg = str(exc)
+        raise SpecError(
+            which + msg[len("encoder") :] if msg.startswith("encoder") else f"{which}: {msg}"
+        ) from None
     except (RuntimeError, KeyError, TypeError, OSError) as exc:  # a library's own "unknown model" etc.
         model = kwargs.get("model", family)
         raise SpecError(f"{which}: could not build the {family} encoder {model!r}: {exc}") from None
@@ -270,7 +273,7 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
         "fingerprint": dataset.fingerprint(),
     }
     enc_info = {
-        w: {**_container(cfg[f"encoder_{w}"]), "embed_dim": int(caches[w].dim), "cache_key": enc.cache_key()}
+        w: {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
         for w, enc in encoders.items()
     }
     return paired, dataset, info, enc_info
