@@ -384,3 +384,34 @@ def test_learning_digits():
     print(f"SPEC-diff {sd0:.4f} -> {sd1:.4f} ({sd0 / sd1:.1f}x), kNN accuracy {acc0:.3f} -> {acc1:.3f}")
     assert sd0 / sd1 >= 5, (sd0, sd1)
     assert acc1 > acc0, (acc0, acc1)
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_keeps_fitted_state_across_devices():
+    x, y = planted(n=64, p=24, q=20)
+    kern = st.GaussianKernel(sigma="auto", rff_dim=64, seed=0)
+    for kwargs in (dict(), dict(norm="topk", solver="iterative"), dict(norm="fro", method="features")):
+        fn = SpecAlignLoss(kern, "cosine", dtype=torch.float64, **kwargs)
+        on_cpu = float(fn(x, y))  # fits sigma and the frequencies on the CPU
+        fn = fn.cuda()  # the buffers move with the module
+        xs = x.cuda().requires_grad_()
+        on_gpu = fn(xs, y.cuda())
+        on_gpu.backward()
+        assert abs(float(on_gpu.detach()) - on_cpu) < 1e-9 * max(1.0, on_cpu) + ITER_TOL * on_cpu * (
+            "solver" in kwargs
+        )
+        assert torch.isfinite(xs.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_bf16_uses_float32_math():
+    x, y = planted(n=256, p=64, q=48)
+    lin = nn.Linear(64, 64).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        s = lin(x.float().cuda())
+        loss = SpecAlignLoss()(s, y.cuda().to(torch.bfloat16))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+    ref = SpecAlignLoss(dtype=torch.float64)(s.detach().double().cpu(), y.to(torch.bfloat16).double())
+    assert abs(float(loss.detach()) - float(ref)) < TOL32
