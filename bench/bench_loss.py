@@ -192,7 +192,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    reps = 3 if args.quick else 11
+    reps = 3 if args.quick else 7
     print(
         f"# SpecAlignLoss benchmark on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )

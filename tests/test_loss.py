@@ -292,6 +292,15 @@ def test_state_dict_keeps_fitted_gaussian_and_warm_start():
     assert abs(float(refit(x2 * 3, y2)) - expected) > 1e-3  # a fresh fit on the scaled batch differs
 
 
+def test_half_precision_module_cast_keeps_float64_kernel_state():
+    x, y = planted(n=30)
+    fn = SpecAlignLoss(st.GaussianKernel(sigma="auto", rff_dim=32, seed=0), "cosine")
+    before = float(fn(x.float(), y.float()))
+    fn.half()  # e.g. a container module cast to half: the RFF frequencies must not lose precision
+    assert fn.student_omega.dtype == torch.float64 and fn.student_sigma.dtype == torch.float64
+    assert float(fn(x.float(), y.float())) == before
+
+
 def test_iterative_solver_warm_starts_and_matches_eigh():
     g = torch.Generator().manual_seed(0)
     x, y = planted(n=64, p=24, q=20)

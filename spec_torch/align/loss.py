@@ -317,6 +317,13 @@ class SpecAlignLoss(nn.Module):
         self._calls = int(self.solver_calls)
         self._fitted = {}
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), ...: kernel state stays float64
+        kept = {n: b for n, b in self._buffers.items() if n.endswith(("_sigma", "_omega"))}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device)
+        return out
+
     def extra_repr(self) -> str:
         ks, kt = self.kernels["student"], self.kernels["teacher"]
         return (
