@@ -23,6 +23,9 @@ Examples::
         encoder@encoder_x=open_clip_vit_b32 encoder@encoder_y=torchvision_resnet50 \\
         kernel@kernel_x=gaussian kernel_x.sigma=auto top_k=5
 
+    # several processes (GPUs) on one node: each extracts its block of the data; rank 0 writes the run dir
+    torchrun --nproc_per_node=8 scripts/compare.py experiment=imagenet_clip_vs_dinov2 data.root=/data/imagenet/train
+
 Bad input (missing paths, unknown models, mismatched feature files, an unwritable output directory) prints
 one line ``error: ...`` to stderr and exits with status 2; no spec.json is written.
 """
@@ -34,11 +37,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from spec_torch import distributed
 from spec_torch.errors import SpecError
 
 
 @hydra.main(config_path="../configs", config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    _run(distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
+
+
+def _run(cfg: DictConfig) -> None:
     from spec_torch.compare import run
 
     try:
@@ -49,4 +57,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if (
+        distributed.is_follower()
+    ):  # torchrun rank > 0: no Hydra (no run dir, no logs); rank 0 sends the config
+        _run(distributed.share_config())
+    else:
+        main()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import resolve_kernel
@@ -71,10 +72,16 @@ class PairedFeatures:
         ry = idx if self.rows_y is None else self.rows_y[idx]
         return _take(self.x, rx), _take(self.y, ry)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(xb [B, p], yb [B, q])`` in paired order; only one batch is in memory at a time."""
-        for start in range(0, self.n, batch_size):
-            yield self.gather(np.arange(start, min(start + batch_size, self.n)))
+    def batches(
+        self, batch_size: int, rows: range | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(xb [B, p], yb [B, q])`` in paired order; only one batch is in memory at a time.
+
+        ``rows``: a contiguous block of paired rows (a rank's shard under torchrun); default all rows.
+        """
+        rows = range(self.n) if rows is None else rows
+        for start in range(rows.start, rows.stop, batch_size):
+            yield self.gather(np.arange(start, min(start + batch_size, rows.stop)))
 
 
 def _take(array: Any, rows: np.ndarray) -> torch.Tensor:
@@ -235,8 +242,9 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
                 f"encoder_{w}: a {enc.modality} encoder cannot embed the {dataset.modality} samples of data={name}"
             )
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    extract = extract_features if not distributed.is_distributed() else _extract_sharded
     caches = {
-        w: extract_features(
+        w: extract(
             dataset,
             enc,
             cache_dir,
@@ -279,6 +287,26 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
     return paired, dataset, info, enc_info
 
 
+def _extract_sharded(dataset, encoder, cache_dir: Path, **kwargs):
+    """torchrun: each rank extracts its contiguous block of ``dataset`` into a cache folder of its own
+    (a rerun with the same world size resumes it), then every rank opens all blocks' caches as one cache in
+    dataset order. ``cache_dir`` must be visible to every rank (one node, or a shared file system)."""
+    from .extract import FeatureCache, extract_features
+
+    shard = distributed.ShardDataset(dataset, distributed.shard_range(len(dataset)))
+    kwargs["progress"] = kwargs.get("progress", True) and distributed.is_main_process()  # one bar: rank 0's
+    mine = extract_features(shard, encoder, cache_dir, **kwargs) if len(shard) else None
+    paths = distributed.all_gather_object(str(mine.path) if mine is not None else None)
+    parts = [FeatureCache.load(p) for p in paths if p is not None]  # every block, in rank order
+    return FeatureCache(
+        path=parts[0].path,
+        ids=[i for c in parts for i in c.ids],
+        skipped=[i for c in parts for i in c.skipped],
+        features=distributed.RowConcat([c.features for c in parts]),  # [n, d], read block by block
+        meta={**parts[0].meta, "n": sum(c.n for c in parts), "shards": [str(c.path) for c in parts]},
+    )
+
+
 # ------------------------------------------------------------------------------------------- the solve
 #: rows the data-dependent kernel settings (sigma="auto") are fitted on: a seeded random subset, not the first
 #: batch, which in a class-sorted folder holds one class only
@@ -314,10 +342,24 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
         res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
         return res, cka.compute()
     acc = DiffCovariance(kx, ky, device=device)
-    for xb, yb in paired.batches(int(cfg.batch_size)):
+    for xb, yb in paired.batches(int(cfg.batch_size), rows=_my_rows(paired)):  # torchrun: this rank's block
         acc.update(xb.to(device), yb.to(device))  # [B, p], [B, q]
         cka.update(xb, yb)
+    if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
+        cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
     return acc.compute(eta=float(cfg.eta), top_k=solve_top_k), cka.compute()
+
+
+def _my_rows(paired: PairedFeatures) -> range:
+    """The paired rows this process streams: all of them, or under torchrun this rank's contiguous block."""
+    if not distributed.is_distributed():
+        return range(paired.n)
+    if paired.n < distributed.get_world_size():
+        raise SpecError(
+            f"data: {paired.n} paired samples cannot be split over {distributed.get_world_size()} ranks; "
+            "use fewer processes (--nproc_per_node)"
+        )
+    return distributed.shard_range(paired.n)
 
 
 # -------------------------------------------------------------------------------------- per-mode facts
@@ -334,10 +376,13 @@ def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dic
     if not all_modes:
         return entries, views, clustering
     k = min(int(cfg.samples_per_mode), paired.n)
+    mine = _my_rows(paired)  # torchrun: each rank scores its block; the candidates are merged over ranks
     batches = (
-        (xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size))
+        (xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size), rows=mine)
     )  # second streaming pass
-    top = res.top_samples(batches, k=k, modes=all_modes)
+    top = res.top_samples(
+        batches, k=k, modes=all_modes, offset=mine.start, sync_dist=distributed.is_distributed()
+    )
     by_mode = {m: (top.indices[j].numpy(), top.scores[j].tolist()) for j, m in enumerate(top.modes)}
     labels = getattr(dataset, "labels", None) if dataset is not None else None
     attributes = getattr(dataset, "attributes", None) if dataset is not None else None
@@ -427,10 +472,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``cfg.report``) and, last, ``spec.json``.
     """
     _check_settings(cfg)
-    out_dir = _output_dir(cfg)
+    out_dir = distributed.run_on_main(lambda: _output_dir(cfg))  # torchrun: rank 0 owns the run directory
     spec_path = out_dir / SPEC_JSON
-    if spec_path.exists():  # a rerun in the same directory: the old result must not pass for this run's
-        spec_path.unlink()
+    if distributed.is_main_process() and spec_path.exists():  # a rerun in the same directory: the old
+        spec_path.unlink()  # result must not pass for this run's
     torch.manual_seed(int(cfg.seed))
     device = _resolve_device(cfg.get("device", "auto"))
     data_cfg = _container(cfg.data)
@@ -465,6 +510,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
         modes=modes,
     )
+    if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
+        return summary
     if cfg.get("report", True):
         from .report import write_report
 

@@ -187,21 +187,33 @@ class SpecResult:
         return out * torch.where(peak < 0, -1.0, 1.0).to(out.dtype)
 
     @torch.no_grad()
-    def top_samples(self, data: Any, k: int = 10, modes: Iterable[int] | None = None) -> TopSamples:
+    def top_samples(
+        self,
+        data: Any,
+        k: int = 10,
+        modes: Iterable[int] | None = None,
+        offset: int = 0,
+        sync_dist: bool = False,
+    ) -> TopSamples:
         """Streaming pass: the ``k`` highest-scoring samples of each mode, never holding an ``[n, M]`` matrix.
 
         Args:
             data: ``(x, y)`` (tensors or arrays) or an iterable of ``(x_batch, y_batch)`` in sample order.
             k: samples per mode.
             modes: indices into ``eigenvalues``; default every mode with a nonzero eigenvalue.
+            offset: index of the first sample of ``data`` (a shard's start, so that indices are global).
+            sync_dist: merge the candidates of every rank of ``torch.distributed`` (each scoring its own
+                shard, with its ``offset``) into the global top ``k``; the same result on every rank.
+                A rank may then hold no samples.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise SpecError(f"k: expected a positive integer, got {k!r}")
         modes = self._check_modes(modes)
         if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
             data = [data]
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise SpecError(f"offset: expected a non-negative integer, got {offset!r}")
         hi_val = hi_idx = lo_val = lo_idx = None
-        offset = 0
         for xb, yb in data:
             xb, yb = self._prepare(xb, yb)
             s = self._batch_scores(xb, yb, modes)  # [B, M]
@@ -217,7 +229,16 @@ class SpecResult:
             hi_val, hi_idx = top.values, hi_idx.gather(0, top.indices)
             bot = torch.topk(lo_val, kk, dim=0, largest=False)  # running top-k smallest
             lo_val, lo_idx = bot.values, lo_idx.gather(0, bot.indices)
-        if hi_val is None:
+        if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.distributed)
+            from .distributed import all_gather_topk
+
+            if hi_val is None:  # this rank's shard is empty
+                ref = self._u if self._u is not None else self._v
+                hi_val = lo_val = ref.new_zeros(0, len(modes))
+                hi_idx = lo_idx = torch.zeros(0, len(modes), dtype=torch.long, device=ref.device)
+            hi_val, hi_idx = all_gather_topk(hi_val, hi_idx, k, largest=True)
+            lo_val, lo_idx = all_gather_topk(lo_val, lo_idx, k, largest=False)
+        if hi_val is None or hi_val.shape[0] == 0:
             raise SpecError("data: no samples to score")
         flip = lo_val[0].abs() > hi_val[0].abs()  # [M]: the largest-|score| entry is negative
         vals = torch.where(flip, -lo_val, hi_val)  # [kk, M]
