@@ -1,0 +1,87 @@
+"""Where the training process runs: device, rank and world size in one place, plus main-rank-only helpers.
+
+Single-process runs use ``Runtime.detect()`` as is (rank 0 of 1). The multi-GPU launcher initialises
+``torch.distributed`` before calling the pipeline; ``Runtime.detect()`` then reads rank and world size, and
+everything rank-dependent in the trainer (the sampler's shard, the loss's global batch, logging, checkpoint
+writes, barriers) asks this object.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SpecError
+
+__all__ = ["Runtime", "resolve_device", "atomic_torch_save"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; a CUDA device asked for without CUDA -> :class:`SpecError`."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise SpecError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device: {name!r} was asked for but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and process-group position of this process.
+
+    Attributes:
+        device: where the student trains.
+        rank, world_size: this process in the (initialised) ``torch.distributed`` group; 0 and 1 without one.
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def detect(cls, device: str | None = "auto") -> Runtime:
+        """The runtime of this process: rank/world size from ``torch.distributed`` when it is initialised."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(resolve_device(device), dist.get_rank(), dist.get_world_size())
+        return cls(resolve_device(device))
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, prints and writes files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
