@@ -96,6 +96,16 @@ def test_every_objective_matches_oracle(norm, one_sided, method):
     assert abs(float(fn(x, y)) - oracle_objective(lmat, norm, 3, one_sided)) < TOL64
 
 
+@pytest.mark.parametrize("norm,one_sided", OBJECTIVES)
+def test_every_objective_exact_gaussian_kernel_matches_oracle(norm, one_sided):
+    """A kernel without a feature map (the n x n route) for every objective, and its gradient."""
+    x, y = planted(n=12, p=4, q=3)
+    lmat = difference(x.numpy(), y.numpy(), "gaussian", "cosine", sigma_x=1.5)
+    fn = SpecAlignLoss(st.GaussianKernel(sigma=1.5), norm=norm, k=2, one_sided=one_sided, dtype=torch.float64)
+    assert abs(float(fn(x, y)) - oracle_objective(lmat, norm, 2, one_sided)) < TOL64
+    assert torch.autograd.gradcheck(lambda a: fn(a, y), (x.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
 def test_float32_internal_math_close_to_oracle():
     x, y = planted(n=40)
     loss = SpecAlignLoss()(x.float(), y.float())

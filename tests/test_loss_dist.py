@@ -37,6 +37,14 @@ CONFIGS["iterative-topk-one-sided"] = dict(norm="topk", k=2, one_sided=True, sol
 CONFIGS["gaussian-rff-auto"] = dict(
     kernel_student=st.GaussianKernel(sigma="auto", rff_dim=8, seed=1), kernel_teacher="linear"
 )
+# kernels without a feature map: rows of the n x n matrix per rank
+for norm, one_sided in (("op", False), ("topk", True), ("fro", False), ("fro", True)):
+    CONFIGS[f"gaussian-exact-{norm}-{one_sided}"] = dict(
+        kernel_student=st.GaussianKernel(sigma=2.0), norm=norm, k=2, one_sided=one_sided
+    )
+CONFIGS["gaussian-exact-teacher-auto"] = dict(
+    kernel_teacher=st.GaussianKernel(sigma="auto"), norm="topk", k=2
+)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:

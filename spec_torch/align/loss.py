@@ -37,6 +37,8 @@ sums (``Phi_s^T v`` or the covariance blocks). Every rank returns the same value
 backward of the all-reduce sums the gradient over ranks, so each rank's gradient of its own samples is
 ``world_size`` times their share of the global gradient; DDP's averaging over ranks then gives exactly the
 gradient of one process on the concatenated batch. Without DDP, divide the summed gradients by ``world_size``.
+Kernels without a feature map (``GaussianKernel(rff_dim=None)``) all-gather the inputs (O(n p) communication)
+and differentiate this rank's rows of L.
 """
 
 from __future__ import annotations
@@ -106,11 +108,10 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
-def _gaussian_gram(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Exact Gaussian kernel matrix ``[B, p] -> [B, B]`` with a finite gradient on the diagonal."""
-    sq = x.square().sum(1)  # [B]
-    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)  # [B, B]
-    return torch.exp(d2 * (-0.5 / sigma**2))
+def _gaussian_gram(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Exact Gaussian kernel matrix ``[Na, p], [Nb, p] -> [Na, Nb]``, finite gradient at zero distance."""
+    d2 = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2 * a @ b.T  # [Na, Nb]
+    return torch.exp(d2.clamp_min(0) * (-0.5 / sigma**2))
 
 
 def _objective_weights(
@@ -133,9 +134,10 @@ def _objective_weights(
     negative = (lam < 0) & nonzero
     if norm == "fro":
         idx = torch.nonzero(negative).flatten()
+        if idx.numel() == 0:  # nothing negative: objective 0; one mode with weight 0 keeps shapes non-empty
+            return torch.argmin(lam)[None], torch.zeros(1, dtype=lam.dtype, device=lam.device)
         sel = lam[idx]
-        norm_neg = sel.square().sum().sqrt()
-        return idx, sel / norm_neg if idx.numel() else sel
+        return idx, sel / sel.square().sum().sqrt()
     m = 1 if norm == "op" else min(k, lam.numel())
     idx = torch.topk(-lam, m).indices  # the m most negative
     return idx, -negative[idx].to(lam.dtype)
@@ -206,7 +208,7 @@ class SpecAlignLoss(nn.Module):
             or a :class:`~spec_torch.kernels.Kernel`. A :class:`GaussianKernel` is fitted on the first call
             (``sigma="auto"``: median heuristic of that batch; ``rff_dim``: seeded random frequencies) and kept
             in buffers (``{side}_sigma``, ``{side}_omega``), so the loss is a fixed function saved with
-            ``state_dict``. ``GaussianKernel(rff_dim=None)`` is the exact kernel (B x B route, single process).
+            ``state_dict``. ``GaussianKernel(rff_dim=None)`` is the exact kernel (B x B route only).
         eta: weight of the teacher kernel (> 0).
         norm: ``"op"`` (spectral radius, default), ``"topk"`` (sum of the ``k`` largest |eigenvalues|) or
             ``"fro"`` (Frobenius norm ``||L||_F``, not squared; the KUEA / similarity-preserving baseline).
@@ -372,11 +374,12 @@ class SpecAlignLoss(nn.Module):
             self._fitted[side] = kern if kern.is_fitted else kern.fit(x.detach())
         return self._fitted[side].features(x)
 
-    def _gram(self, side: str, x: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
-        """``[B, B]`` kernel matrix (differentiable)."""
-        if phi is not None:
-            return phi @ phi.T  # [B, D] @ [D, B]
-        return _gaussian_gram(x, float(self._buffers[f"{side}_sigma"]))
+    def _cross_gram(self, side: str, x: torch.Tensor, x_all: torch.Tensor) -> torch.Tensor:
+        """Kernel rows ``k(x_i, x_all_j)``: ``[B, p], [n, p] -> [B, n]``, differentiable in ``x`` only."""
+        kern = self.kernels[side]
+        if isinstance(kern, GaussianKernel) and kern.rff_dim is None:
+            return _gaussian_gram(x, x_all.detach(), float(self._buffers[f"{side}_sigma"]))
+        return self._features(side, x) @ self._features(side, x_all.detach()).T  # [B, D] @ [D, n]
 
     # -------------------------------------------------------------- forward
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -431,30 +434,48 @@ class SpecAlignLoss(nn.Module):
             self._fit(s, t, distributed)
         phi_s = self._features("student", s)  # [B, Ds] or None
         phi_t = self._features("teacher", t)  # [B, Dt] or None
-        exact_only = phi_s is None or phi_t is None
-        if exact_only and distributed:
-            raise SpecError(
-                "kernel_student/kernel_teacher: the distributed loss needs feature maps; "
-                "give GaussianKernel(rff_dim=...)"
-            )
+        if phi_s is None or phi_t is None:
+            return self._forward_kernel_rows(s, t, sizes, offset, distributed)
         route = self._route(n, s, t, phi_s, phi_t)
         if self.norm == "fro" and not self.one_sided:
-            return self._frobenius(s, t, phi_s, phi_t, n, route, distributed)
-        lam, v, w = self._solve(s, t, phi_s, phi_t, sizes, offset, route, distributed)
+            return self._frobenius(phi_s, phi_t, n, route, distributed)
+        lam, v, w = self._solve(phi_s, phi_t, sizes, offset, route, distributed)
         self.last_eigenvalues = lam  # the selected modes' eigenvalues, for logging
-        if not bool((w != 0).any()):
-            return (
-                s.sum() * 0.0
-            )  # objective 0 (e.g. one-sided and nothing negative); connected graph, zero grad
-        if exact_only:
-            lmat = (self._gram("student", s, phi_s) - self.eta * self._gram("teacher", t, phi_t)) / n
-            quad = (v * (lmat @ v)).sum(0)  # [M] v^T L v
-        else:
-            gs = phi_s.T @ v  # [Ds, B] @ [B, M] -> [Ds, M], differentiable
-            gt = phi_t.T @ v  # [Dt, M]
-            g = _reduce(torch.cat([gs, gt]), distributed)  # sum of per-rank partial sums
-            gs, gt = g[: gs.shape[0]], g[gs.shape[0] :]
-            quad = (gs.square().sum(0) - self.eta * gt.square().sum(0)) / n  # [M] v^T L v
+        gs = phi_s.T @ v  # [Ds, B] @ [B, M] -> [Ds, M], differentiable
+        gt = phi_t.T @ v  # [Dt, M]
+        g = _reduce(torch.cat([gs, gt]), distributed)  # sum of per-rank partial sums
+        gs, gt = g[: gs.shape[0]], g[gs.shape[0] :]
+        quad = (gs.square().sum(0) - self.eta * gt.square().sum(0)) / n  # [M] v^T L v
+        return (w * quad).sum()  # an empty selection (one-sided, nothing negative) gives 0, zero gradient
+
+    def _forward_kernel_rows(self, s, t, sizes, offset, distributed) -> torch.Tensor:
+        """Kernels without a feature map (exact Gaussian): this rank's rows of the n x n matrix L.
+
+        With ``R = L[rows of this rank, :]`` (columns from the gathered, detached inputs), a per-rank partial
+        sum ``P`` (``sum_i v_i (R v)_i`` or ``sum R^2``) has half the gradient of the full sum with respect to this
+        rank's inputs (the symmetric other half comes from the columns), so ``2 P - P.detach()`` carries the
+        right gradient and value; summed over ranks, it is the global objective.
+        """
+        n, b = sum(sizes), s.shape[0]
+        s_all = _gather_rows(s.detach(), sizes) if distributed else s.detach()  # [n, ds]
+        t_all = _gather_rows(t, sizes) if distributed else t  # [n, dt]
+        ks, kt = self._cross_gram("student", s, s_all), self._cross_gram("teacher", t, t_all)  # [B, n]
+        rows = (ks - self.eta * kt) / n  # [B, n] this rank's rows of L
+        if self.norm == "fro" and not self.one_sided:
+            part = rows.square().sum()
+            return _safe_sqrt(_reduce(2 * part - part.detach(), distributed))
+        with torch.no_grad():
+            lmat = _gather_rows(rows.detach(), sizes) if distributed else rows.detach()  # [n, n]
+            lam, vecs = torch.linalg.eigh((lmat + lmat.T) / 2)
+            diag = torch.arange(b, device=s.device)
+            scale = _reduce((ks.detach() + self.eta * kt)[diag, offset + diag].sum() / n, distributed)
+            idx, w = _objective_weights(
+                lam, self.norm, self.k, self.one_sided, 100 * torch.finfo(lam.dtype).eps * float(scale)
+            )
+        self.last_solver, self.last_eigenvalues = "eigh", lam[idx]
+        v_all = vecs[:, idx]  # [n, M]
+        part = (v_all[offset : offset + b] * (rows @ v_all)).sum(0)  # [M] this rank's part of v^T L v
+        quad = _reduce(2 * part - part.detach(), distributed)  # [M] v^T L v
         return (w * quad).sum()
 
     def _route(self, n: int, s, t, phi_s, phi_t) -> str:
@@ -465,12 +486,10 @@ class SpecAlignLoss(nn.Module):
         d = phi_s.shape[1] + phi_t.shape[1]
         return "exact" if n * n * d + n**3 < n * d * d + d**3 else "features"
 
-    def _frobenius(self, s, t, phi_s, phi_t, n: int, route: str, distributed: bool) -> torch.Tensor:
+    def _frobenius(self, phi_s, phi_t, n: int, route: str, distributed: bool) -> torch.Tensor:
         """``||L||_F``, differentiable directly (no eigen-solve), on the B x B or the D x D side."""
         if route == "exact" and not distributed:
-            lmat = (
-                self._gram("student", s, phi_s) - self.eta * self._gram("teacher", t, phi_t)
-            ) / n  # [B, B]
+            lmat = (phi_s @ phi_s.T - self.eta * phi_t @ phi_t.T) / n  # [B, B]
             return _safe_sqrt(lmat.square().sum())
         # ||L||_F^2 = (||Phi_s^T Phi_s||^2 + eta^2 ||Phi_t^T Phi_t||^2 - 2 eta ||Phi_s^T Phi_t||^2) / n^2
         ds = phi_s.shape[1]
@@ -483,16 +502,9 @@ class SpecAlignLoss(nn.Module):
 
     # ----------------------------------------------------------------- solve
     @torch.no_grad()
-    def _solve(self, s, t, phi_s, phi_t, sizes, offset, route, distributed):
+    def _solve(self, phi_s, phi_t, sizes, offset, route, distributed):
         """Detached eigenpairs of the objective's modes: ``(lam [M], v [B, M] this rank's rows, w [M])``."""
-        n, b = sum(sizes), s.shape[0]
-        if phi_s is None or phi_t is None:  # exact-only kernel, single process
-            lmat = (self._gram("student", s, phi_s) - self.eta * self._gram("teacher", t, phi_t)) / n
-            lam, vecs = torch.linalg.eigh((lmat + lmat.T) / 2)
-            zero = 100 * torch.finfo(lam.dtype).eps * float(lmat.diagonal().abs().sum())
-            idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
-            self.last_solver = "eigh"
-            return lam[idx], vecs[:, idx], w
+        n, b = sum(sizes), phi_s.shape[0]
         ds = phi_s.shape[1]
         a = torch.cat([phi_s.detach(), math.sqrt(self.eta) * phi_t], dim=1) / math.sqrt(n)  # [B, D] rows of A
         jv = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
