@@ -408,22 +408,19 @@ def write_on_main(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
 
     ``write(tmp)`` writes the content to the temporary path ``tmp`` (same folder, so the rename is atomic);
     then ``tmp`` is renamed to ``path``: a reader never sees a half-written file. Rank 0 then tells every
-    rank whether it worked; an error on rank 0 is raised on every rank (no rank waits forever at a barrier
-    or goes on without the file).
+    rank whether it worked (:func:`run_on_main`): an error on rank 0 is raised on every rank, so no rank
+    waits forever at a barrier or goes on without the file.
     """
     path = Path(path)
-    error = None
-    if is_main_process():
+
+    def _write() -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
             write(Path(tmp))
             os.replace(tmp, path)
-        except Exception as exc:  # reported to every rank below
-            error = f"{type(exc).__name__}: {exc}"
         finally:
             Path(tmp).unlink(missing_ok=True)
-    error = broadcast_object(error)
-    if error is not None:
-        raise SpecError(f"path: rank 0 could not write {path}: {error}")
+
+    run_on_main(_write)
     return path

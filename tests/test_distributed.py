@@ -1,0 +1,464 @@
+"""Multi-process runs (torch.distributed, Gloo on CPU, 2 processes started by the tests) equal one process.
+
+- spec_torch.distributed helpers without a process group: shards tile the data, RowConcat reads like
+  np.concatenate, the top-k merge, rank-0 writes.
+- 2 spawned Gloo processes: DiffCovariance.compute() all-reduces by default (sync_dist=False keeps the
+  local sums), top_samples(sync_dist=True) merges the ranks' candidates into the single-process top-k,
+  state all-reduce, an error on rank 0 raised on every rank.
+- ``torchrun --nproc_per_node=2 scripts/compare.py``: spec.json equals a 1-process run (precomputed features,
+  and an image folder extracted per rank with a corrupt image); one run directory, written by rank 0 only.
+- A rank that dies mid-extraction leaves a cache that the rerun resumes (only the missing rows are embedded).
+
+SpecAlignLoss over 2 ranks (value and gradient for every norm) is tested in tests/test_loss_dist.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image, ImageDraw
+
+import spec_torch as st
+from spec_torch import distributed as sd
+from spec_torch.errors import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "compare.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORLD = 2
+TIMEOUT_S = 150
+#: float64 sums over 2 ranks vs 1 process: only the summation order differs
+F64_RTOL = 1e-11
+#: float32 features and sums (the compare pipeline): eigenvalues relative to SPEC-diff
+F32_RTOL = 2e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    """Run ``fn(rank, port, *args)`` in WORLD processes; fail (and kill them) if one fails or they hang."""
+    ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} Gloo workers did not finish in {TIMEOUT_S} s (a collective mismatch?)")
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+# ------------------------------------------------------------------------------ helpers, one process
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_tile_the_data_in_rank_order(world):
+    for n in range(0, 30):
+        blocks = [sd.shard_range(n, r, world) for r in range(world)]
+        assert [i for b in blocks for i in b] == list(range(n))  # none dropped, none repeated, in order
+        sizes = [len(b) for b in blocks]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_range_rejects_bad_arguments():
+    with pytest.raises(SpecError, match=r"rank: expected an integer in \[0, 2\)"):
+        sd.shard_range(10, 2, 2)
+    with pytest.raises(SpecError, match="world_size: expected an integer >= 1"):
+        sd.shard_range(10, 0, 0)
+    assert sd.shard_range(7) == range(7)  # no process group: one rank holds everything
+
+
+def test_row_concat_reads_like_concatenate():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(m, 3)).astype(np.float32) for m in (4, 0, 5, 2)]
+    full = np.concatenate(parts)
+    rc = sd.RowConcat(parts)
+    assert rc.shape == (11, 3) and len(rc) == 11
+    np.testing.assert_array_equal(rc[2:9], full[2:9])
+    np.testing.assert_array_equal(rc[:], full)
+    rows = np.array([10, 0, 4, 4, 3, 5, -1])
+    np.testing.assert_array_equal(rc[rows], full[rows])
+    with pytest.raises(SpecError, match=r"row indices must lie in \[0, 11\)"):
+        rc[np.array([11])]
+    with pytest.raises(SpecError, match="same row shape"):
+        sd.RowConcat([np.zeros((2, 3)), np.zeros((2, 4))])
+
+
+def test_topk_merge_breaks_ties_towards_the_smaller_index():
+    values = torch.tensor([[1.0, 5.0], [3.0, 5.0], [3.0, 2.0]])  # [3, M=2]
+    indices = torch.tensor([[7, 9], [6, 4], [2, 8]])
+    v, i = sd.all_gather_topk(values, indices, k=2)
+    assert v.tolist() == [[3.0, 5.0], [3.0, 5.0]] and i.tolist() == [[2, 4], [6, 9]]
+    v, i = sd.all_gather_topk(values, indices, k=5, largest=False)  # k > rows: all rows, sorted
+    assert v[:, 0].tolist() == [1.0, 3.0, 3.0] and i[:, 0].tolist() == [7, 2, 6]
+
+
+def test_shard_dataset_is_a_block_with_its_own_fingerprint():
+    from spec_torch.data import build_dataset
+
+    ds = build_dataset("synthetic", n=10, image_size=32, seed=0)
+    a, b = sd.ShardDataset(ds, range(0, 5)), sd.ShardDataset(ds, range(5, 10))
+    assert a.ids + b.ids == ds.ids and len(b) == 5 and b.sample_id(0) == ds.sample_id(5)
+    assert np.array_equal(np.asarray(b[1]), np.asarray(ds[6]))
+    prints = {ds.fingerprint(), a.fingerprint(), b.fingerprint()}
+    assert len(prints) == 3
+    assert sd.ShardDataset(ds, range(5, 10)).fingerprint() == b.fingerprint()  # stable: a rerun resumes it
+    with pytest.raises(SpecError, match="rows: expected a contiguous range"):
+        sd.ShardDataset(ds, range(5, 11))
+
+
+def test_write_on_main_is_atomic_and_cleans_up(tmp_path):
+    target = tmp_path / "out.json"
+    sd.write_on_main(target, lambda tmp: tmp.write_text("{}"))
+    assert target.read_text() == "{}"
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        sd.write_on_main(tmp_path / "other.json", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file, no half-written target
+    assert sd.run_on_main(lambda: 41 + 1) == 42
+
+
+# --------------------------------------------------------------------------- 2 Gloo processes: library
+N_LIB = 81  # 41 + 40 rows
+
+
+def _lib_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    lab = torch.arange(N_LIB) % 4
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)[lab] + 0.2 * torch.randn(N_LIB, 6, generator=g)
+    y = torch.randn(3, 5, generator=g, dtype=torch.float64)[lab % 3] + 0.2 * torch.randn(
+        N_LIB, 5, generator=g
+    )
+    return x, y
+
+
+def _kernels():
+    return "cosine", st.GaussianKernel(sigma=1.5, rff_dim=16, seed=3)
+
+
+def _fail_on_main() -> None:
+    raise SpecError("output_dir: not writable (test)")
+
+
+def _lib_worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port)
+    try:
+        x, y = _lib_data()
+        rows = sd.shard_range(N_LIB)
+        xs, ys = x[rows.start : rows.stop], y[rows.start : rows.stop]
+        acc = st.DiffCovariance(*_kernels())
+        for xb, yb in zip(xs.split(16), ys.split(16)):
+            acc.update(xb, yb)
+        synced = acc.compute(eta=0.7)  # default: all-reduced over the ranks
+        local = acc.compute(eta=0.7, sync_dist=False)
+        top = synced.top_samples(zip(xs.split(8), ys.split(8)), k=50, offset=rows.start, sync_dist=True)
+        # a rank without samples still takes part in the merge
+        empty = synced.top_samples([] if rank == 1 else [(x, y)], k=5, modes=[0, 1], sync_dist=True)
+        state = sd.all_reduce_state({"a": torch.full((2, 2), rank + 1.0), "n": rank + 3, "name": "kept"})
+        try:
+            sd.run_on_main(_fail_on_main)
+            error = None
+        except SpecError as exc:
+            error = str(exc)
+        written = sd.write_on_main(Path(out_dir) / "shared.txt", lambda tmp: tmp.write_text(f"rank {rank}"))
+        result = {
+            "n_local": acc.n,
+            "n_synced": synced.n,
+            "evals": synced.eigenvalues,
+            "evals_local": local.eigenvalues,
+            "top": top,
+            "empty": empty,
+            "state": state,
+            "error": error,
+            "shared": written.read_text(),
+            "rank0_obj": sd.broadcast_object({"rank": rank}),
+            "gathered": sd.all_gather_object(rank * 10),
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lib_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_lib")
+    _spawn(_lib_worker, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _reference(rows: range | None = None) -> st.SpecResult:
+    x, y = _lib_data()
+    if rows is not None:
+        x, y = x[rows.start : rows.stop], y[rows.start : rows.stop]
+    return st.DiffCovariance(*_kernels()).update(x, y).compute(eta=0.7)
+
+
+def test_diff_covariance_all_reduces_by_default(lib_ranks):
+    ref = _reference()
+    for rank, got in enumerate(lib_ranks):
+        assert got["n_synced"] == N_LIB and got["n_local"] == len(sd.shard_range(N_LIB, rank, WORLD))
+        torch.testing.assert_close(got["evals"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
+    assert torch.equal(lib_ranks[0]["evals"], lib_ranks[1]["evals"])  # one solve, the same on every rank
+
+
+def test_diff_covariance_sync_dist_false_keeps_the_local_sums(lib_ranks):
+    for rank, got in enumerate(lib_ranks):
+        ref = _reference(sd.shard_range(N_LIB, rank, WORLD))
+        torch.testing.assert_close(got["evals_local"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
+    assert not torch.allclose(lib_ranks[0]["evals_local"][:3], lib_ranks[1]["evals_local"][:3])
+
+
+def test_top_samples_merged_over_ranks_equal_one_process(lib_ranks):
+    ref_res = _reference()
+    x, y = _lib_data()
+    ref = ref_res.top_samples((x, y), k=50)  # 50 > the 40/41 rows of one rank
+    for got in lib_ranks:
+        top = got["top"]
+        assert top.modes == ref.modes and top.flipped == ref.flipped
+        assert torch.equal(top.indices, ref.indices)
+        torch.testing.assert_close(top.scores, ref.scores, rtol=0, atol=1e-9)
+    ref_empty = ref_res.top_samples((x, y), k=5, modes=[0, 1])
+    for got in lib_ranks:
+        assert torch.equal(got["empty"].indices, ref_empty.indices)
+
+
+def test_collective_helpers(lib_ranks):
+    for got in lib_ranks:
+        assert torch.equal(got["state"]["a"], torch.full((2, 2), 3.0))
+        assert got["state"]["n"] == 7 and got["state"]["name"] == "kept"
+        assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
+        assert got["shared"] == "rank 0"  # written by rank 0 only, complete before any rank read it
+        assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
+
+
+# ------------------------------------------------------------------------- torchrun scripts/compare.py
+def _env(cache: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        SPEC_TORCH_CACHE=str(cache),
+        OMP_NUM_THREADS="1",
+    )
+
+
+def _launch(args: list[str], cache: Path, cwd: Path, nproc: int) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT)]
+    else:
+        cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", str(SCRIPT)]
+    return subprocess.Popen(
+        [*cmd, *args, "progress=false"],
+        cwd=cwd,
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _draw(colour: str, shape: str, k: int) -> Image.Image:
+    img = Image.new("RGB", (32, 32), (235, 235, 235))
+    box = (3 + k % 4, 3 + k % 3, 27 - k % 5, 28 - k % 2)
+    getattr(ImageDraw.Draw(img), shape)(box, fill=colour, outline="black")
+    return img
+
+
+@pytest.fixture(scope="module")
+def compare_runs(tmp_path_factory):
+    """Four runs started together: precomputed features and an image folder, each on 2 ranks and on 1."""
+    work = tmp_path_factory.mktemp("dist_compare")
+    rng = np.random.default_rng(1)
+    n = 150
+    gx, gy = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    x = np.eye(3)[gx] * 3 + 0.3 * rng.normal(size=(n, 3))
+    y = np.concatenate([np.eye(3)[gy] * 3, np.ones((n, 1))], 1) + 0.3 * rng.normal(size=(n, 4))
+    np.save(work / "x.npy", x.astype(np.float32))
+    np.save(work / "y.npy", y.astype(np.float32))
+    images = work / "images"
+    for c, (colour, shape) in enumerate([("red", "ellipse"), ("blue", "rectangle"), ("green", "ellipse")]):
+        (images / f"class{c}").mkdir(parents=True)
+        for k in range(9):
+            _draw(colour, shape, k).save(images / f"class{c}" / f"img{k}.png")
+    (images / "class2" / "img_broken.png").write_bytes(b"\x89PNG not really")  # in rank 1's block
+    features = [f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}", "data=features"]
+    folder = ["data=imagefolder", f"data.root={images}", "data.label_from_folder=true", "batch_size=8"]
+    common = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64", "top_k=2"]
+    runs = {
+        # default run dir (outputs/compare/<date>/<time> under cwd): rank 0 alone decides and makes it
+        ("features", 2): ([*features, *common], work / "f2"),
+        ("features", 1): ([*features, *common, f"hydra.run.dir={work / 'f1' / 'out'}"], work / "f1"),
+        ("folder", 2): ([*folder, *common, f"hydra.run.dir={work / 'i2' / 'out'}"], work / "i2"),
+        ("folder", 1): ([*folder, *common, f"hydra.run.dir={work / 'i1' / 'out'}"], work / "i1"),
+    }
+    procs = {}
+    for key, (args, cwd) in runs.items():
+        cwd.mkdir()
+        procs[key] = (_launch(args, cwd / "cache", cwd, key[1]), cwd)
+    done = {key: (_finish(p), cwd) for key, (p, cwd) in procs.items()}
+    return done
+
+
+def _spec(cwd: Path) -> tuple[dict, Path]:
+    found = list(cwd.rglob("spec.json"))
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text()), found[0].parent
+
+
+@pytest.mark.parametrize("data", ["features", "folder"])
+def test_torchrun_compare_equals_one_process(compare_runs, data):
+    two, _ = _spec(compare_runs[(data, 2)][1])
+    one, _ = _spec(compare_runs[(data, 1)][1])
+    assert two["n"] == one["n"] and two["skipped"] == one["skipped"]
+    assert two["kernel_y"] == one["kernel_y"]  # the same auto sigma: fitted on the same seeded rows
+    ev2, ev1 = np.array(two["eigenvalues"]), np.array(one["eigenvalues"])
+    np.testing.assert_allclose(ev2, ev1, rtol=0, atol=F32_RTOL * one["spec_diff"])
+    for direction in ("x", "y"):
+        assert len(two["modes"][direction]) == len(one["modes"][direction]) > 0
+        for a, b in zip(two["modes"][direction], one["modes"][direction]):
+            assert a["top_ids"] == b["top_ids"]
+            np.testing.assert_allclose(a["top_scores"], b["top_scores"], rtol=0, atol=1e-4)
+            assert a.get("labels") == b.get("labels")
+    np.testing.assert_allclose(two["metrics"]["linear_cka"], one["metrics"]["linear_cka"], rtol=1e-9)
+    assert two["metrics"]["mutual_knn"] == one["metrics"]["mutual_knn"]
+
+
+def test_torchrun_run_dir_is_made_and_written_by_rank_zero_only(compare_runs):
+    proc, cwd = compare_runs[("features", 2)]
+    (run_dir,) = list(
+        (cwd / "outputs" / "compare").glob("*/*")
+    )  # one dir, though both ranks started Hydra's clock
+    assert (run_dir / "spec.json").is_file() and (run_dir / "report.html").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["compare.log"]
+    assert proc.stdout.count("SPEC-diff =") == 1  # one summary: rank 0's
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_torchrun_extraction_writes_one_cache_per_rank(compare_runs):
+    _, cwd = compare_runs[("folder", 2)]
+    spec, _ = _spec(cwd)
+    assert spec["skipped"] == {"count": 1, "ids": ["class2/img_broken.png"]}
+    folders = sorted(p.name for p in (cwd / "cache").iterdir())
+    assert len(folders) == 4  # 2 encoders x 2 ranks
+    shards = sorted(
+        tuple(json.loads((cwd / "cache" / f / "complete.json").read_text())["dataset"]["shard"])
+        for f in folders
+    )
+    assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]
+
+
+# ------------------------------------------------------------------ a rank dies mid-extraction, rerun
+def _resume_worker(rank: int, port: int, work: str, crash_rank: int) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.compare import run
+    from spec_torch.encoders.offline import ColourHistogramEncoder
+
+    _init(rank, port)
+    forward = ColourHistogramEncoder.forward
+    calls = {"n": 0}
+
+    def counting(self, batch):
+        calls["n"] += 1
+        if rank == crash_rank and calls["n"] == 2:
+            os._exit(3)  # the process dies (no exception handling, no cleanup), as under a kill
+        return forward(self, batch)
+
+    ColourHistogramEncoder.forward = counting
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(
+                config_name="compare",
+                overrides=[
+                    "data.n=48",
+                    "data.image_size=32",
+                    "batch_size=6",
+                    "chunk_rows=6",
+                    "report=false",
+                    "progress=false",
+                    "top_k=2",
+                    f"cache_dir={work}/cache",
+                    f"output_dir={work}/out",
+                ],
+            )
+        summary = run(cfg)
+        Path(work, f"rank{rank}.json").write_text(json.dumps({"calls": calls["n"], "summary": summary}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_dying_mid_extraction_leaves_caches_that_a_rerun_resumes(tmp_path):
+    ctx = mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), 1), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    with pytest.raises(mp.ProcessExitedException):  # rank 1 dies; spawn then stops rank 0
+        while not ctx.join(timeout=2):
+            assert time.monotonic() < deadline, "workers hung"
+    assert not (tmp_path / "out" / "spec.json").exists()
+    colour = sorted(p for p in (tmp_path / "cache").iterdir() if "offline_colour" in p.name)
+    unfinished = [p for p in colour if not (p / "complete.json").exists()]
+    assert len(unfinished) >= 1
+    rank1 = [p for p in colour if json.loads((p / "manifest.json").read_text())["dataset"]["shard"][0] == 24]
+    assert len(rank1) == 1 and not (rank1[0] / "complete.json").exists()
+    assert json.loads((rank1[0] / "manifest.json").read_text())["rows_done"] == 6  # one chunk survived
+
+    _spawn(_resume_worker, str(tmp_path), -1)  # the rerun, nobody dies
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert results[1]["calls"] == 3  # rank 1 embeds rows 6..23 of its block only: 3 batches of 6
+    spec = json.loads((tmp_path / "out" / "spec.json").read_text())
+    assert results[0]["summary"]["eigenvalues"] == spec["eigenvalues"]
+
+    # the same comparison in one process, from scratch
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.compare import run
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[
+                "data.n=48",
+                "data.image_size=32",
+                "batch_size=6",
+                "report=false",
+                "progress=false",
+                "top_k=2",
+                f"cache_dir={tmp_path}/cache1",
+                f"output_dir={tmp_path}/out1",
+            ],
+        )
+    one = run(cfg)
+    np.testing.assert_allclose(
+        spec["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
+    )
+    assert [m["top_ids"] for m in spec["modes"]["x"]] == [m["top_ids"] for m in one["modes"]["x"]]
