@@ -112,7 +112,10 @@ def _container(node: Any) -> Any:
 def _resolve_device(name: str) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"device: {name!r} was asked for but CUDA is not available; use device=cpu or auto")
     return device
@@ -159,7 +162,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
+            json.dump(obj, fh, indent=2, allow_nan=False, default=str)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -243,8 +246,10 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
             )
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     extract = extract_features if not distributed.is_distributed() else _extract_sharded
-    caches = {
-        w: extract(
+    caches, enc_info = {}, {}
+    for w in ("x", "y"):  # one encoder on the device at a time; both were built first, so both fail fast
+        enc = encoders.pop(w)
+        caches[w] = extract(
             dataset,
             enc,
             cache_dir,
@@ -255,8 +260,10 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
             chunk_rows=int(cfg.get("chunk_rows", 4096)),
             amp=bool(cfg.get("amp", True)),
         )
-        for w, enc in encoders.items()
-    }
+        enc_info[w] = {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
+        del enc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     cx, cy = caches["x"], caches["y"]
     rows_x, rows_y, only_one = pair_by_id(cx.ids, cy.ids)
     skipped = sorted(set(cx.skipped) | set(cy.skipped) | set(only_one))
@@ -275,14 +282,10 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
     )
     info = {
         "name": name,
-        **{k: v for k, v in data_cfg.items()},
+        **data_cfg,
         "modality": dataset.modality,
         "size": len(dataset),
         "fingerprint": dataset.fingerprint(),
-    }
-    enc_info = {
-        w: {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
-        for w, enc in encoders.items()
     }
     return paired, dataset, info, enc_info
 
@@ -337,13 +340,14 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     method = cfg.get("method", "auto")
     if method == "exact" or (method == "auto" and not (kx.has_features and ky.has_features)):
         # exact route: the n x n kernel matrices; st.spec checks they fit in memory
-        x, y = paired.gather(np.arange(paired.n))
+        x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
         cka.update(x, y)
         res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
         return res, cka.compute()
     acc = DiffCovariance(kx, ky, device=device)
     for xb, yb in paired.batches(int(cfg.batch_size), rows=_my_rows(paired)):  # torchrun: this rank's block
-        acc.update(xb.to(device), yb.to(device))  # [B, p], [B, q]
+        xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
+        acc.update(xb, yb)
         cka.update(xb, yb)
     if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
@@ -365,74 +369,75 @@ def _my_rows(paired: PairedFeatures) -> range:
 # -------------------------------------------------------------------------------------- per-mode facts
 def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dict]], list[Any], dict]:
     """Top samples and metrics of the strongest modes of each sign -> (spec.json modes, ModeViews, clustering)."""
-    from .report import ModeView, metrics
-
     top_k = int(cfg.top_k)
     chosen = {"x": res.positive_modes(top_k), "y": res.negative_modes(top_k)}
-    all_modes = chosen["x"] + chosen["y"]
     entries: dict[str, list[dict]] = {"x": [], "y": []}
     views: list[Any] = []
     clustering: dict[str, Any] = {}
-    if not all_modes:
+    if not chosen["x"] + chosen["y"]:
         return entries, views, clustering
     k = min(int(cfg.samples_per_mode), paired.n)
     mine = _my_rows(paired)  # torchrun: each rank scores its block; the candidates are merged over ranks
-    batches = (
-        (xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size), rows=mine)
-    )  # second streaming pass
-    top = res.top_samples(
-        batches, k=k, modes=all_modes, offset=mine.start, sync_dist=distributed.is_distributed()
+    batches = ((xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size), rows=mine))
+    top = res.top_samples(  # the second streaming pass
+        batches,
+        k=k,
+        modes=chosen["x"] + chosen["y"],
+        offset=mine.start,
+        sync_dist=distributed.is_distributed(),
     )
-    by_mode = {m: (top.indices[j].numpy(), top.scores[j].tolist()) for j, m in enumerate(top.modes)}
-    labels = getattr(dataset, "labels", None) if dataset is not None else None
-    attributes = getattr(dataset, "attributes", None) if dataset is not None else None
-    modality = getattr(dataset, "modality", None) if dataset is not None else None
     for direction, modes in chosen.items():
         for rank, m in enumerate(modes):
-            idx, scores = by_mode[m]
-            xs, ys = paired.gather(idx)  # [k, p], [k, q]
-            tight_x, tight_y = metrics.mode_tightness(res.kernel_x, res.kernel_y, xs, ys)
-            entry: dict[str, Any] = {
-                "index": int(m),
-                "rank": rank + 1,
-                "eigenvalue": float(res.eigenvalues[m]),
-                "top_ids": [paired.ids[i] for i in idx],
-                "top_scores": [float(s) for s in scores],
-                "tightness_x": float(tight_x),
-                "tightness_y": float(tight_y),
-            }
-            ds_rows = paired.dataset_index[idx] if paired.dataset_index is not None else None
-            comp = majority = None
-            if labels is not None and ds_rows is not None:
-                comp = metrics.label_composition([labels[i] for i in ds_rows])
-                entry["labels"] = [[str(lab), float(f)] for lab, f in comp]
-            if attributes and ds_rows is not None:
-                majority = metrics.purity(attributes, ds_rows)  # attr -> (majority value, fraction)
-                entry["purity"] = {attr: frac for attr, (_, frac) in majority.items()}
-                entry["dominant"] = {attr: value for attr, (value, _) in majority.items()}
-            entries[direction].append(entry)
-            images = texts = None
-            if ds_rows is not None and modality == "image":
-                images = [dataset.display(int(i)) for i in ds_rows]
-            elif ds_rows is not None and modality == "text":
-                texts = [str(dataset.display(int(i))) for i in ds_rows]
-            views.append(
-                ModeView(
-                    direction=direction,
-                    index=int(m),
-                    eigenvalue=entry["eigenvalue"],
-                    sample_ids=entry["top_ids"],
-                    scores=entry["top_scores"],
-                    images=images,
-                    texts=texts,
-                    tightness_x=entry["tightness_x"],
-                    tightness_y=entry["tightness_y"],
-                    labels=comp,
-                    purity=majority,
-                )
-            )
+            j = top.modes.index(m)
+            idx, scores = top.indices[j].numpy(), top.scores[j].tolist()  # [k], [k]
+            entry, view = _describe_mode(res, paired, dataset, direction, m, idx, scores)
+            entries[direction].append({"index": int(m), "rank": rank + 1, **entry})
+            views.append(view)
         clustering[direction] = _kmeans_agreement(res, paired, top, modes, int(cfg.seed))
     return entries, views, clustering
+
+
+def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int, idx: np.ndarray, scores):
+    """One mode's spec.json entry (without index/rank) and its report view, from its top rows ``idx: [k]``."""
+    from .report import ModeView, metrics
+
+    xs, ys = paired.gather(idx)  # [k, p], [k, q]
+    tight_x, tight_y = metrics.mode_tightness(res.kernel_x, res.kernel_y, xs, ys)
+    entry: dict[str, Any] = {
+        "eigenvalue": float(res.eigenvalues[m]),
+        "top_ids": [paired.ids[i] for i in idx],
+        "top_scores": [float(s) for s in scores],
+        "tightness_x": float(tight_x),
+        "tightness_y": float(tight_y),
+    }
+    labels = attributes = images = texts = composition = majority = None
+    if dataset is not None:
+        rows = paired.dataset_index[idx]  # [k] dataset positions of the top samples
+        labels, attributes = dataset.labels, dataset.attributes
+        if distributed.is_main_process():  # only rank 0 writes the report
+            shown = [dataset.display(int(i)) for i in rows]
+            images, texts = (shown, None) if dataset.modality == "image" else (None, [str(t) for t in shown])
+    if labels is not None:
+        composition = metrics.label_composition([labels[i] for i in rows])
+        entry["labels"] = [[str(label), float(f)] for label, f in composition]
+    if attributes:
+        majority = metrics.purity(attributes, rows)  # attribute -> (majority value, fraction)
+        entry["purity"] = {attr: frac for attr, (_, frac) in majority.items()}
+        entry["dominant"] = {attr: value for attr, (value, _) in majority.items()}
+    view = ModeView(
+        direction=direction,
+        index=int(m),
+        eigenvalue=entry["eigenvalue"],
+        sample_ids=entry["top_ids"],
+        scores=entry["top_scores"],
+        images=images,
+        texts=texts,
+        tightness_x=entry["tightness_x"],
+        tightness_y=entry["tightness_y"],
+        labels=composition,
+        purity=majority,
+    )
+    return entry, view
 
 
 def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: int) -> dict | None:
