@@ -107,7 +107,8 @@ def embed_texts(
 
 # ----------------------------------------------------------------------------------------------- metrics
 def knn_accuracy(z: torch.Tensor, labels: Sequence[Any], k: int = 10) -> float:
-    """Leave-one-out k-nearest-neighbour accuracy under cosine similarity (majority vote, ties to the nearest).
+    """Leave-one-out k-nearest-neighbour accuracy under cosine similarity (majority vote; a tie goes to the
+    class of the nearest neighbour among the tied classes).
 
     Args:
         z: ``[n, d]`` embeddings; labels: ``n`` labels.
@@ -124,10 +125,12 @@ def knn_accuracy(z: torch.Tensor, labels: Sequence[Any], k: int = 10) -> float:
     sim = zn @ zn.T  # [n, n]
     sim.fill_diagonal_(-math.inf)  # leave one out
     nn_idx = sim.topk(k, dim=1).indices  # [n, k], nearest first
-    votes = torch.zeros(n, int(y.max()) + 1, dtype=torch.float64)
-    weight = 1.0 + 1e-6 * torch.arange(k, 0, -1, dtype=torch.float64)  # equal votes; ties go to the nearer
-    votes.scatter_add_(1, y[nn_idx], weight.expand(n, k).contiguous())
-    return float((votes.argmax(1) == y).double().mean())
+    nn_y = y[nn_idx]  # [n, k] neighbours' classes
+    counts = torch.zeros(n, int(y.max()) + 1, dtype=torch.int64).scatter_add_(1, nn_y, torch.ones_like(nn_y))
+    tied = counts == counts.max(1, keepdim=True).values  # [n, C] the most voted classes
+    first = tied.gather(1, nn_y).to(torch.int8).argmax(1)  # the nearest neighbour of a most voted class
+    pred = nn_y.gather(1, first[:, None]).squeeze(1)  # [n]
+    return float((pred == y).double().mean())
 
 
 def retrieval_recall(

@@ -325,9 +325,11 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
     }
     if rt.is_main:
         atomic_torch_save(model.state_dict(), out / "student.pt")
-        plot_before_after(
-            before, after, out / "plots" / "align_metrics.png", read_history(out / "logs" / "train.csv")
-        )
+        history = read_history(out / "logs" / "train.csv")
+        if "spec_diff" in before["heldout"]:  # the curve starts at the untrained student
+            history["heldout_step"].insert(0, 0)
+            history["heldout_spec_diff"].insert(0, before["heldout"]["spec_diff"])
+        plot_before_after(before, after, out / "plots" / "align_metrics.png", history)
         _atomic_json(out / RESULTS_JSON, results)  # last: its presence marks a finished run
         _print_table("after", after)
         _print_change(before, after, out)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import SpecError
 from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_align
 from .loss import SpecAlignLoss
@@ -179,6 +180,10 @@ class AlignTrainer:
         self.use_text = settings.contrastive != "off" and settings.w_clip > 0
         self._set_trainable()
         self.forward_module: nn.Module = StudentForward(model)  # DDP wraps this one
+        if (
+            self.rt.distributed
+        ):  # torchrun: gradients averaged over ranks (see _ddp and spec_torch.distributed)
+            self.forward_module = _ddp(self.forward_module, self.rt)
         self.sampler = ResumableBatchSampler(
             len(samples), settings.batch_size, settings.seed, True, self.rt.rank, self.rt.world_size
         )
@@ -192,7 +197,12 @@ class AlignTrainer:
         if settings.contrastive == "pairs":
             from open_clip.loss import ClipLoss
 
-            self.clip_loss = ClipLoss(rank=self.rt.rank, world_size=self.rt.world_size)
+            # DDP: every rank's features gathered with their gradient (each rank's rows get world_size times
+            # their gradient, which DDP's averaging undoes, as for SpecAlignLoss); local_loss: only this
+            # rank's rows of the logits, [B, world_size * B]
+            self.clip_loss = ClipLoss(
+                local_loss=True, gather_with_grad=True, rank=self.rt.rank, world_size=self.rt.world_size
+            )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -244,6 +254,8 @@ class AlignTrainer:
         if self.s.contrastive == "pairs":
             uniq, owner = texts, list(range(len(texts)))
         else:
+            if self.rt.distributed:  # DDP: the prompts of the global batch, in rank order, on every rank
+                texts = [t for part in distributed.all_gather_object(list(texts)) for t in part]
             uniq = sorted(set(texts))
             index = {t: j for j, t in enumerate(uniq)}
             owner = [index[t] for t in texts]
@@ -286,9 +298,11 @@ class AlignTrainer:
             scale = self.model.logit_scale.exp().float()
             img_n, txt_n = F.normalize(img.float(), dim=1), F.normalize(txt.float(), dim=1)
             if self.s.contrastive == "pairs":
-                loss_clip = self.clip_loss(img_n, txt_n, scale)
-            else:
-                loss_clip = prompt_contrastive_loss(img_n, txt_n, owner, scale)
+                loss_clip = self.clip_loss(img_n, txt_n, scale)  # this rank's rows (local_loss)
+            else:  # DDP: every rank's images against the global batch's prompts (owner is global)
+                loss_clip = prompt_contrastive_loss(
+                    distributed.all_gather_with_grad(img_n), txt_n, owner, scale
+                )
         loss = self.s.w_clip * loss_clip + self.s.w_spec * loss_spec.float()
         if not torch.isfinite(loss):
             raise SpecError(
@@ -305,6 +319,9 @@ class AlignTrainer:
         self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        if self.rt.distributed and self.s.contrastive == "pairs":  # the logs show the global-batch value
+            loss_clip = distributed.all_reduce_mean(loss_clip)
+            loss = self.s.w_clip * loss_clip + self.s.w_spec * loss_spec.detach().float()
         return {
             "loss": float(loss.detach()),
             "loss_clip": float(loss_clip.detach()),
@@ -380,6 +397,7 @@ class AlignTrainer:
             "spec_loss": self.spec_loss.state_dict(),
             "rng": _rng_state(),
             "settings": asdict(self.s),
+            "world_size": self.rt.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -417,8 +435,22 @@ class AlignTrainer:
                     f"train.resume: the checkpoint {path} was written with {key}={saved[key]!r}, this run has "
                     f"{key}={mine!r}; an exact resume needs the same settings (or start a new output_dir)"
                 )
+        if int(state.get("world_size", 1)) != self.rt.world_size:  # DDP: the data shards depend on it
+            raise SpecError(
+                f"train.resume: the checkpoint {path} was written by {state.get('world_size', 1)} process(es), "
+                f"this run has {self.rt.world_size}; an exact resume needs the same number (--nproc_per_node)"
+            )
         self.load_state_dict(state)
         return True
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+def _ddp(module: nn.Module, rt: Runtime) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel (one device per process, the current GPU under NCCL)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(module, device_ids=ids if rt.device.type == "cuda" else None)
 
 
 # ------------------------------------------------------------------------------------------------- RNG
