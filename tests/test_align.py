@@ -40,6 +40,8 @@ SCRIPT = ROOT / "scripts" / "align.py"
 
 #: float32 CPU training replayed from a checkpoint: the same operations on the same data (observed: equal)
 RESUME_ATOL = 1e-6
+#: the same on CUDA under autocast, where reductions need not be bitwise reproducible
+CUDA_RESUME_ATOL = 1e-3
 #: float32 features of the same images through two code paths (cache vs direct forward)
 FEATURE_ATOL = 1e-5
 #: float32 logits: our prompt loss vs open_clip's ClipLoss
@@ -185,6 +187,24 @@ def test_pretrained_weights_missing_exit_2_with_one_line(work, mini_coco):
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
 
 
+def test_teacher_weights_missing_fail_fast_naming_the_model(work, mini_coco):
+    """A usable student but the real DINOv2 teacher offline: SpecError naming the teacher, before training."""
+    cfg = compose_align(
+        [
+            "experiment=align_mscoco_clip_to_dinov2",
+            f"data.root={mini_coco['root']}",
+            f"data.annotations={mini_coco['annotations']}",
+            "heldout=8",
+        ]
+    )
+    cfg = tiny(cfg, work, "teacher_fail")
+    with open_dict(cfg):
+        cfg.teacher = compose_align(["experiment=align_mscoco_clip_to_dinov2"]).teacher
+    with pytest.raises(SpecError, match=r"teacher: .*vit_base_patch14_dinov2.*encoder.checkpoint"):
+        run(cfg)
+    assert not (work / "teacher_fail" / "checkpoints").exists()
+
+
 # -------------------------------------------------------------------------------------------- pairing
 def test_teacher_rows_follow_sample_ids_under_shuffling(work, mini_coco):
     """A shuffled loader: the looked-up teacher rows are the teacher's features of the very images in the batch."""
@@ -275,6 +295,7 @@ def test_coco_pipeline_end_to_end_and_exact_resume(work, mini_coco, mini_imagene
     assert torch.load(out_b / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
     res_b = run(tiny(compose_align(overrides), work, "coco_b"))
     assert res_b["resumed"] and res_b["steps"] == res_a["steps"] == 6
+    assert res_b["teacher_cache"] == res_a["teacher_cache"]  # teacher features extracted once, reused
 
     sd_a = torch.load(out_a / "student.pt", weights_only=True)
     sd_b = torch.load(out_b / "student.pt", weights_only=True)
@@ -427,3 +448,39 @@ def test_nan_features_raise_before_the_optimizer_steps(work, mini_imagenet):
     assert all(int(st["step"]) == 1 for st in trainer.optimizer.state.values())  # no second step
     for key, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, seen["weights"][key], atol=0, rtol=0, equal_nan=True, msg=key)
+
+
+@pytest.mark.gpu
+def test_cuda_amp_pipeline_and_resume(work, mini_coco):
+    """On CUDA with autocast: finite metrics, and a resumed run close to the uninterrupted one."""
+    overrides = [
+        "experiment=align_mscoco_clip_to_dinov2",
+        f"data.root={mini_coco['root']}",
+        f"data.annotations={mini_coco['annotations']}",
+        "heldout=8",
+    ]
+
+    def cuda_cfg(out):
+        cfg = tiny(compose_align(overrides), work, out)
+        with open_dict(cfg):
+            cfg.update(device="cuda")
+            cfg.train.amp = True
+        return cfg
+
+    res_a = run(cuda_cfg("cuda_a"))
+    assert all(np.isfinite(v) for v in res_a["after"]["heldout"].values())
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(trainer):
+        if trainer.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(cuda_cfg("cuda_b"), on_step=stop_at_3)
+    run(cuda_cfg("cuda_b"))
+    sd_a = torch.load(work / "cuda_a" / "student.pt", weights_only=True)
+    sd_b = torch.load(work / "cuda_b" / "student.pt", weights_only=True)
+    for key in sd_a:  # CUDA kernels may reduce in another order between runs: a looser tolerance
+        torch.testing.assert_close(sd_b[key], sd_a[key], atol=CUDA_RESUME_ATOL, rtol=0, msg=key)

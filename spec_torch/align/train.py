@@ -173,17 +173,16 @@ class AlignTrainer:
     ):
         settings.check()
         self.s, self.rt = settings, runtime or Runtime.detect("cpu")
-        self.model, self.tokenizer, self.spec_loss = model.to(self.rt.device), tokenizer, spec_loss
+        self.model, self.tokenizer = model.to(self.rt.device), tokenizer
+        # the loss's buffers (warm start, fitted kernels) live on the training device too
+        self.spec_loss = spec_loss.to(self.rt.device)
         self.samples, self.teacher, self.heldout_fn = samples, teacher, heldout_fn
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
         self.use_text = settings.contrastive != "off" and settings.w_clip > 0
         self._set_trainable()
         self.forward_module: nn.Module = StudentForward(model)  # DDP wraps this one
-        if (
-            self.rt.distributed
-        ):  # torchrun: gradients averaged over ranks (see _ddp and spec_torch.distributed)
-            self.forward_module = _ddp(self.forward_module, self.rt)
+        self.forward_module = distributed.wrap_ddp(self.forward_module, self.rt.device)  # torchrun only
         self.sampler = ResumableBatchSampler(
             len(samples), settings.batch_size, settings.seed, True, self.rt.rank, self.rt.world_size
         )
@@ -442,15 +441,6 @@ class AlignTrainer:
             )
         self.load_state_dict(state)
         return True
-
-
-# ------------------------------------------------------------------------------------------------- DDP
-def _ddp(module: nn.Module, rt: Runtime) -> nn.Module:
-    """``module`` wrapped in DistributedDataParallel (one device per process, the current GPU under NCCL)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()]
-    return DistributedDataParallel(module, device_ids=ids if rt.device.type == "cuda" else None)
 
 
 # ------------------------------------------------------------------------------------------------- RNG
