@@ -22,7 +22,15 @@ import torch
 from ._validate import check_positive
 from .errors import SpecError
 
-__all__ = ["Kernel", "CosineKernel", "LinearKernel", "GaussianKernel", "resolve_kernel", "median_sigma"]
+__all__ = [
+    "Kernel",
+    "CosineKernel",
+    "LinearKernel",
+    "GaussianKernel",
+    "resolve_kernel",
+    "median_sigma",
+    "rff_frequencies",
+]
 
 
 class Kernel:
@@ -118,6 +126,16 @@ def median_sigma(x: torch.Tensor, max_samples: int = 2000, seed: int = 0) -> flo
             "sigma='auto': the median pairwise distance is 0 (duplicated rows?); give sigma explicitly"
         )
     return med
+
+
+def rff_frequencies(p: int, m: int, sigma: float, seed: int) -> torch.Tensor:
+    """Random Fourier frequencies ``[p, m]``: columns ``w_j ~ N(0, sigma^-2 I)``, float64, on the CPU.
+
+    Drawn from ``torch.Generator().manual_seed(seed)``, so the same ``(p, m, sigma, seed)`` gives the same
+    frequencies in every run and on every device (they are moved to the data's device afterwards).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(p, m, generator=gen, dtype=torch.float64) / float(sigma)
 
 
 class GaussianKernel(Kernel):

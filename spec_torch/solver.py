@@ -20,7 +20,14 @@ import torch
 
 from .errors import SpecError
 
-__all__ = ["assemble_covariance", "symmetric_factor", "solve_features", "solve_exact", "select_modes"]
+__all__ = [
+    "assemble_covariance",
+    "symmetric_factor",
+    "symmetric_form",
+    "solve_features",
+    "solve_exact",
+    "select_modes",
+]
 
 
 def assemble_covariance(
@@ -35,24 +42,35 @@ def assemble_covariance(
 
 
 def symmetric_factor(c: torch.Tensor) -> torch.Tensor:
-    """``Z`` with ``Z^T Z = C`` for a PSD ``C: [D, D]``.
+    """``Z^T: [D, r]`` with ``Z^T Z = C`` for a PSD ``C: [D, D]`` (r = D, or C's numerical rank).
 
-    Cholesky (``C = R R^T``, ``Z = R^T``) when C is numerically positive definite; otherwise (D > n,
-    duplicated features, ...) the symmetric square root from ``eigh(C)`` with tiny negative eigenvalues clipped.
+    Cholesky (``C = R R^T``, ``Z^T = R``) when C is numerically positive definite; otherwise (D > n,
+    duplicated features, an embedding compared with itself) ``eigh(C)`` restricted to C's numerical range:
+    eigenvalues at rounding level (``<= D eps max``) are dropped, not square-rooted, since their square roots
+    (~sqrt(eps)) would leak O(sqrt(eps)) errors into every eigenvalue of ``S``.
     """
+    d = c.shape[0]
+    eps = torch.finfo(c.dtype).eps
     r, info = torch.linalg.cholesky_ex(c)
-    if int(info) == 0:
-        diag = torch.diagonal(r)
-        # Cholesky of a nearly singular matrix succeeds with tiny pivots that lose accuracy; use eigh then.
-        eps = torch.finfo(c.dtype).eps
-        if bool((diag.square() > eps * c.diagonal().max() * c.shape[0]).all()):
-            return r.T
-    d, q = torch.linalg.eigh(c)  # [D], [D, D]
-    # eigenvalues at rounding level (|d| <= D eps max d) are zeros of the PSD C: drop them rather than take
-    # sqrt of noise, which would put sqrt(eps)-sized errors into S
-    tol = c.shape[0] * torch.finfo(c.dtype).eps * d.abs().max()
-    d = torch.where(d > tol, d, torch.zeros_like(d))
-    return (q * d.sqrt()) @ q.T  # C^{1/2}, symmetric
+    # Cholesky of a nearly singular matrix succeeds with tiny pivots that lose accuracy: use eigh then
+    if int(info) == 0 and bool((torch.diagonal(r).square() > d * eps * c.diagonal().max()).all()):
+        return r
+    g, e = torch.linalg.eigh(c)  # [D], [D, D]
+    keep = g > d * eps * g.abs().max()
+    return e[:, keep] * g[keep].sqrt()  # [D, r]
+
+
+def symmetric_form(c: torch.Tensor, jv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S = Z J Z^T: [r, r]`` (same nonzero eigenvalues as ``J C``) and ``J Z^T: [D, r]``.
+
+    ``jv: [D]`` is the diagonal of J (+1 on x features, -1 on y features). An eigenpair ``(lambda, w)`` of S
+    gives the feature-space direction ``u = J Z^T w``, and ``A u / |lambda|`` is the unit-norm sample-space
+    eigenvector of ``L = A J A^T``.
+    """
+    zt = symmetric_factor(c)  # [D, r]
+    jzt = jv[:, None] * zt  # [D, r]
+    s = zt.T @ jzt  # [r, D] @ [D, r] -> [r, r]
+    return (s + s.T) / 2, jzt
 
 
 def select_modes(eigenvalues: torch.Tensor, keep: int) -> torch.Tensor:
@@ -65,6 +83,8 @@ def select_modes(eigenvalues: torch.Tensor, keep: int) -> torch.Tensor:
 def _full_both_signs(s: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = s.shape[0]
     evals, evecs = torch.linalg.eigh(s)  # ascending
+    if 2 * top_k >= d:  # a rank-deficient C left fewer than 2k eigenvalues: all of them
+        return evals, evecs
     idx = torch.cat([torch.arange(d - top_k, d), torch.arange(top_k)]).to(s.device)
     return evals[idx], evecs[:, idx]
 
@@ -131,11 +151,9 @@ def solve_features(
     """
     dx = xx.shape[0]
     c = assemble_covariance(xx, xy, yy, n, eta)  # [D, D]
-    z = symmetric_factor(c)  # [D, D], Z^T Z = C
-    jz_t = z.T.clone()  # [D, D]: J Z^T, J = diag(I_Dx, -I_Dy) flips the y rows
-    jz_t[dx:] *= -1
-    s = z @ jz_t  # Z J Z^T  [D, D]
-    s = (s + s.T) / 2
+    jv = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)  # J = diag(I_Dx, -I_Dy)
+    jv[dx:] = -1
+    s, jz_t = symmetric_form(c, jv)  # [r, r], [D, r]
     if top_k is not None:
         evals, w = _top_k_both_signs(s, top_k)
         order = torch.argsort(evals, descending=True)
@@ -144,7 +162,7 @@ def solve_features(
         evals_all, w_all = torch.linalg.eigh(s)  # ascending
         idx = select_modes(evals_all, keep if keep is not None else min(n, c.shape[0]))
         evals, w = evals_all[idx], w_all[:, idx]
-    u = jz_t @ w  # [D, D] @ [D, K] -> [D, K]
+    u = jz_t @ w  # [D, r] @ [r, K] -> [D, K]
     return evals, u
 
 

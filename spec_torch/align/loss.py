@@ -52,7 +52,8 @@ from torch import nn
 
 from .._validate import as_matrix, check_pair, check_positive
 from ..errors import SpecError
-from ..kernels import GaussianKernel, Kernel, median_sigma, resolve_kernel
+from ..kernels import GaussianKernel, Kernel, median_sigma, resolve_kernel, rff_frequencies
+from ..solver import symmetric_form
 
 __all__ = ["SpecAlignLoss"]
 
@@ -144,27 +145,14 @@ def _objective_weights(
 
 
 def _solve_covariance(c: torch.Tensor, jv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of ``L = A J A^T`` from ``C = A^T A: [D, D]`` by the symmetric form ``S = Z J Z^T``.
-
-    ``C = Z^T Z`` by Cholesky when C is well conditioned, else by ``eigh(C)`` restricted to its numerical range
-    (dropping, not just clipping, the eigenvalues below ``D eps max(g)``: their square roots, ~sqrt(eps), would
-    otherwise leak O(sqrt(eps)) errors into every eigenvalue, 3e-4 in float32).
+    """Eigenpairs of ``L = A J A^T`` from ``C = A^T A: [D, D]`` by the core's symmetric form ``S = Z J Z^T``.
 
     Returns:
         ``(lam [r], u [D, r])`` with ``u = J Z^T w``, so that ``v = A u / |lam|`` is unit-norm.
     """
-    d = c.shape[0]
-    eps = torch.finfo(c.dtype).eps
-    r, info = torch.linalg.cholesky_ex(c)  # C = R R^T, Z = R^T
-    if int(info) == 0 and bool((torch.diagonal(r).square() > d * eps * c.diagonal().max()).all()):
-        zt = r  # Z^T  [D, D]
-    else:
-        g, e = torch.linalg.eigh(c)
-        keep = g > d * eps * g.max()
-        zt = e[:, keep] * g[keep].sqrt()  # Z^T  [D, r]
-    s = zt.T @ (jv[:, None] * zt)  # Z J Z^T  [r, r]
-    lam, w = torch.linalg.eigh((s + s.T) / 2)
-    return lam, jv[:, None] * (zt @ w)  # [r], J Z^T w  [D, r]
+    s, jzt = symmetric_form(c, jv)  # [r, r], [D, r]
+    lam, w = torch.linalg.eigh(s)
+    return lam, jzt @ w  # [r], J Z^T w  [D, r]
 
 
 def _wanted_order(lam: torch.Tensor, one_sided: bool) -> torch.Tensor:
@@ -354,9 +342,9 @@ class SpecAlignLoss(nn.Module):
             sigma = float(sigma_t)
             self._buffers[f"{side}_sigma"] = sigma_t
             if kern.rff_dim is not None:
-                # the recipe of GaussianKernel.fit: w_j ~ N(0, sigma^-2 I), [p, m], from a seeded CPU generator
-                gen = torch.Generator().manual_seed(kern.seed)
-                omega = torch.randn(x.shape[1], kern.rff_dim, generator=gen, dtype=torch.float64) / sigma
+                omega = rff_frequencies(
+                    x.shape[1], kern.rff_dim, sigma, kern.seed
+                )  # [p, m], as GaussianKernel.fit
                 self._buffers[f"{side}_omega"] = omega.to(x.device)
         self._dims = (s.shape[1], t.shape[1])
         self.input_dims.copy_(torch.tensor(self._dims))
