@@ -21,6 +21,10 @@ Examples::
     # continue an interrupted run: the same command with its run folder
     python scripts/align.py experiment=align_tiny hydra.run.dir=outputs/align_tiny train.resume=auto
 
+    # several GPUs: DDP, train.batch_size per process (global batch = nproc x batch_size); rank 0 writes
+    torchrun --nproc_per_node=8 scripts/align.py experiment=align_mscoco_clip_to_dinov2 train.batch_size=32 \
+        data.root=/data/coco/train2017 data.annotations=/data/coco/annotations/captions_train2017.json
+
 Bad input (missing paths, unknown models, pretrained weights that are not available offline) prints one
 line ``error: ...`` to stderr and exits with status 2.
 """
@@ -32,11 +36,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from spec_torch import distributed
 from spec_torch.errors import SpecError
 
 
 @hydra.main(config_path="../configs", config_name="align", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    _run(distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
+
+
+def _run(cfg: DictConfig) -> None:
     from spec_torch.align.pipeline import run
 
     try:
@@ -47,4 +56,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if (
+        distributed.is_follower()
+    ):  # torchrun rank > 0: no Hydra (no run dir, no logs); rank 0 sends the config
+        _run(distributed.share_config())
+    else:
+        main()

@@ -62,6 +62,9 @@ __all__ = [
     "all_gather_object",
     "all_reduce_state",
     "all_gather_topk",
+    "all_gather_with_grad",
+    "wrap_ddp",
+    "all_reduce_mean",
     "is_follower",
     "share_config",
     "run_on_main",
@@ -306,6 +309,65 @@ def all_reduce_state(state: dict[str, Any]) -> dict[str, Any]:
         dist.all_reduce(counts)
         out.update({k: int(c) for k, c in zip(keys, counts.tolist())})
     return out
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` per rank -> ``[world_size * B, ...]`` (rank order), differentiable: the backward pass sums
+    every rank's gradient of a rank's rows back onto that rank (``x`` itself without a process group).
+
+    Every rank must pass the same shape. If every rank then computes the same loss of the gathered rows,
+    each rank's rows receive ``world_size`` times their gradient, which DDP's averaging turns back into the
+    gradient of one process over the global batch (open_clip's ``gather_with_grad``).
+    """
+    if not is_distributed():
+        return x
+    return _GatherRows.apply(x)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-shape row blocks; backward: the summed gradient of this rank's block."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)  # [W * B, ...]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's gradient of every block, summed
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of ``x`` (no gradient; e.g. a per-rank loss value for the logs)."""
+    if not is_distributed():
+        return x.detach()
+    out = x.detach().to(_device(), copy=True)
+    dist.all_reduce(out)
+    return (out / dist.get_world_size()).to(x.device)
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under a process group of more than one rank, else ``module``.
+
+    One device per process: ``device_ids=[device]`` on CUDA, none on the CPU (Gloo). DDP averages the
+    gradients over ranks; losses that gather rows with their gradient (SpecAlignLoss, open_clip's ClipLoss
+    with ``gather_with_grad``, :func:`all_gather_with_grad`) give each rank ``world_size`` times its rows'
+    gradient, so the average is the gradient of one process over the global batch.
+    """
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DistributedDataParallel(module, device_ids=[index])
+    return DistributedDataParallel(module)
 
 
 def all_gather_topk(

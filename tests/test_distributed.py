@@ -156,6 +156,57 @@ def _kernels():
     return "cosine", st.GaussianKernel(sigma=1.5, rff_dim=16, seed=3)
 
 
+class _TinyStudent(torch.nn.Module):
+    """Image and text "towers" (linear maps) in one module, as the alignment trainer's StudentForward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.img, self.txt = torch.nn.Linear(6, 4).double(), torch.nn.Linear(5, 4).double()
+
+    def forward(self, a, b, prompts):
+        return self.img(a), self.txt(b), self.txt(prompts)
+
+
+def _align_batch():
+    """A global batch of 16: images [16, 6], captions [16, 5], teacher features [16, 3], 3 class prompts."""
+    g = torch.Generator().manual_seed(1)
+    lab = torch.arange(16) % 3
+    a = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 3, generator=g, dtype=torch.float64)[lab] + 0.1 * torch.randn(16, 3, generator=g)
+    return a, b, t, torch.randn(3, 5, generator=g, dtype=torch.float64), lab
+
+
+def _align_losses(model, a, b, t, prompts, owner, rank: int = 0, world: int = 1):
+    """SpecAlignLoss + open_clip ClipLoss (gather_with_grad) + the prompt loss on gathered images."""
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from spec_torch.align import SpecAlignLoss
+    from spec_torch.align.train import prompt_contrastive_loss
+
+    img, txt, prm = model(a, b, prompts)  # [B, 4], [B, 4], [3, 4]
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    spec = SpecAlignLoss(dtype=torch.float64, sync_dist=world > 1)(img, t)
+    clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    clip_loss = clip(F.normalize(img, dim=1), F.normalize(txt, dim=1), scale)
+    img_all = sd.all_gather_with_grad(F.normalize(img, dim=1))  # [W * B, 4]
+    prompt_loss = prompt_contrastive_loss(img_all, F.normalize(prm, dim=1), owner, scale)
+    return spec + clip_loss + prompt_loss
+
+
+def _ddp_grads(rank: int) -> dict[str, torch.Tensor]:
+    """One DDP backward over this rank's half of the global batch: the parameters' (averaged) gradients."""
+    a, b, t, prompts, lab = _align_batch()
+    rows = slice(8 * rank, 8 * rank + 8)
+    model = _TinyStudent()
+    ddp = sd.wrap_ddp(model, torch.device("cpu"))
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    _align_losses(ddp, a[rows], b[rows], t[rows], prompts, lab, rank, WORLD).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
 def _fail_on_main() -> None:
     raise SpecError("output_dir: not writable (test)")
 
@@ -193,6 +244,7 @@ def _lib_worker(rank: int, port: int, out_dir: str) -> None:
             "shared": written.read_text(),
             "rank0_obj": sd.broadcast_object({"rank": rank}),
             "gathered": sd.all_gather_object(rank * 10),
+            "ddp_grads": _ddp_grads(rank),
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -249,6 +301,17 @@ def test_collective_helpers(lib_ranks):
         assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
         assert got["shared"] == "rank 0"  # written by rank 0 only, complete before any rank read it
         assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
+
+
+def test_ddp_gradients_equal_one_process_over_the_global_batch(lib_ranks):
+    """SpecAlignLoss + ClipLoss(gather_with_grad) + prompt loss on gathered rows, DDP-averaged over 2 ranks,
+    give the gradient of one process over the concatenated batch (no world_size factor left over)."""
+    a, b, t, prompts, lab = _align_batch()
+    model = _TinyStudent()
+    _align_losses(model, a, b, t, prompts, lab).backward()
+    for got in lib_ranks:
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got["ddp_grads"][name], p.grad, rtol=0, atol=F64_RTOL * 10)
 
 
 # ------------------------------------------------------------------------- torchrun scripts/compare.py
