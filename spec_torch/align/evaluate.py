@@ -62,6 +62,19 @@ class EvalSet:
 
 
 # --------------------------------------------------------------------------------------------- embedding
+class _Images(torch.utils.data.Dataset):
+    """``dataset[positions[k]]`` through ``transform`` (for a DataLoader with workers)."""
+
+    def __init__(self, dataset: SampleDataset, positions: Sequence[int], transform: Callable[[Any], Any]):
+        self.dataset, self.positions, self.transform = dataset, [int(i) for i in positions], transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.transform(self.dataset[self.positions[k]])
+
+
 @torch.no_grad()
 def embed_images(
     model: torch.nn.Module,
@@ -70,14 +83,17 @@ def embed_images(
     transform: Callable[[Any], torch.Tensor],
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    num_workers: int = 0,
 ) -> torch.Tensor:
     """``[m, d]`` float32 (CPU) image embeddings ``model.encode_image`` of ``dataset[positions]``, in eval mode."""
     was_training = model.training
     model.eval()
+    loader = torch.utils.data.DataLoader(
+        _Images(dataset, positions, transform), batch_size=batch_size, num_workers=num_workers
+    )
     out = []
     try:
-        for start in range(0, len(positions), batch_size):
-            imgs = torch.stack([transform(dataset[int(i)]) for i in positions[start : start + batch_size]])
+        for imgs in loader:
             out.append(model.encode_image(imgs.to(device)).float().cpu())  # [b, 3, H, W] -> [b, d]
     finally:
         model.train(was_training)
@@ -210,11 +226,12 @@ def spec_diff_to_teacher(
     eta: float = 1.0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    num_workers: int = 0,
 ) -> float:
     """SPEC-diff between the student's image embeddings of ``es`` and its teacher features (the logged curve)."""
     if es.teacher is None:
         raise SpecError(f"es: the {es.name} evaluation set has no teacher features")
-    img = embed_images(model, es.dataset, es.positions, transform, batch_size, device)  # [m, d]
+    img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
     if not torch.isfinite(img).all():
         raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
     return float(spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta).spec_diff)
@@ -235,6 +252,7 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, float]]:
     """All metrics of the student ``model`` on every evaluation set: ``{set name: {metric: value}}``.
 
@@ -245,7 +263,7 @@ def evaluate(
     """
     results: dict[str, dict[str, float]] = {}
     for es in sets:
-        img = embed_images(model, es.dataset, es.positions, transform, batch_size, device)  # [m, d]
+        img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
         if not torch.isfinite(img).all():
             raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
         out: dict[str, float] = {"n": float(img.shape[0])}

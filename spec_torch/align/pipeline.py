@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_JSON = "results.json"
 BEFORE_JSON = "eval_before.json"
-_SPEC_KEYS = ("kernel_student", "kernel_teacher", "eta", "batch_size", "device")
+_SPEC_KEYS = ("kernel_student", "kernel_teacher", "eta", "batch_size", "device", "num_workers")
 
 
 # -------------------------------------------------------------------------------------------- settings
@@ -271,6 +271,7 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
         batch_size=int(cfg.eval.batch_size),
         device=rt.device,
         seed=int(cfg.seed),
+        num_workers=int(cfg.train.num_workers),
     )
     spec_loss = build_spec_loss(cfg)
     trainer = AlignTrainer(
