@@ -23,6 +23,9 @@ test: $(STAMP)  ## run the test suite (CPU; gpu/browser tests skip where absent)
 demo: $(STAMP)  ## run the main job offline on the built-in synthetic dataset
 	HF_HUB_OFFLINE=1 $(PY) scripts/compare.py experiment=demo
 
+align-demo: $(STAMP)  ## fine-tune a tiny student toward a teacher offline; prints held-out SPEC-diff before/after
+	HF_HUB_OFFLINE=1 $(PY) scripts/align.py experiment=align_tiny
+
 bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one run)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_loss.py
