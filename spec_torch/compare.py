@@ -146,7 +146,7 @@ def _check_settings(cfg: DictConfig) -> None:
     if missing:
         hint = " ".join(f"{key}=..." for key in missing)
         raise SpecError(f"{', '.join(missing)}: required by this config but not given; add {hint}")
-    for key in ("top_k", "samples_per_mode", "batch_size"):
+    for key in ("top_k", "samples_per_mode", "batch_size", "stream_batch_size"):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"{key}: expected a positive integer, got {value!r}")
@@ -329,6 +329,11 @@ def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
     return kx.fit(xs), ky.fit(ys)
 
 
+def _stream_batch(cfg: DictConfig) -> int:
+    """Rows per batch when streaming cached features (larger than the extraction batch: one GEMM each)."""
+    return int(cfg.get("stream_batch_size") or cfg.batch_size)
+
+
 def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka)."""
     from . import api
@@ -345,7 +350,7 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
         res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
         return res, cka.compute()
     acc = DiffCovariance(kx, ky, device=device)
-    for xb, yb in paired.batches(int(cfg.batch_size), rows=_my_rows(paired)):  # torchrun: this rank's block
+    for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
         acc.update(xb, yb)
         cka.update(xb, yb)
@@ -378,7 +383,7 @@ def _mode_entries(cfg, res, paired, dataset, device) -> tuple[dict[str, list[dic
         return entries, views, clustering
     k = min(int(cfg.samples_per_mode), paired.n)
     mine = _my_rows(paired)  # torchrun: each rank scores its block; the candidates are merged over ranks
-    batches = ((xb.to(device), yb.to(device)) for xb, yb in paired.batches(int(cfg.batch_size), rows=mine))
+    batches = ((xb.to(device), yb.to(device)) for xb, yb in paired.batches(_stream_batch(cfg), rows=mine))
     top = res.top_samples(  # the second streaming pass
         batches,
         k=k,
@@ -509,6 +514,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "seed": int(cfg.seed),
             "device": str(device),
             "batch_size": int(cfg.batch_size),
+            "stream_batch_size": _stream_batch(cfg),
         },
         encoders=enc_info,
         dataset=data_info,
