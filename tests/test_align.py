@@ -317,7 +317,12 @@ def test_coco_pipeline_end_to_end_and_exact_resume(work, mini_coco, mini_imagene
     rows = (out_b / "logs" / "train.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]  # step 5 not logged twice
     assert any(r.split(",")[7] for r in rows[1:]), "held-out SPEC-diff logged"
-    assert list((out_a / "logs" / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out_b / "logs" / "tb"))
+    tb.Reload()
+    assert {"train/loss_clip", "train/loss_spec", "heldout/spec_diff"} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("train/loss_spec")] == [1, 2, 3, 4, 5, 6]  # as TensorBoard reads it
     assert (out_a / "plots" / "align_metrics.png").stat().st_size > 0
 
 
