@@ -50,8 +50,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
-    """Run ``fn(rank, port, *args)`` in WORLD processes; fail (and kill them) if one fails or they hang."""
+def _spawn_raw(fn, *args) -> None:
+    """Run ``fn(rank, port, *args)`` in WORLD processes; a worker's exception is raised here (the others are
+    stopped); fail (and kill them) if they hang."""
     ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
@@ -59,6 +60,10 @@ def _spawn(fn, *args) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {WORLD} Gloo workers did not finish in {TIMEOUT_S} s (a collective mismatch?)")
+
+
+def _spawn(fn, *args) -> None:
+    _spawn_raw(fn, *args)
 
 
 def _init(rank: int, port: int) -> None:
@@ -139,6 +144,7 @@ def test_write_on_main_is_atomic_and_cleans_up(tmp_path):
 
 
 # --------------------------------------------------------------------------- 2 Gloo processes: library
+# ------------------------------------------------------------------ 2 Gloo processes: everything, one spawn
 N_LIB = 81  # 41 + 40 rows
 
 
@@ -211,53 +217,109 @@ def _fail_on_main() -> None:
     raise SpecError("output_dir: not writable (test)")
 
 
-def _lib_worker(rank: int, port: int, out_dir: str) -> None:
+def _library_checks(rank: int, out_dir: str) -> dict:
+    x, y = _lib_data()
+    rows = sd.shard_range(N_LIB)
+    xs, ys = x[rows.start : rows.stop], y[rows.start : rows.stop]
+    acc = st.DiffCovariance(*_kernels())
+    for xb, yb in zip(xs.split(16), ys.split(16)):
+        acc.update(xb, yb)
+    synced = acc.compute(eta=0.7)  # default: all-reduced over the ranks
+    local = acc.compute(eta=0.7, sync_dist=False)
+    top = synced.top_samples(zip(xs.split(8), ys.split(8)), k=50, offset=rows.start, sync_dist=True)
+    # a rank without samples still takes part in the merge
+    empty = synced.top_samples([] if rank == 1 else [(x, y)], k=5, modes=[0, 1], sync_dist=True)
+    state = sd.all_reduce_state({"a": torch.full((2, 2), rank + 1.0), "n": rank + 3, "name": "kept"})
+    try:
+        sd.run_on_main(_fail_on_main)
+        error = None
+    except SpecError as exc:
+        error = str(exc)
+    written = sd.write_on_main(Path(out_dir) / "shared.txt", lambda tmp: tmp.write_text(f"rank {rank}"))
+    return {
+        "n_local": acc.n,
+        "n_synced": synced.n,
+        "evals": synced.eigenvalues,
+        "evals_local": local.eigenvalues,
+        "top": top,
+        "empty": empty,
+        "state": state,
+        "error": error,
+        "shared": written.read_text(),
+        "rank0_obj": sd.broadcast_object({"rank": rank}),
+        "gathered": sd.all_gather_object(rank * 10),
+        "ddp_grads": _ddp_grads(rank),
+    }
+
+
+class _Stop(Exception):
+    pass
+
+
+def _compare_resume(rank: int, work: Path) -> dict:
+    """compare.run on 2 ranks over caches where rank 1's block was cut short (see ``_cut_short``)."""
+    from spec_torch.compare import run
+    from spec_torch.encoders.offline import ColourHistogramEncoder
+
+    forward, calls = ColourHistogramEncoder.forward, {"n": 0}
+
+    def counting(self, batch):
+        calls["n"] += 1
+        return forward(self, batch)
+
+    ColourHistogramEncoder.forward = counting
+    try:
+        summary = run(_compare_cfg(work, "out"))
+    finally:
+        ColourHistogramEncoder.forward = forward
+    return {"calls": calls["n"], "summary": summary}
+
+
+def _align_interrupted_then_resumed(rank: int, out: Path) -> dict:
+    """align on 2 ranks (batch 8 each): interrupted after step 2, then the same run again resumes it."""
+    from spec_torch.align.pipeline import run
+
+    def stop(trainer) -> None:
+        if trainer.step == 2:
+            raise _Stop("interrupted after step 2")
+
+    try:
+        run(_align_cfg(out, batch_size=8), on_step=stop)
+        interrupted = None
+    except _Stop as exc:  # on both ranks at the same step: the process group stays usable
+        interrupted = str(exc)
+    left = {
+        "checkpoint": (out / "checkpoints" / "last.pt").is_file(),
+        "results": (out / "results.json").exists(),
+    }
+    sd.barrier()
+    run(_align_cfg(out, batch_size=8))
+    return {"interrupted": interrupted, "left": left}
+
+
+def _worker(rank: int, port: int, work: str) -> None:
     _init(rank, port)
     try:
-        x, y = _lib_data()
-        rows = sd.shard_range(N_LIB)
-        xs, ys = x[rows.start : rows.stop], y[rows.start : rows.stop]
-        acc = st.DiffCovariance(*_kernels())
-        for xb, yb in zip(xs.split(16), ys.split(16)):
-            acc.update(xb, yb)
-        synced = acc.compute(eta=0.7)  # default: all-reduced over the ranks
-        local = acc.compute(eta=0.7, sync_dist=False)
-        top = synced.top_samples(zip(xs.split(8), ys.split(8)), k=50, offset=rows.start, sync_dist=True)
-        # a rank without samples still takes part in the merge
-        empty = synced.top_samples([] if rank == 1 else [(x, y)], k=5, modes=[0, 1], sync_dist=True)
-        state = sd.all_reduce_state({"a": torch.full((2, 2), rank + 1.0), "n": rank + 3, "name": "kept"})
-        try:
-            sd.run_on_main(_fail_on_main)
-            error = None
-        except SpecError as exc:
-            error = str(exc)
-        written = sd.write_on_main(Path(out_dir) / "shared.txt", lambda tmp: tmp.write_text(f"rank {rank}"))
         result = {
-            "n_local": acc.n,
-            "n_synced": synced.n,
-            "evals": synced.eigenvalues,
-            "evals_local": local.eigenvalues,
-            "top": top,
-            "empty": empty,
-            "state": state,
-            "error": error,
-            "shared": written.read_text(),
-            "rank0_obj": sd.broadcast_object({"rank": rank}),
-            "gathered": sd.all_gather_object(rank * 10),
-            "ddp_grads": _ddp_grads(rank),
+            "lib": _library_checks(rank, work),
+            "compare": _compare_resume(rank, Path(work) / "compare"),
+            "align": _align_interrupted_then_resumed(rank, Path(work) / "align" / "two"),
         }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(result, os.path.join(work, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def lib_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_lib")
-    _spawn(_lib_worker, str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def ranks(tmp_path_factory):
+    """One spawn of 2 Gloo processes runs every multi-rank check; their per-rank results."""
+    work = tmp_path_factory.mktemp("ranks")
+    _cut_short(work / "compare")
+    _spawn(_worker, str(work))
+    return work, [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+# ----------------------------------------------------------------------------------- library over 2 ranks
 def _reference(rows: range | None = None) -> st.SpecResult:
     x, y = _lib_data()
     if rows is not None:
@@ -265,37 +327,36 @@ def _reference(rows: range | None = None) -> st.SpecResult:
     return st.DiffCovariance(*_kernels()).update(x, y).compute(eta=0.7)
 
 
-def test_diff_covariance_all_reduces_by_default(lib_ranks):
+def test_diff_covariance_all_reduces_by_default(ranks):
     ref = _reference()
-    for rank, got in enumerate(lib_ranks):
+    for rank, got in enumerate(r["lib"] for r in ranks[1]):
         assert got["n_synced"] == N_LIB and got["n_local"] == len(sd.shard_range(N_LIB, rank, WORLD))
         torch.testing.assert_close(got["evals"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
-    assert torch.equal(lib_ranks[0]["evals"], lib_ranks[1]["evals"])  # one solve, the same on every rank
+    assert torch.equal(ranks[1][0]["lib"]["evals"], ranks[1][1]["lib"]["evals"])  # one solve, same everywhere
 
 
-def test_diff_covariance_sync_dist_false_keeps_the_local_sums(lib_ranks):
-    for rank, got in enumerate(lib_ranks):
+def test_diff_covariance_sync_dist_false_keeps_the_local_sums(ranks):
+    for rank, got in enumerate(r["lib"] for r in ranks[1]):
         ref = _reference(sd.shard_range(N_LIB, rank, WORLD))
         torch.testing.assert_close(got["evals_local"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
-    assert not torch.allclose(lib_ranks[0]["evals_local"][:3], lib_ranks[1]["evals_local"][:3])
+    assert not torch.allclose(ranks[1][0]["lib"]["evals_local"][:3], ranks[1][1]["lib"]["evals_local"][:3])
 
 
-def test_top_samples_merged_over_ranks_equal_one_process(lib_ranks):
+def test_top_samples_merged_over_ranks_equal_one_process(ranks):
     ref_res = _reference()
     x, y = _lib_data()
     ref = ref_res.top_samples((x, y), k=50)  # 50 > the 40/41 rows of one rank
-    for got in lib_ranks:
+    ref_empty = ref_res.top_samples((x, y), k=5, modes=[0, 1])
+    for got in (r["lib"] for r in ranks[1]):
         top = got["top"]
         assert top.modes == ref.modes and top.flipped == ref.flipped
         assert torch.equal(top.indices, ref.indices)
         torch.testing.assert_close(top.scores, ref.scores, rtol=0, atol=1e-9)
-    ref_empty = ref_res.top_samples((x, y), k=5, modes=[0, 1])
-    for got in lib_ranks:
         assert torch.equal(got["empty"].indices, ref_empty.indices)
 
 
-def test_collective_helpers(lib_ranks):
-    for got in lib_ranks:
+def test_collective_helpers(ranks):
+    for got in (r["lib"] for r in ranks[1]):
         assert torch.equal(got["state"]["a"], torch.full((2, 2), 3.0))
         assert got["state"]["n"] == 7 and got["state"]["name"] == "kept"
         assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
@@ -303,53 +364,178 @@ def test_collective_helpers(lib_ranks):
         assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
 
 
-def test_ddp_gradients_equal_one_process_over_the_global_batch(lib_ranks):
+def test_ddp_gradients_equal_one_process_over_the_global_batch(ranks):
     """SpecAlignLoss + ClipLoss(gather_with_grad) + prompt loss on gathered rows, DDP-averaged over 2 ranks,
     give the gradient of one process over the concatenated batch (no world_size factor left over)."""
     a, b, t, prompts, lab = _align_batch()
     model = _TinyStudent()
     _align_losses(model, a, b, t, prompts, lab).backward()
-    for got in lib_ranks:
+    for got in (r["lib"] for r in ranks[1]):
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["ddp_grads"][name], p.grad, rtol=0, atol=F64_RTOL * 10)
 
 
-# ------------------------------------------------------------------------- torchrun scripts/compare.py
-def _env(cache: Path) -> dict[str, str]:
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        SPEC_TORCH_CACHE=str(cache),
-        OMP_NUM_THREADS="1",
-    )
+# ------------------------------------------------------------------ a rank dies mid-extraction, rerun
+COMPARE = ["data.n=48", "data.image_size=32", "batch_size=6", "chunk_rows=6", "report=false", "top_k=2"]
 
 
-def _launch(args: list[str], cache: Path, cwd: Path, nproc: int) -> subprocess.Popen:
-    if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT)]
-    else:
-        cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", str(SCRIPT)]
-    return subprocess.Popen(
-        [*cmd, *args, "progress=false"],
-        cwd=cwd,
-        env=_env(cache),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _compare_cfg(work: Path, out: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(
+            config_name="compare",
+            overrides=[*COMPARE, "progress=false", f"cache_dir={work}/cache", f"output_dir={work / out}"],
+        )
 
 
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+def _cut_short(work: Path) -> Path:
+    """Leave rank 1's colour-encoder cache as a rank killed in its second batch leaves it: one chunk of 6
+    rows flushed and counted, no completion marker, and the lock of a process that no longer exists."""
+    from spec_torch.compare import _build_encoder, _container
+    from spec_torch.data import build_dataset
+    from spec_torch.encoders.offline import ColourHistogramEncoder
+    from spec_torch.extract import extract_features
+
+    cfg = _compare_cfg(work, "out")
+    data = dict(_container(cfg.data))
+    dataset = build_dataset(data.pop("name"), **data)
+    shard = sd.ShardDataset(dataset, sd.shard_range(len(dataset), 1, WORLD))
+    encoder = _build_encoder(_container(cfg.encoder_x), "encoder_x")
+    forward, calls = ColourHistogramEncoder.forward, {"n": 0}
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Stop("killed in the second batch")
+        return forward(self, batch)
+
+    ColourHistogramEncoder.forward = dying
     try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        with pytest.raises(_Stop):
+            extract_features(shard, encoder, work / "cache", batch_size=6, chunk_rows=6, progress=False)
+    finally:
+        ColourHistogramEncoder.forward = forward
+    (folder,) = list((work / "cache").iterdir())
+    assert json.loads((folder / "manifest.json").read_text())["rows_done"] == 6
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / ".lock").write_text(f"{socket.gethostname()} {dead.pid}")
+    return folder
 
 
+def test_rank_dying_mid_extraction_leaves_caches_that_a_rerun_resumes(ranks, tmp_path):
+    from spec_torch.compare import run
+
+    work, results = ranks
+    assert results[1]["compare"]["calls"] == 3  # rank 1 embeds rows 6..23 of its block only: 3 batches of 6
+    assert results[0]["compare"]["calls"] == 4  # rank 0 its whole block of 24
+    spec = json.loads((work / "compare" / "out" / "spec.json").read_text())
+    assert results[0]["compare"]["summary"]["eigenvalues"] == results[1]["compare"]["summary"]["eigenvalues"]
+    one = run(_compare_cfg(tmp_path, "one"))  # one process, from scratch
+    np.testing.assert_allclose(
+        spec["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
+    )
+    for direction in ("x", "y"):
+        assert [m["top_ids"] for m in spec["modes"][direction]] == [
+            m["top_ids"] for m in one["modes"][direction]
+        ]
+
+
+# ------------------------------------------------------------------------ alignment: 2 ranks vs 1 process
+ALIGN = [
+    "experiment=align_tiny",
+    "data.n=96",
+    "heldout=16",
+    "train.steps=4",
+    "train.ckpt_every=2",
+    "train.heldout_every=4",
+    "train.log_every=1",
+    "optim.warmup_steps=1",
+    "eval.knn_k=3",
+    "eval.teacher_clusters=2",
+    "progress=false",
+]
+#: float32 training, 2 ranks vs 1 process (reduction order differs), relative to how far the weights moved
+ALIGN_RTOL = 1e-2
+#: the logged losses (float32)
+ALIGN_LOSS_RTOL = 1e-5
+
+
+def _align_cfg(out: Path, batch_size: int):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(
+            config_name="align",
+            overrides=[
+                *ALIGN,
+                f"train.batch_size={batch_size}",
+                f"cache_dir={out.parent / 'cache'}",
+                f"output_dir={out}",
+            ],
+        )
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    """The student's weights before training (the pipeline seeds the random initialisation)."""
+    from omegaconf import OmegaConf
+
+    from spec_torch.align.pipeline import build_student
+
+    cfg = _align_cfg(Path("/nonexistent/out"), batch_size=8)
+    torch.manual_seed(int(cfg.seed))
+    model, _, _ = build_student(OmegaConf.to_container(cfg.student, resolve=True))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_alignment_two_ranks_interrupted_and_resumed_equal_one_process(ranks, tmp_path):
+    from spec_torch.align.pipeline import run
+    from spec_torch.align.runtime import Runtime
+
+    work, results = ranks
+    two = work / "align" / "two"
+    for r in results:
+        assert r["align"]["interrupted"] == "interrupted after step 2"
+        assert r["align"]["left"] == {"checkpoint": True, "results": False}
+    one = tmp_path / "one"
+    run(_align_cfg(one, batch_size=16))  # one process, the same global batch of 16
+
+    res_two, res_one = (json.loads((d / "results.json").read_text()) for d in (two, one))
+    assert res_two["resumed"] and res_two["steps"] == res_one["steps"] == 4
+    rows1, rows2 = _csv(one / "logs" / "train.csv"), _csv(two / "logs" / "train.csv")
+    assert [r["step"] for r in rows2] == ["1", "2", "3", "4"]  # rank 0 alone logs, the resume continued them
+    for r1, r2 in zip(rows1, rows2):
+        for key in ("loss_spec", "loss_clip"):
+            assert abs(float(r1[key]) - float(r2[key])) <= ALIGN_LOSS_RTOL * abs(float(r1[key])), (
+                key,
+                r1,
+                r2,
+            )
+    # weights: 2 ranks vs 1, relative to the change made by training (a wrong gradient scale fails this)
+    w1, w2, before = torch.load(one / "student.pt"), torch.load(two / "student.pt"), _initial_weights()
+    assert w1.keys() == w2.keys() == before.keys()
+    moved = max(float((w1[k] - before[k]).abs().max()) for k in w1)
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert moved > 0 and diff <= ALIGN_RTOL * moved, (diff, moved)
+
+    # resuming with another number of processes is refused (the data shards would differ)
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setattr(
+            Runtime, "detect", classmethod(lambda cls, device="auto": cls(torch.device("cpu"), 0, 2))
+        )
+        with pytest.raises(SpecError, match=r"written by 1 process\(es\), this run has 2"):
+            run(_align_cfg(one, batch_size=16))
+
+
+# ------------------------------------------------------------------------- torchrun scripts/compare.py
 def _draw(colour: str, shape: str, k: int) -> Image.Image:
     img = Image.new("RGB", (32, 32), (235, 235, 235))
     box = (3 + k % 4, 3 + k % 3, 27 - k % 5, 28 - k % 2)
@@ -357,171 +543,76 @@ def _draw(colour: str, shape: str, k: int) -> Image.Image:
     return img
 
 
+FOLDER = ["data=imagefolder", "data.label_from_folder=true", "batch_size=8", "top_k=2"]
+GAUSS = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64"]
+
+
 @pytest.fixture(scope="module")
-def compare_runs(tmp_path_factory):
-    """Four runs started together: precomputed features and an image folder, each on 2 ranks and on 1."""
-    work = tmp_path_factory.mktemp("dist_compare")
-    rng = np.random.default_rng(1)
-    n = 150
-    gx, gy = rng.integers(0, 3, n), rng.integers(0, 3, n)
-    x = np.eye(3)[gx] * 3 + 0.3 * rng.normal(size=(n, 3))
-    y = np.concatenate([np.eye(3)[gy] * 3, np.ones((n, 1))], 1) + 0.3 * rng.normal(size=(n, 4))
-    np.save(work / "x.npy", x.astype(np.float32))
-    np.save(work / "y.npy", y.astype(np.float32))
+def torchrun_compare(tmp_path_factory):
+    """``torchrun --nproc_per_node=2 scripts/compare.py`` on an image folder with a corrupt image, in the
+    default run dir under its working directory, and the same comparison in one process (in-process)."""
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.compare import run
+
+    work = tmp_path_factory.mktemp("torchrun")
     images = work / "images"
     for c, (colour, shape) in enumerate([("red", "ellipse"), ("blue", "rectangle"), ("green", "ellipse")]):
         (images / f"class{c}").mkdir(parents=True)
         for k in range(9):
             _draw(colour, shape, k).save(images / f"class{c}" / f"img{k}.png")
     (images / "class2" / "img_broken.png").write_bytes(b"\x89PNG not really")  # in rank 1's block
-    features = [f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}", "data=features"]
-    folder = ["data=imagefolder", f"data.root={images}", "data.label_from_folder=true", "batch_size=8"]
-    common = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64", "top_k=2"]
-    runs = {
-        # default run dir (outputs/compare/<date>/<time> under cwd): rank 0 alone decides and makes it
-        ("features", 2): ([*features, *common], work / "f2"),
-        ("features", 1): ([*features, *common, f"hydra.run.dir={work / 'f1' / 'out'}"], work / "f1"),
-        ("folder", 2): ([*folder, *common, f"hydra.run.dir={work / 'i2' / 'out'}"], work / "i2"),
-        ("folder", 1): ([*folder, *common, f"hydra.run.dir={work / 'i1' / 'out'}"], work / "i1"),
-    }
-    procs = {}
-    for key, (args, cwd) in runs.items():
-        cwd.mkdir()
-        procs[key] = (_launch(args, cwd / "cache", cwd, key[1]), cwd)
-    done = {key: (_finish(p), cwd) for key, (p, cwd) in procs.items()}
-    return done
+    args = [*FOLDER, f"data.root={images}", *GAUSS, "progress=false"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
+    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}", str(SCRIPT), *args]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):  # meanwhile: 1 process
+        cfg = compose(
+            config_name="compare",
+            overrides=[*args, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
+        )
+    one = run(cfg)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return work, out, one
 
 
-def _spec(cwd: Path) -> tuple[dict, Path]:
-    found = list(cwd.rglob("spec.json"))
-    assert len(found) == 1, found
-    return json.loads(found[0].read_text()), found[0].parent
-
-
-@pytest.mark.parametrize("data", ["features", "folder"])
-def test_torchrun_compare_equals_one_process(compare_runs, data):
-    two, _ = _spec(compare_runs[(data, 2)][1])
-    one, _ = _spec(compare_runs[(data, 1)][1])
-    assert two["n"] == one["n"] and two["skipped"] == one["skipped"]
+def test_torchrun_compare_equals_one_process(torchrun_compare):
+    work, _, one = torchrun_compare
+    (path,) = list((work / "outputs").rglob("spec.json"))
+    two = json.loads(path.read_text())
+    assert two["n"] == one["n"] == 27 and two["skipped"] == one["skipped"]
+    assert two["skipped"] == {"count": 1, "ids": ["class2/img_broken.png"]}
     assert two["kernel_y"] == one["kernel_y"]  # the same auto sigma: fitted on the same seeded rows
-    ev2, ev1 = np.array(two["eigenvalues"]), np.array(one["eigenvalues"])
-    np.testing.assert_allclose(ev2, ev1, rtol=0, atol=F32_RTOL * one["spec_diff"])
+    np.testing.assert_allclose(
+        two["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
+    )
     for direction in ("x", "y"):
         assert len(two["modes"][direction]) == len(one["modes"][direction]) > 0
         for a, b in zip(two["modes"][direction], one["modes"][direction]):
-            assert a["top_ids"] == b["top_ids"]
+            assert a["top_ids"] == b["top_ids"] and a["labels"] == b["labels"]
             np.testing.assert_allclose(a["top_scores"], b["top_scores"], rtol=0, atol=1e-4)
-            assert a.get("labels") == b.get("labels")
     np.testing.assert_allclose(two["metrics"]["linear_cka"], one["metrics"]["linear_cka"], rtol=1e-9)
     assert two["metrics"]["mutual_knn"] == one["metrics"]["mutual_knn"]
 
 
-def test_torchrun_run_dir_is_made_and_written_by_rank_zero_only(compare_runs):
-    proc, cwd = compare_runs[("features", 2)]
-    (run_dir,) = list(
-        (cwd / "outputs" / "compare").glob("*/*")
-    )  # one dir, though both ranks started Hydra's clock
+def test_torchrun_run_dir_is_made_and_written_by_rank_zero_only(torchrun_compare):
+    work, stdout, _ = torchrun_compare
+    (run_dir,) = list((work / "outputs" / "compare").glob("*/*"))  # one dir, though both ranks started
     assert (run_dir / "spec.json").is_file() and (run_dir / "report.html").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in run_dir.glob("*.log")) == ["compare.log"]
-    assert proc.stdout.count("SPEC-diff =") == 1  # one summary: rank 0's
+    assert stdout.count("SPEC-diff =") == 1  # one summary: rank 0's
     assert not list(run_dir.glob(".*.tmp"))
 
 
-def test_torchrun_extraction_writes_one_cache_per_rank(compare_runs):
-    _, cwd = compare_runs[("folder", 2)]
-    spec, _ = _spec(cwd)
-    assert spec["skipped"] == {"count": 1, "ids": ["class2/img_broken.png"]}
-    folders = sorted(p.name for p in (cwd / "cache").iterdir())
+def test_torchrun_extraction_writes_one_cache_per_rank(torchrun_compare):
+    work, _, _ = torchrun_compare
+    folders = sorted((work / "cache").iterdir())
     assert len(folders) == 4  # 2 encoders x 2 ranks
-    shards = sorted(
-        tuple(json.loads((cwd / "cache" / f / "complete.json").read_text())["dataset"]["shard"])
-        for f in folders
-    )
-    assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]
-
-
-# ------------------------------------------------------------------ a rank dies mid-extraction, rerun
-def _resume_worker(rank: int, port: int, work: str, crash_rank: int) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from spec_torch.compare import run
-    from spec_torch.encoders.offline import ColourHistogramEncoder
-
-    _init(rank, port)
-    forward = ColourHistogramEncoder.forward
-    calls = {"n": 0}
-
-    def counting(self, batch):
-        calls["n"] += 1
-        if rank == crash_rank and calls["n"] == 2:
-            os._exit(3)  # the process dies (no exception handling, no cleanup), as under a kill
-        return forward(self, batch)
-
-    ColourHistogramEncoder.forward = counting
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose(
-                config_name="compare",
-                overrides=[
-                    "data.n=48",
-                    "data.image_size=32",
-                    "batch_size=6",
-                    "chunk_rows=6",
-                    "report=false",
-                    "progress=false",
-                    "top_k=2",
-                    f"cache_dir={work}/cache",
-                    f"output_dir={work}/out",
-                ],
-            )
-        summary = run(cfg)
-        Path(work, f"rank{rank}.json").write_text(json.dumps({"calls": calls["n"], "summary": summary}))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_rank_dying_mid_extraction_leaves_caches_that_a_rerun_resumes(tmp_path):
-    ctx = mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), 1), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    with pytest.raises(mp.ProcessExitedException):  # rank 1 dies; spawn then stops rank 0
-        while not ctx.join(timeout=2):
-            assert time.monotonic() < deadline, "workers hung"
-    assert not (tmp_path / "out" / "spec.json").exists()
-    colour = sorted(p for p in (tmp_path / "cache").iterdir() if "offline_colour" in p.name)
-    unfinished = [p for p in colour if not (p / "complete.json").exists()]
-    assert len(unfinished) >= 1
-    rank1 = [p for p in colour if json.loads((p / "manifest.json").read_text())["dataset"]["shard"][0] == 24]
-    assert len(rank1) == 1 and not (rank1[0] / "complete.json").exists()
-    assert json.loads((rank1[0] / "manifest.json").read_text())["rows_done"] == 6  # one chunk survived
-
-    _spawn(_resume_worker, str(tmp_path), -1)  # the rerun, nobody dies
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert results[1]["calls"] == 3  # rank 1 embeds rows 6..23 of its block only: 3 batches of 6
-    spec = json.loads((tmp_path / "out" / "spec.json").read_text())
-    assert results[0]["summary"]["eigenvalues"] == spec["eigenvalues"]
-
-    # the same comparison in one process, from scratch
-    from hydra import compose, initialize_config_dir
-
-    from spec_torch.compare import run
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="compare",
-            overrides=[
-                "data.n=48",
-                "data.image_size=32",
-                "batch_size=6",
-                "report=false",
-                "progress=false",
-                "top_k=2",
-                f"cache_dir={tmp_path}/cache1",
-                f"output_dir={tmp_path}/out1",
-            ],
-        )
-    one = run(cfg)
-    np.testing.assert_allclose(
-        spec["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
-    )
-    assert [m["top_ids"] for m in spec["modes"]["x"]] == [m["top_ids"] for m in one["modes"]["x"]]
+    shards = sorted(tuple(json.loads((f / "complete.json").read_text())["dataset"]["shard"]) for f in folders)
+    assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]  # no image twice, none dropped
