@@ -574,6 +574,29 @@ def test_stale_spec_json_is_removed_before_a_failing_rerun(work, feature_files):
     assert not (out / "spec.json").exists()
 
 
+def test_spec_json_is_written_last(work, feature_files, monkeypatch):
+    """A failure after the comparison (here: the report) leaves no spec.json: its presence means finished."""
+    import spec_torch.report
+
+    def broken_report(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(spec_torch.report, "write_report", broken_report)
+    out = work / "report_fails"
+    cfg = compose_cfg(
+        [
+            "data=features",
+            f"data.x_path={feature_files['x']}",
+            f"data.y_path={feature_files['y']}",
+            f"output_dir={out}",
+        ]
+    )
+    with pytest.raises(OSError, match="disk full"):
+        run(cfg)
+    assert out.is_dir() and not (out / "spec.json").exists()
+    assert not list(out.glob(".spec.json.*"))  # no temporary left behind either
+
+
 def test_missing_required_setting_is_named():
     cfg = compose_cfg(["experiment=imagenet_clip_vs_dinov2", "output_dir=/tmp"])
     with pytest.raises(SpecError, match=r"data\.root"):
