@@ -89,7 +89,10 @@ def embed_images(
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(
-        _Images(dataset, positions, transform), batch_size=batch_size, num_workers=num_workers
+        _Images(dataset, positions, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # leaves the global RNG alone (a resumed run replays it exactly)
     )
     out = []
     try:

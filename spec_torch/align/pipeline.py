@@ -287,25 +287,15 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
             m, sets[0], transform, **{k: eval_kwargs[k] for k in _SPEC_KEYS}
         ),
     )
-    resume = cfg.train.resume
-    resumed = False
-    if resume not in (None, False, "auto", "none"):
-        resumed = trainer.resume(str(resume))
-    elif resume == "auto":
-        resumed = trainer.resume()
-    elif trainer.ckpt_path.is_file():
-        raise SpecError(
-            f"train.resume: {trainer.ckpt_path} exists but resume is off; use train.resume=auto to continue "
-            "it, or another output_dir"
-        )
-
+    checkpoint = _checkpoint_to_resume(cfg.train.resume, trainer.ckpt_path)
     before_path = out / BEFORE_JSON
-    if resumed and before_path.is_file():
+    if checkpoint is not None and before_path.is_file():
         before = json.loads(before_path.read_text())["metrics"]
-    else:
+    else:  # the model is still the untrained student here, also when a checkpoint is loaded next
         before = evaluate(model, tokenizer, transform, sets, **eval_kwargs)
         if rt.is_main:
             _atomic_json(before_path, {"metrics": before})
+    resumed = trainer.resume(checkpoint) if checkpoint is not None else False
     if rt.is_main:
         _print_table("before", before)
 
@@ -336,6 +326,23 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
         _print_change(before, after, out)
     rt.barrier()
     return results
+
+
+def _checkpoint_to_resume(resume: Any, default: Path) -> Path | None:
+    """The checkpoint ``train.resume`` asks to continue from (auto: ``default`` if present), or None."""
+    if resume in (None, False, "none"):
+        if default.is_file():
+            raise SpecError(
+                f"train.resume: {default} exists but resume is off; use train.resume=auto to continue it, "
+                "or another output_dir"
+            )
+        return None
+    if resume == "auto":
+        return default if default.is_file() else None
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise SpecError(f"train.resume: no such checkpoint: {path}")
+    return path
 
 
 def _print_table(title: str, metrics: dict[str, dict[str, float]]) -> None:
