@@ -355,6 +355,8 @@ def test_resume_refuses_other_settings_and_unrequested_overwrite(work, mini_imag
         run(tiny(compose_align(base), work, "refuse", steps=2, batch_size=6))
     with pytest.raises(SpecError, match="resume is off"):
         run(tiny(compose_align([*base, "train.resume=false"]), work, "refuse", steps=2))
+    with pytest.raises(SpecError, match="no such checkpoint"):
+        run(tiny(compose_align([*base, f"train.resume={work / 'none.pt'}"]), work, "refuse2", steps=2))
 
 
 def test_demo_lowers_heldout_spec_diff(work):
