@@ -348,6 +348,14 @@ def dataset_runs(
             "encoder_x.pretrained=null",  # random ViT-B-32 text tower: no download in tests
             *small,
         ],
+        "textfile": [
+            "data=textfile",
+            f"data.path={text_file}",
+            "encoder@encoder_x=minilm",
+            "encoder@encoder_y=minilm",
+            "encoder_y.max_length=4",  # y reads only the first words
+            *small,
+        ],
         "demo": ["experiment=demo", "data.n=160", "samples_per_mode=12"],
     }
     outs = {name: work / f"run_{name}" for name in runs}
@@ -416,30 +424,15 @@ def test_coco_captions_run_compares_two_text_encoders(dataset_runs):
     )
 
 
-def test_textfile_run(work, text_file):
-    """In-process (the CLI path is the same; this saves a subprocess loading sentence-transformers)."""
-    cfg = compose_cfg(
-        [
-            "data=textfile",
-            f"data.path={text_file}",
-            "encoder@encoder_x=minilm",
-            "encoder@encoder_y=minilm",
-            "encoder_y.max_length=4",  # y reads only the first words
-            "top_k=2",
-            "samples_per_mode=4",
-            f"cache_dir={work / 'cache'}",
-            f"output_dir={work / 'textfile_out'}",
-            "progress=false",
-        ]
-    )
-    spec = run(cfg)
+def test_textfile_run(dataset_runs):
+    spec, _, out = finished(dataset_runs, "textfile")
     assert spec["n"] == 24 and spec["dataset"]["modality"] == "text"
     assert spec["encoders"]["y"]["max_length"] == 4
     top = [e for direction in ("x", "y") for e in spec["modes"][direction]]
     assert top and all(sid.startswith("line:") for e in top for sid in e["top_ids"])
     # truncation to 4 tokens merges sentences the full encoder separates: x captures groups y does not
     assert spec["modes"]["x"] and spec["modes"]["x"][0]["eigenvalue"] > 0
-    assert (work / "textfile_out" / "report.html").is_file()
+    assert "the weather is" in (out / "report.html").read_text()
 
 
 #: a demo mode counts as matching a planted group when its top samples share one attribute value this often
