@@ -153,6 +153,8 @@ def _check_settings(cfg: DictConfig) -> None:
     eta = cfg.get("eta")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
         raise SpecError(f"eta: expected a positive number, got {eta!r}")
+    if cfg.get("accumulate_dtype", "float64") not in _ACCUMULATE:
+        raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
 
@@ -329,6 +331,10 @@ def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
     return kx.fit(xs), ky.fit(ys)
 
 
+#: dtype of the streamed sums: float64 keeps a million float32 rows summed to full float32 accuracy
+_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+
 def _stream_batch(cfg: DictConfig) -> int:
     """Rows per batch when streaming cached features (larger than the extraction batch: one GEMM each)."""
     return int(cfg.get("stream_batch_size") or cfg.batch_size)
@@ -349,7 +355,9 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
         cka.update(x, y)
         res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
         return res, cka.compute()
-    acc = DiffCovariance(kx, ky, device=device)
+    acc = DiffCovariance(
+        kx, ky, accumulate_dtype=_ACCUMULATE[cfg.get("accumulate_dtype", "float64")], device=device
+    )
     for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
         acc.update(xb, yb)
@@ -515,6 +523,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "device": str(device),
             "batch_size": int(cfg.batch_size),
             "stream_batch_size": _stream_batch(cfg),
+            "accumulate_dtype": str(cfg.get("accumulate_dtype", "float64")),
         },
         encoders=enc_info,
         dataset=data_info,
