@@ -112,6 +112,19 @@ def _stream(n: int, p: int, q: int, batch: int, seed: int, device: torch.device)
         yield x.to(device), y.to(device)
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (reset by exec, unlike ru_maxrss, which keeps the peak of the
+    forked parent), falling back to ru_maxrss where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def end_to_end(n: int, device: str, rff: int, top_k: int, batch: int) -> dict:
     """One end-to-end run; returns timings and this process's peak resident memory."""
     dev = torch.device(device)
@@ -132,7 +145,7 @@ def end_to_end(n: int, device: str, rff: int, top_k: int, batch: int) -> dict:
     res.top_samples(_stream(n, p, q, batch, 0, dev), k=20, modes=modes)
     _sync(dev)
     t3 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     gpu_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     return {
         "n": n,
