@@ -26,8 +26,8 @@ CONFIGS = ROOT / "configs"
 
 #: float32 features, float32 sums: eigenvalues agree with the float64 oracle to this (relative to SPEC-diff)
 EIG_RTOL = 1e-5
-#: the same data and kernels through run() and through st.spec(): the same float32 sums in another batch
-#: split (relative to SPEC-diff)
+#: the same data and kernels through run() and through st.spec(): the same float64 sums of float32 features
+#: in another batch split (relative to SPEC-diff)
 SAME_ROUTE_RTOL = 1e-6
 
 
@@ -230,7 +230,14 @@ def test_features_spec_json_matches_core_api_and_dense_oracle(features_run, feat
     x, y = np.load(feature_files["x"]), np.load(feature_files["y"])
     ids = feature_files["ids"].read_text().split()
 
-    res = st.spec(torch.from_numpy(x), torch.from_numpy(y), "cosine", "cosine", method="features")
+    res = st.spec(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        "cosine",
+        "cosine",
+        method="features",
+        accumulate_dtype=torch.float64,
+    )
     np.testing.assert_allclose(
         spec["eigenvalues"], res.eigenvalues.numpy(), rtol=0, atol=SAME_ROUTE_RTOL * res.spec_diff
     )
@@ -295,6 +302,7 @@ def test_gaussian_auto_sigma_and_rff_seed_are_recorded(work, feature_files):
         st.GaussianKernel(sigma="auto", rff_dim=64, seed=7),
         "linear",
         method="features",
+        accumulate_dtype=torch.float64,  # as the pipeline's default accumulate_dtype
     )
     np.testing.assert_allclose(
         spec["eigenvalues"], same.eigenvalues.numpy(), rtol=0, atol=SAME_ROUTE_RTOL * same.spec_diff
