@@ -60,6 +60,7 @@ __all__ = [
     "RowConcat",
     "broadcast_object",
     "all_gather_object",
+    "fit_on_main",
     "all_reduce_state",
     "all_gather_topk",
     "all_gather_with_grad",
@@ -280,6 +281,19 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def fit_on_main(kernel: Any, x: torch.Tensor) -> Any:
+    """``kernel.fit(x)`` computed on rank 0 (from rank 0's ``x``) and the fitted kernel sent to every rank.
+
+    Under torch.distributed, fit data-dependent kernels (``GaussianKernel(sigma="auto")``) once with this
+    before streaming: a kernel left unfitted is fitted by each rank on its own first batch, and the ranks'
+    sums would then describe different kernels.
+    """
+    from .kernels import resolve_kernel
+
+    kernel = resolve_kernel(kernel, "kernel")
+    return broadcast_object(kernel.fit(x) if is_main_process() else None)
 
 
 def all_reduce_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -249,6 +249,8 @@ def _library_checks(rank: int, out_dir: str) -> dict:
         "rank0_obj": sd.broadcast_object({"rank": rank}),
         "gathered": sd.all_gather_object(rank * 10),
         "ddp_grads": _ddp_grads(rank),
+        "fitted": sd.fit_on_main(st.GaussianKernel(sigma="auto", rff_dim=4, seed=2), xs),
+        "own_fit": st.GaussianKernel(sigma="auto", rff_dim=4, seed=2).fit(xs),
     }
 
 
@@ -362,6 +364,16 @@ def test_collective_helpers(ranks):
         assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
         assert got["shared"] == "rank 0"  # written by rank 0 only, complete before any rank read it
         assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
+
+
+def test_fit_on_main_gives_every_rank_rank_zeros_fitted_kernel(ranks):
+    x, _ = _lib_data()
+    rows0 = sd.shard_range(N_LIB, 0, WORLD)
+    expected = st.GaussianKernel(sigma="auto", rff_dim=4, seed=2).fit(x[rows0.start : rows0.stop])
+    for got in (r["lib"] for r in ranks[1]):
+        assert got["fitted"] == expected and torch.equal(got["fitted"]._omega, expected._omega)
+    # fitted on each rank's own rows, sigma='auto' differs between ranks: why fit_on_main exists
+    assert ranks[1][0]["lib"]["own_fit"].sigma != ranks[1][1]["lib"]["own_fit"].sigma
 
 
 def test_ddp_gradients_equal_one_process_over_the_global_batch(ranks):
