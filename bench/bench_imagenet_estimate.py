@@ -186,7 +186,8 @@ def main() -> None:
             d = 4000
             gpu_acc = 2 * 3 * d * d / (H200_FP32_TFLOPS * 0.7 * 1e12)
             acc = c["acc_s"] if device.type == "cuda" else gpu_acc
-            read = 2 * n * (512 + 768) * 4 / (FEATURE_READ_GBPS * 1e9)  # two passes over the cached rows
+            # two passes over all cached rows: the node's disk / page cache is shared by its GPUs
+            read = 2 * N_IMAGENET_TRAIN * (512 + 768) * 4 / (FEATURE_READ_GBPS * 1e9)
             solve = c["solve_s"] if device.type == "cuda" else 10.0  # assumed: float64 eigh, 8000 x 8000, GPU
             spec_t = n * acc + read + solve + n * (c["score_s"] if device.type == "cuda" else acc / 10)
             total[gpus] = (ext, spec_t)

@@ -42,6 +42,7 @@ TIMEOUT_S = 150
 F64_RTOL = 1e-11
 #: float32 features and sums (the compare pipeline): eigenvalues relative to SPEC-diff
 F32_RTOL = 2e-5
+GAUSS = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64"]
 
 
 def _free_port() -> int:
@@ -299,11 +300,19 @@ def _align_interrupted_then_resumed(rank: int, out: Path) -> dict:
     return {"interrupted": interrupted, "left": left}
 
 
+def _compare_features(work: Path) -> dict:
+    """compare.run on precomputed features (Gaussian sigma='auto'), on the feature and the exact route."""
+    from spec_torch.compare import run
+
+    return {route: run(_features_cfg(work, route)) for route in ("features", "exact")}
+
+
 def _worker(rank: int, port: int, work: str) -> None:
     _init(rank, port)
     try:
         result = {
             "lib": _library_checks(rank, work),
+            "features": _compare_features(Path(work) / "features"),
             "compare": _compare_resume(rank, Path(work) / "compare"),
             "align": _align_interrupted_then_resumed(rank, Path(work) / "align" / "two"),
         }
@@ -317,6 +326,7 @@ def ranks(tmp_path_factory):
     """One spawn of 2 Gloo processes runs every multi-rank check; their per-rank results."""
     work = tmp_path_factory.mktemp("ranks")
     _cut_short(work / "compare")
+    _feature_files(work / "features")
     _spawn(_worker, str(work))
     return work, [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -385,6 +395,55 @@ def test_ddp_gradients_equal_one_process_over_the_global_batch(ranks):
     for got in (r["lib"] for r in ranks[1]):
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["ddp_grads"][name], p.grad, rtol=0, atol=F64_RTOL * 10)
+
+
+# ------------------------------------------------------------------ compare on precomputed features
+def _feature_files(work: Path) -> None:
+    rng = np.random.default_rng(1)
+    n = 90
+    gx, gy = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    x = np.eye(3)[gx] * 3 + 0.3 * rng.normal(size=(n, 3))
+    y = np.concatenate([np.eye(3)[gy] * 3, np.ones((n, 1))], 1) + 0.3 * rng.normal(size=(n, 4))
+    work.mkdir(parents=True)
+    np.save(work / "x.npy", x.astype(np.float32))
+    np.save(work / "y.npy", y.astype(np.float32))
+
+
+def _features_cfg(work: Path, route: str, out: str | None = None):
+    from hydra import compose, initialize_config_dir
+
+    data = ["data=features", f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(
+            config_name="compare",
+            overrides=[
+                *data,
+                *GAUSS,
+                f"method={route}",
+                "top_k=2",
+                "report=false",
+                f"output_dir={work / (out or route)}",
+            ],
+        )
+
+
+@pytest.mark.parametrize("route", ["features", "exact"])
+def test_compare_on_precomputed_features_two_ranks_equal_one_process(ranks, route):
+    from spec_torch.compare import run
+
+    work, results = ranks
+    one = run(_features_cfg(work / "features", route, out=f"one-{route}"))
+    written = json.loads((work / "features" / route / "spec.json").read_text())
+    for two in [written] + [r["features"][route] for r in results]:
+        assert two["n"] == one["n"] == 90 and two["kernel_y"] == one["kernel_y"]
+        np.testing.assert_allclose(
+            two["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
+        )
+        for direction in ("x", "y"):
+            assert [m["top_ids"] for m in two["modes"][direction]] == [
+                m["top_ids"] for m in one["modes"][direction]
+            ]
+        np.testing.assert_allclose(two["metrics"]["linear_cka"], one["metrics"]["linear_cka"], rtol=1e-9)
 
 
 # ------------------------------------------------------------------ a rank dies mid-extraction, rerun
@@ -556,7 +615,6 @@ def _draw(colour: str, shape: str, k: int) -> Image.Image:
 
 
 FOLDER = ["data=imagefolder", "data.label_from_folder=true", "batch_size=8", "top_k=2"]
-GAUSS = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64"]
 
 
 @pytest.fixture(scope="module")
@@ -628,3 +686,55 @@ def test_torchrun_extraction_writes_one_cache_per_rank(torchrun_compare):
     assert len(folders) == 4  # 2 encoders x 2 ranks
     shards = sorted(tuple(json.loads((f / "complete.json").read_text())["dataset"]["shard"]) for f in folders)
     assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]  # no image twice, none dropped
+
+
+# ------------------------------------------------------------------------------ process group set-up
+def test_outside_torchrun_nothing_is_started(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert sd.torchrun_env() is None and not sd.is_follower()
+    assert sd.init_distributed() is False and not dist.is_initialized()
+    assert (sd.get_rank(), sd.get_world_size(), sd.is_main_process()) == (0, 1, True)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert sd.torchrun_env() == {"rank": 1, "world_size": 2, "local_rank": 1} and sd.is_follower()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(SpecError, match="RANK/WORLD_SIZE/LOCAL_RANK: expected integers"):
+        sd.torchrun_env()
+
+
+@pytest.mark.gpu
+def test_nccl_torchrun_compare_on_cuda_equals_one_process(tmp_path):
+    """The NCCL path: torchrun with one process per visible GPU (at least 1) on CUDA vs one CUDA process."""
+    from spec_torch.compare import run
+
+    _feature_files(tmp_path / "features")
+    nproc = max(1, min(2, torch.cuda.device_count()))
+    cfg = _features_cfg(tmp_path / "features", "features", out="one")
+    one = run(cfg)
+    out = tmp_path / "features" / "nccl"
+    args = [
+        "data=features",
+        f"data.x_path={tmp_path / 'features' / 'x.npy'}",
+        f"data.y_path={tmp_path / 'features' / 'y.npy'}",
+        *GAUSS,
+        "top_k=2",
+        "report=false",
+        "device=cuda",
+        f"hydra.run.dir={out}",
+    ]
+    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", str(SCRIPT), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((out / "spec.json").read_text())
+    assert two["settings"]["device"].startswith("cuda")
+    np.testing.assert_allclose(
+        two["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
+    )
+    for direction in ("x", "y"):
+        assert [m["top_ids"] for m in two["modes"][direction]] == [
+            m["top_ids"] for m in one["modes"][direction]
+        ]
