@@ -233,7 +233,6 @@ def _build_encoder(enc_cfg: dict[str, Any], which: str):
 def _extract_pair(cfg: DictConfig, device: torch.device):
     """Dataset + both encoders -> cached features, paired by sample id."""
     from .data import build_dataset
-    from .extract import extract_features
 
     data_cfg = dict(_container(cfg.data))
     name = data_cfg.pop("name")
@@ -247,11 +246,10 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
                 f"encoder_{w}: a {enc.modality} encoder cannot embed the {dataset.modality} samples of data={name}"
             )
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
-    extract = extract_features if not distributed.is_distributed() else _extract_sharded
     caches, enc_info = {}, {}
     for w in ("x", "y"):  # one encoder on the device at a time; both were built first, so both fail fast
         enc = encoders.pop(w)
-        caches[w] = extract(
+        caches[w] = distributed.extract_sharded(  # extract_features; under torchrun each rank its block
             dataset,
             enc,
             cache_dir,
@@ -290,26 +288,6 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
         "fingerprint": dataset.fingerprint(),
     }
     return paired, dataset, info, enc_info
-
-
-def _extract_sharded(dataset, encoder, cache_dir: Path, **kwargs):
-    """torchrun: each rank extracts its contiguous block of ``dataset`` into a cache folder of its own
-    (a rerun with the same world size resumes it), then every rank opens all blocks' caches as one cache in
-    dataset order. ``cache_dir`` must be visible to every rank (one node, or a shared file system)."""
-    from .extract import FeatureCache, extract_features
-
-    shard = distributed.ShardDataset(dataset, distributed.shard_range(len(dataset)))
-    kwargs["progress"] = kwargs.get("progress", True) and distributed.is_main_process()  # one bar: rank 0's
-    mine = extract_features(shard, encoder, cache_dir, **kwargs) if len(shard) else None
-    paths = distributed.all_gather_object(str(mine.path) if mine is not None else None)
-    parts = [FeatureCache.load(p) for p in paths if p is not None]  # every block, in rank order
-    return FeatureCache(
-        path=parts[0].path,
-        ids=[i for c in parts for i in c.ids],
-        skipped=[i for c in parts for i in c.skipped],
-        features=distributed.RowConcat([c.features for c in parts]),  # [n, d], read block by block
-        meta={**parts[0].meta, "n": sum(c.n for c in parts), "shards": [str(c.path) for c in parts]},
-    )
 
 
 # ------------------------------------------------------------------------------------------- the solve

@@ -57,6 +57,7 @@ __all__ = [
     "barrier",
     "shard_range",
     "ShardDataset",
+    "extract_sharded",
     "RowConcat",
     "broadcast_object",
     "all_gather_object",
@@ -214,6 +215,44 @@ class ShardDataset(SampleDataset):
 
     def __repr__(self) -> str:
         return f"ShardDataset({self.parent!r}, rows={self.rows.start}:{self.rows.stop})"
+
+
+def extract_sharded(dataset: SampleDataset, encoder: Any, cache_dir: Any, **kwargs: Any) -> Any:
+    """:func:`~spec_torch.extract.extract_features`, split over the ranks of torch.distributed.
+
+    Each rank embeds its contiguous block (:func:`shard_range`) of ``dataset`` into a cache folder of its own
+    (a rerun with the same world size resumes every folder where it stopped), then every rank opens all
+    blocks' caches as one :class:`~spec_torch.extract.FeatureCache` in dataset order (features: a
+    :class:`RowConcat` of the blocks' memory maps). ``cache_dir`` must be visible to every rank (one node, or
+    a shared file system). Without a process group of several ranks: plain ``extract_features``. An error on
+    one rank is raised on every rank. ``kwargs`` go to ``extract_features`` (the progress bar: rank 0's only).
+    """
+    from .extract import FeatureCache, extract_features
+
+    if not is_distributed():
+        return extract_features(dataset, encoder, cache_dir, **kwargs)
+    shard = ShardDataset(dataset, shard_range(len(dataset)))
+    kwargs["progress"] = kwargs.get("progress", True) and is_main_process()
+    mine, error = None, None
+    try:
+        mine = extract_features(shard, encoder, cache_dir, **kwargs) if len(shard) else None
+    except Exception as exc:  # told to every rank below, so that none waits for the others forever
+        failed = exc
+        error = f"{type(exc).__name__}: {exc}"
+    reports = all_gather_object((str(mine.path) if mine is not None else None, error))
+    if error is not None:
+        raise failed
+    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(reports) if e is not None]
+    if errors:
+        raise SpecError(f"cache_dir: feature extraction failed on another rank: {'; '.join(errors)}")
+    parts = [FeatureCache.load(p) for p, _ in reports if p is not None]  # every block, in rank order
+    return FeatureCache(
+        path=parts[0].path,
+        ids=[i for c in parts for i in c.ids],
+        skipped=[i for c in parts for i in c.skipped],
+        features=RowConcat([c.features for c in parts]),  # [n, d], read block by block
+        meta={**parts[0].meta, "n": sum(c.n for c in parts), "shards": [str(c.path) for c in parts]},
+    )
 
 
 class RowConcat:

@@ -579,6 +579,12 @@ def test_alignment_two_ranks_interrupted_and_resumed_equal_one_process(ranks, tm
     one = tmp_path / "one"
     run(_align_cfg(one, batch_size=16))  # one process, the same global batch of 16
 
+    # the teacher's features: each rank embedded its block of the 96 samples
+    shards = [
+        json.loads((f / "complete.json").read_text())["dataset"]["shard"]
+        for f in (two.parent / "cache").iterdir()
+    ]
+    assert sorted(shards) == [[0, 48, 96], [48, 96, 96]]
     res_two, res_one = (json.loads((d / "results.json").read_text()) for d in (two, one))
     assert res_two["resumed"] and res_two["steps"] == res_one["steps"] == 4
     rows1, rows2 = _csv(one / "logs" / "train.csv"), _csv(two / "logs" / "train.csv")

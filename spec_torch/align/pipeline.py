@@ -142,12 +142,12 @@ def build_student(student_cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any, An
 
 
 def _teacher_cache(cfg: DictConfig, dataset, device: torch.device):
-    from ..extract import extract_features
+    from ..distributed import extract_sharded
 
     teacher = _encoder(_plain(cfg.teacher), "teacher")
     if teacher.modality != "image":
         raise SpecError(f"teacher: expected an image encoder, got a {teacher.modality} encoder")
-    cache = extract_features(
+    cache = extract_sharded(  # extract_features; under torchrun each rank embeds its block of the data
         dataset,
         teacher,
         cfg.cache_dir,
