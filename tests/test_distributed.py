@@ -307,12 +307,38 @@ def _compare_features(work: Path) -> dict:
     return {route: run(_features_cfg(work, route)) for route in ("features", "exact")}
 
 
+def _extraction_error_on_one_rank(rank: int, work: Path) -> dict:
+    """Rank 1's encoder fails: rank 1 raises its own error, rank 0 an error naming rank 1 (no one hangs)."""
+    from spec_torch.data import build_dataset
+    from spec_torch.encoders import build_encoder
+    from spec_torch.encoders.offline import ColourHistogramEncoder
+
+    forward = ColourHistogramEncoder.forward
+
+    def broken(self, batch):
+        if rank == 1:
+            raise SpecError("encoder: broken on rank 1 (test)")
+        return forward(self, batch)
+
+    ColourHistogramEncoder.forward = broken
+    try:
+        sd.extract_sharded(
+            build_dataset("synthetic", n=8, image_size=32), build_encoder("offline_colour"), work
+        )
+        return {"error": None}
+    except SpecError as exc:
+        return {"error": str(exc)}
+    finally:
+        ColourHistogramEncoder.forward = forward
+
+
 def _worker(rank: int, port: int, work: str) -> None:
     _init(rank, port)
     try:
         result = {
             "lib": _library_checks(rank, work),
             "features": _compare_features(Path(work) / "features"),
+            "extract_error": _extraction_error_on_one_rank(rank, Path(work) / "broken"),
             "compare": _compare_resume(rank, Path(work) / "compare"),
             "align": _align_interrupted_then_resumed(rank, Path(work) / "align" / "two"),
         }
@@ -374,6 +400,14 @@ def test_collective_helpers(ranks):
         assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
         assert got["shared"] == "rank 0"  # written by rank 0 only, complete before any rank read it
         assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
+
+
+def test_an_extraction_error_on_one_rank_is_raised_on_every_rank(ranks):
+    errors = [r["extract_error"]["error"] for r in ranks[1]]
+    assert errors[1] == "encoder: broken on rank 1 (test)"
+    assert errors[0] == (
+        "cache_dir: feature extraction failed on another rank: rank 1: SpecError: encoder: broken on rank 1 (test)"
+    )
 
 
 def test_fit_on_main_gives_every_rank_rank_zeros_fitted_kernel(ranks):
