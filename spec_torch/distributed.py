@@ -3,16 +3,23 @@
 - Process group: :func:`init_distributed` reads torchrun's environment (``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and starts NCCL on CUDA, Gloo on CPU;
   :func:`get_rank`, :func:`get_world_size`, :func:`is_main_process` work with or without a group.
+- Hydra: :func:`share_config` lets rank 0 alone run Hydra (run folder, ``.hydra/``, log file) and sends its
+  composed config to the other ranks (:func:`is_follower`), which skip Hydra.
 - Sharding: :func:`shard_range` splits ``n`` samples into contiguous blocks, one per rank, in rank order:
   every sample on exactly one rank, none dropped, none repeated (``DistributedSampler`` pads instead), so
   rank ``r``'s local row ``i`` is global row ``shard_range(n, r).start + i``. :class:`ShardDataset` is
-  such a block of a :class:`~spec_torch.data.SampleDataset` with its own fingerprint (its own feature cache).
+  such a block of a :class:`~spec_torch.data.SampleDataset` with its own fingerprint (its own feature cache);
+  :func:`extract_sharded` extracts features block by block and reads them back as one cache
+  (:class:`RowConcat`: the row blocks of several memory-mapped arrays read as one ``[sum n_r, d]`` array).
 - Reductions: :func:`all_reduce_state` sums a dict of tensors/ints over ranks (the streamed sums of
   :class:`~spec_torch.DiffCovariance` or ``LinearCKA``); :func:`all_gather_topk` merges per-rank top-k
-  candidates into the global top-k; :func:`broadcast_object` / :func:`all_gather_object` move small objects.
-- Output: :func:`write_on_main` writes a file on rank 0 only, atomically (temp name, then rename), and tells
-  every rank whether it worked, so no rank waits forever and no rank goes on after a failed write.
-- :class:`RowConcat`: the row blocks of several (memory-mapped) arrays read as one ``[sum n_r, d]`` array.
+  candidates into the global top-k; :func:`broadcast_object` / :func:`all_gather_object` move small objects;
+  :func:`fit_on_main` fits a data-dependent kernel once and sends it to every rank.
+- Training: :func:`wrap_ddp` (DistributedDataParallel, one device per process) and
+  :func:`all_gather_with_grad` (rows of every rank, differentiable), with the gradient convention of
+  SpecAlignLoss and open_clip: every rank gets ``world_size`` times its rows' gradient, DDP averages.
+- Output: :func:`run_on_main` / :func:`write_on_main` run on rank 0 only (a file: atomically, temp name then
+  rename) and raise rank 0's error on every rank, so no rank waits forever or goes on after a failed write.
 
 Every function that communicates must be called by all ranks, in the same order.
 
