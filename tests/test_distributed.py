@@ -728,6 +728,38 @@ def test_torchrun_extraction_writes_one_cache_per_rank(torchrun_compare):
     assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]  # no image twice, none dropped
 
 
+# -------------------------------------------------------------------------- torchrun scripts/align.py
+ALIGN_SCRIPT = ROOT / "scripts" / "align.py"
+
+
+def test_torchrun_align_script_one_run_dir_written_by_rank_zero(ranks, tmp_path):
+    """``torchrun --nproc_per_node=2 scripts/align.py``: one run folder (the preset's, under cwd) with one
+    log, the training log written once, and the weights of the same 2-rank run made through the library."""
+    args = [*ALIGN, "train.batch_size=8"]
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(tmp_path / "cache")
+    )
+    cmd = [
+        str(TORCHRUN),
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={_free_port()}",
+        str(ALIGN_SCRIPT),
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [
+        p for p in (tmp_path / "outputs").iterdir() if p.is_dir()
+    ]  # align_tiny's outputs/align_tiny
+    assert (run_dir / "results.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["align.log"]
+    assert [r["step"] for r in _csv(run_dir / "logs" / "train.csv")] == ["1", "2", "3", "4"]
+    assert proc.stdout.count("results: ") == 1  # rank 0 prints
+    lib = torch.load(ranks[0] / "align" / "two" / "student.pt")  # interrupted at step 2 and resumed there
+    cli = torch.load(run_dir / "student.pt")
+    assert max(float((lib[k] - cli[k]).abs().max()) for k in lib) <= 1e-5
+
+
 # ------------------------------------------------------------------------------ process group set-up
 def test_outside_torchrun_nothing_is_started(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
