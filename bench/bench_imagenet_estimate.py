@@ -1,6 +1,6 @@
 """Measure what an ImageNet-train comparison costs here, then estimate it on 1 and 8 GPUs (docs/distributed.md).
 
-    python bench/bench_imagenet_estimate.py            # about a minute on 2 CPU cores
+    python bench/bench_imagenet_estimate.py            # about 3 minutes on 2 CPU cores
     python bench/bench_imagenet_estimate.py --full-eigh  # also the full float64 eigh (minutes on a CPU)
     python bench/bench_imagenet_estimate.py --device cuda
 
