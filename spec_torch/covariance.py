@@ -186,21 +186,53 @@ class DiffCovariance:
         return self
 
     def synced(self) -> DiffCovariance:
-        """A copy whose sums are all-reduced (summed) over the ranks of the default process group."""
+        """A copy whose sums are all-reduced (summed) over the ranks of the default process group.
+
+        Every rank must call it (it is a collective). The ranks first exchange their fitted kernels: a rank
+        that saw no batch takes them from the others and adds zeros; kernels fitted differently on different
+        ranks (e.g. ``sigma="auto"`` fitted on each rank's own first batch) raise :class:`SpecError` on every
+        rank rather than summing incompatible features. The count is reduced as int64, exactly.
+        """
+        dist = torch.distributed
+        mine = None if self.xx is None else (self.kernel_x, self.kernel_y, self.dims, self.xx.dtype)
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, mine)
+        present = [(rank, s) for rank, s in enumerate(seen) if s is not None]
+        if not present:
+            raise SpecError("update: no rank accumulated any samples; call update(x, y) before compute()")
+        ref_rank, (kx, ky, dims, dtype) = present[0]
+        for rank, (okx, oky, odims, odtype) in present[1:]:
+            if (okx, oky, odims, odtype) != (kx, ky, dims, dtype):
+                raise SpecError(
+                    f"kernel_x/kernel_y: rank {rank} has {okx!r}/{oky!r} on inputs {odims} summed in {odtype}, "
+                    f"rank {ref_rank} {kx!r}/{ky!r} on {dims} in {dtype}; fit the kernels once and pass the fitted "
+                    "kernels (and the same accumulate_dtype) to every rank (kernel.fit(sample), or "
+                    "spec_torch.distributed.fit_on_main)"
+                )
+        if self.xx is None:  # this rank saw no batch: contribute zeros of the right shapes
+            dev = self.device or (
+                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            )
+            self.kernel_x, self.kernel_y, self.device = kx, ky, dev
+            zx = torch.zeros(1, dims[0], dtype=dtype, device=dev)
+            self._init_state(zx, torch.zeros(1, dims[1], dtype=dtype, device=dev))
         out = DiffCovariance(self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device)
-        if self.xx is None:
-            raise SpecError("update: every rank must add at least one batch before compute()")
-        out.kernel_x, out.kernel_y, out.dims = self.kernel_x, self.kernel_y, self.dims
-        flat = torch.cat(
-            [getattr(self, k).reshape(-1) for k in _STATE[:-1]] + [self.xx.new_tensor([self.count])]
+        out.kernel_x, out.kernel_y, out.dims, out.device = (
+            self.kernel_x,
+            self.kernel_y,
+            self.dims,
+            self.device,
         )
-        torch.distributed.all_reduce(flat)
+        flat = torch.cat([getattr(self, k).reshape(-1) for k in _STATE[:-1]])
+        dist.all_reduce(flat)
         offset = 0
         for key in _STATE[:-1]:
             t = getattr(self, key)
             setattr(out, key, flat[offset : offset + t.numel()].view_as(t).clone())
             offset += t.numel()
-        out.count = int(round(float(flat[-1])))
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.xx.device)
+        dist.all_reduce(count)
+        out.count = int(count)
         return out
 
     # ---------------------------------------------------------------- compute
@@ -217,9 +249,10 @@ class DiffCovariance:
                 when a process group with more than one rank is initialised.
         """
         check_positive(eta, "eta")
-        if self.xx is None:
+        sync = sync_dist if sync_dist is not None else distributed_ready()
+        if self.xx is None and not sync:
             raise SpecError("update: no samples were accumulated; call update(x, y) before compute()")
-        state = self.synced() if (sync_dist if sync_dist is not None else distributed_ready()) else self
+        state = self.synced() if sync else self
         n = state.n
         d = state.xx.shape[0] + state.yy.shape[0]
         check_top_k(top_k, min(n, d))

@@ -105,25 +105,28 @@ def _top_k_both_signs(
         return _full_both_signs(s, top_k)
     gen = torch.Generator().manual_seed(seed)
     x = torch.linalg.qr(torch.randn(d, block, generator=gen, dtype=s.dtype).to(s.device)).Q  # [D, b]
-    basis = x
+    blocks, s_blocks = [x], []  # orthonormal basis blocks X_i and their images S X_i
     for step in range(1, max_steps + 1):
-        w = s @ x  # [D, D] @ [D, b] -> [D, b]
+        w = s @ x  # [D, D] @ [D, b] -> [D, b]: the only product with S per step
+        s_blocks.append(w)
+        basis = torch.cat(blocks, dim=1)  # [D, m]
+        if step % 4 == 0 or step == max_steps:
+            # Rayleigh-Ritz from the stored images: T = X^T S X and S (X y) = (S X) y, no extra product with S
+            s_basis = torch.cat(s_blocks, dim=1)  # [D, m]
+            t = basis.T @ s_basis  # [m, m]
+            theta, y = torch.linalg.eigh((t + t.T) / 2)
+            m = theta.shape[0]
+            idx = torch.cat([torch.arange(m - top_k, m), torch.arange(top_k)]).to(s.device)
+            vals, vecs = theta[idx], basis @ y[:, idx]  # Ritz pairs [2k], [D, 2k]
+            resid = torch.linalg.vector_norm(s_basis @ y[:, idx] - vecs * vals, dim=0).max()
+            if float(resid) <= rtol * float(theta.abs().max()):
+                return vals, vecs
+        if basis.shape[1] + block > d // 2:
+            break
         for _ in range(2):  # twice is enough (Kahan-Parlett)
             w = w - basis @ (basis.T @ w)  # [D, m] @ [m, b]
         x = torch.linalg.qr(w).Q
-        basis = torch.cat([basis, x], dim=1)  # [D, m + b]
-        if basis.shape[1] + block > d // 2:
-            return _full_both_signs(s, top_k)
-        if step % 4 and step != max_steps:
-            continue
-        t = basis.T @ s @ basis  # [m, m] projected matrix
-        theta, y = torch.linalg.eigh((t + t.T) / 2)
-        m = theta.shape[0]
-        idx = torch.cat([torch.arange(m - top_k, m), torch.arange(top_k)]).to(s.device)
-        vals, vecs = theta[idx], basis @ y[:, idx]  # Ritz pairs [2k], [D, 2k]
-        resid = torch.linalg.vector_norm(s @ vecs - vecs * vals, dim=0).max()
-        if float(resid) <= rtol * float(theta.abs().max()):
-            return vals, vecs
+        blocks.append(x)
     return _full_both_signs(s, top_k)
 
 

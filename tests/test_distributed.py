@@ -231,6 +231,18 @@ def _library_checks(rank: int, out_dir: str) -> dict:
     # a rank without samples still takes part in the merge
     empty = synced.top_samples([] if rank == 1 else [(x, y)], k=5, modes=[0, 1], sync_dist=True)
     state = sd.all_reduce_state({"a": torch.full((2, 2), rank + 1.0), "n": rank + 3, "name": "kept"})
+    # a rank that saw no batch contributes zeros (it takes the kernels from the other rank)
+    lonely = st.DiffCovariance(*_kernels())
+    if rank == 0:
+        lonely.update(xs, ys)
+    lonely_evals = lonely.compute(eta=0.7).eigenvalues
+    # sigma='auto' fitted on each rank's own rows: incompatible sums, refused on every rank
+    per_rank = st.DiffCovariance(st.GaussianKernel(sigma="auto", rff_dim=4, seed=2), "cosine").update(xs, ys)
+    try:
+        per_rank.compute()
+        mismatch = None
+    except SpecError as exc:
+        mismatch = str(exc)
     try:
         sd.run_on_main(_fail_on_main)
         error = None
@@ -245,6 +257,8 @@ def _library_checks(rank: int, out_dir: str) -> dict:
         "top": top,
         "empty": empty,
         "state": state,
+        "lonely_evals": lonely_evals,
+        "mismatch": mismatch,
         "error": error,
         "shared": written.read_text(),
         "rank0_obj": sd.broadcast_object({"rank": rank}),
@@ -371,6 +385,16 @@ def test_diff_covariance_all_reduces_by_default(ranks):
         assert got["n_synced"] == N_LIB and got["n_local"] == len(sd.shard_range(N_LIB, rank, WORLD))
         torch.testing.assert_close(got["evals"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
     assert torch.equal(ranks[1][0]["lib"]["evals"], ranks[1][1]["lib"]["evals"])  # one solve, same everywhere
+
+
+def test_diff_covariance_rank_without_samples_and_mismatched_kernels(ranks):
+    ref = _reference(sd.shard_range(N_LIB, 0, WORLD))  # only rank 0 added its rows
+    for got in (r["lib"] for r in ranks[1]):
+        torch.testing.assert_close(
+            got["lonely_evals"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff
+        )
+        assert got["mismatch"] is not None and got["mismatch"].startswith("kernel_x/kernel_y: rank 1 has")
+        assert "fit_on_main" in got["mismatch"]
 
 
 def test_diff_covariance_sync_dist_false_keeps_the_local_sums(ranks):
