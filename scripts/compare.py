@@ -32,34 +32,23 @@ one line ``error: ...`` to stderr and exits with status 2; no spec.json is writt
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from spec_torch import distributed
-from spec_torch.errors import SpecError
+from spec_torch.cli import launch, run_guarded
+
+
+def _run(cfg: DictConfig) -> None:
+    from spec_torch.compare import run  # imported after Hydra parsed the command line: --help stays fast
+
+    run(cfg)
 
 
 @hydra.main(config_path="../configs", config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    _run(distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
-
-
-def _run(cfg: DictConfig) -> None:
-    from spec_torch.compare import run
-
-    try:
-        run(cfg)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
 
 
 if __name__ == "__main__":
-    if (
-        distributed.is_follower()
-    ):  # torchrun rank > 0: no Hydra (no run dir, no logs); rank 0 sends the config
-        _run(distributed.share_config())
-    else:
-        main()
+    launch(main, _run)

@@ -19,11 +19,8 @@ Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
+from ._io import atomic_write_json, prepare_output_dir
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import resolve_kernel
@@ -121,26 +119,6 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    """``cfg.output_dir``, else the Hydra run dir; created and checked writable before any work."""
-    out = cfg.get("output_dir")
-    if out is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            out = HydraConfig.get().runtime.output_dir
-        except ValueError:
-            raise SpecError("output_dir: not set and no Hydra run dir; give output_dir=PATH") from None
-    path = Path(str(out)).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise SpecError(f"output_dir: {path} is not a writable directory ({exc.strerror or exc})") from None
-    return path
-
-
 def _check_settings(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -157,19 +135,6 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name in the same directory, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------- loading inputs
@@ -468,7 +433,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``cfg.report``) and, last, ``spec.json``.
     """
     _check_settings(cfg)
-    out_dir = distributed.run_on_main(lambda: _output_dir(cfg))  # torchrun: rank 0 owns the run directory
+    out_dir = distributed.run_on_main(
+        lambda: prepare_output_dir(cfg)
+    )  # torchrun: rank 0 owns the run directory
     spec_path = out_dir / SPEC_JSON
     if distributed.is_main_process() and spec_path.exists():  # a rerun in the same directory: the old
         spec_path.unlink()  # result must not pass for this run's
@@ -517,7 +484,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if data_info["name"] == "features":
             extra["names"] = {w: Path(data_info[f"{w}_path"]).stem for w in ("x", "y")}
         summary["report"] = str(write_report(out_dir, summary, views, extra=extra).name)
-    _atomic_write_json(spec_path, summary)
+    atomic_write_json(spec_path, summary, default=str)
     _print_summary(summary, spec_path)
     return summary
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._io import atomic_path
 from .data.base import SampleDataset
 from .errors import SpecError
 
@@ -536,13 +536,8 @@ def write_on_main(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
     path = Path(path)
 
     def _write() -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(Path(tmp))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            write(tmp)
 
     run_on_main(_write)
     return path

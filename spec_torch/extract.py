@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ._io import atomic_write_text
 from .data.base import CorruptSample, SampleDataset
 from .encoders.base import Encoder, move_to
 from .errors import SpecError
@@ -128,20 +128,6 @@ class FeatureCache:
 
 
 # ----------------------------------------------------------------------------------------- file helpers
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename (never half-written)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_lines(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     return text.split("\n")[:-1] if text else []
@@ -400,7 +386,7 @@ def _start_or_resume(
             )
         log.info("resuming the feature cache %s at row %d of %d", folder, state["rows_done"], len(ids))
         return state
-    _atomic_write(folder / _ALL_IDS, _lines(ids))
+    atomic_write_text(folder / _ALL_IDS, _lines(ids))
     state = {
         "format": _FORMAT,
         "dataset": dataset.settings(),
@@ -416,7 +402,7 @@ def _start_or_resume(
     np.lib.format.open_memmap(
         folder / _PARTIAL, mode="w+", dtype=np.float32, shape=(len(ids), state["dim"])
     ).flush()
-    _atomic_write(manifest, json.dumps(state, indent=1, default=str))
+    atomic_write_text(manifest, json.dumps(state, indent=1, default=str))
     return state
 
 
@@ -468,7 +454,7 @@ def _run(
             if done - last_checkpoint >= chunk_rows or done == n_total:
                 out.flush()  # rows first, then the manifest that counts them
                 state["rows_done"], state["skipped_rows"] = done, sorted(skipped)
-                _atomic_write(folder / _MANIFEST, json.dumps(state, indent=1, default=str))
+                atomic_write_text(folder / _MANIFEST, json.dumps(state, indent=1, default=str))
                 last_checkpoint = done
     finally:
         bar.close()
@@ -515,12 +501,12 @@ def _finalise(folder: Path, state: dict, ids: list[str]) -> FeatureCache:
         raise SpecError(f"cache_dir: the feature cache in {folder} lost its features; delete the folder")
     kept_ids = [ids[i] for i in keep]
     skipped_ids = [ids[i] for i in skipped_rows]
-    _atomic_write(folder / _IDS, _lines(kept_ids))
-    _atomic_write(folder / _SKIPPED, _lines(skipped_ids))
+    atomic_write_text(folder / _IDS, _lines(kept_ids))
+    atomic_write_text(folder / _SKIPPED, _lines(skipped_ids))
     meta = {
         k: state[k]
         for k in ("format", "dataset", "fingerprint", "encoder", "encoder_key", "precision", "dim")
     }
     meta.update(n=int(keep.size), n_skipped=len(skipped_ids))
-    _atomic_write(folder / _COMPLETE, json.dumps(meta, indent=1, default=str))  # the marker, last
+    atomic_write_text(folder / _COMPLETE, json.dumps(meta, indent=1, default=str))  # the marker, last
     return FeatureCache.load(folder)

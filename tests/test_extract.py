@@ -215,21 +215,21 @@ def test_crash_while_finishing_leaves_no_complete_cache_and_rerun_finishes(tmp_p
 
     ds = _folder_with_corrupt_image(tmp_path)
     enc = Counting(build_encoder("offline_colour", image_size=24))
-    real_write = ex._atomic_write
+    real_write = ex.atomic_write_text
 
     def dying_write(path, text):
         if path.name == "complete.json":
             raise OSError("disk full")
         real_write(path, text)
 
-    monkeypatch.setattr(ex, "_atomic_write", dying_write)
+    monkeypatch.setattr(ex, "atomic_write_text", dying_write)
     with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="disk full"):
         extract_features(ds, enc, tmp_path / "c", batch_size=4, progress=False)
     folder = cache_folder(ds, enc, tmp_path / "c")
     assert (folder / "features.npy").exists() and not (folder / "complete.json").exists()
     with pytest.raises(SpecError, match="no finished feature cache"):
         FeatureCache.load(folder)
-    monkeypatch.setattr(ex, "_atomic_write", real_write)
+    monkeypatch.setattr(ex, "atomic_write_text", real_write)
     enc.rows = 0
     cache = extract_features(ds, enc, tmp_path / "c", batch_size=4, progress=False)
     assert enc.rows == 0  # every row was already done: only the finishing steps ran again

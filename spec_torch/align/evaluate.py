@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_path
 from ..api import spec
 from ..data.base import SampleDataset
 from ..errors import SpecError
@@ -337,9 +338,6 @@ def plot_before_after(
         ax.set_xlabel("step")
         ax.set_title("training")
         ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)

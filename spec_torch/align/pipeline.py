@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .._io import atomic_torch_save, atomic_write_json, prepare_output_dir
 from ..errors import SpecError
 from .data import AlignSamples, TeacherFeatures, class_labels, sample_texts, split_rows
 from .evaluate import EvalSet, evaluate, plot_before_after, spec_diff_to_teacher
 from .loss import SpecAlignLoss
-from .runtime import Runtime, atomic_torch_save
+from .runtime import Runtime
 from .train import AlignTrainer, TrainSettings, read_history
 
 __all__ = ["run", "build_student", "RESULTS_JSON"]
@@ -48,37 +47,6 @@ _SPEC_KEYS = ("kernel_student", "kernel_teacher", "eta", "batch_size", "device",
 # -------------------------------------------------------------------------------------------- settings
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _output_dir(cfg: DictConfig) -> Path:
-    out = cfg.get("output_dir")
-    if out is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            out = HydraConfig.get().runtime.output_dir
-        except ValueError:
-            raise SpecError("output_dir: not set and no Hydra run dir; give output_dir=PATH") from None
-    path = Path(str(out)).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise SpecError(f"output_dir: {path} is not a writable directory ({exc.strerror or exc})") from None
-    return path
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _contrastive(cfg: DictConfig, data_name: str) -> str:
@@ -228,7 +196,7 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
 
     _check(cfg)
     rt = Runtime.detect(cfg.device)
-    out = _output_dir(cfg)
+    out = prepare_output_dir(cfg)
     if rt.is_main:
         (out / RESULTS_JSON).unlink(missing_ok=True)  # a rerun is unfinished until it writes it again
     torch.manual_seed(int(cfg.seed))
@@ -294,7 +262,7 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
     else:  # the model is still the untrained student here, also when a checkpoint is loaded next
         before = evaluate(model, tokenizer, transform, sets, **eval_kwargs)
         if rt.is_main:
-            _atomic_json(before_path, {"metrics": before})
+            atomic_write_json(before_path, {"metrics": before})
     resumed = trainer.resume(checkpoint) if checkpoint is not None else False
     if rt.is_main:
         _print_table("before", before)
@@ -321,7 +289,7 @@ def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) 
             history["heldout_step"].insert(0, 0)
             history["heldout_spec_diff"].insert(0, before["heldout"]["spec_diff"])
         plot_before_after(before, after, out / "plots" / "align_metrics.png", history)
-        _atomic_json(out / RESULTS_JSON, results)  # last: its presence marks a finished run
+        atomic_write_json(out / RESULTS_JSON, results)  # last: its presence marks a finished run
         _print_table("after", after)
         _print_change(before, after, out)
     rt.barrier()

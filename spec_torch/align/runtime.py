@@ -8,18 +8,14 @@ writes, barriers) asks this object.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import SpecError
 
-__all__ = ["Runtime", "resolve_device", "atomic_torch_save"]
+__all__ = ["Runtime", "resolve_device"]
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -68,20 +64,3 @@ class Runtime:
         """Wait for every rank (no-op in a single process)."""
         if self.distributed:
             dist.barrier()
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

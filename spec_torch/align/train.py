@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import distributed
+from .._io import atomic_torch_save
 from ..errors import SpecError
 from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_align
 from .loss import SpecAlignLoss
-from .runtime import Runtime, atomic_torch_save
+from .runtime import Runtime
 
 __all__ = ["TrainSettings", "AlignTrainer", "StudentForward", "prompt_contrastive_loss", "warmup_cosine"]
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from ..errors import SpecError
 from . import plots
 
@@ -469,11 +470,4 @@ def write_report(
         f"<title>{_e(_title(spec, names, extra))}</title><style>{_CSS}</style></head>\n"
         "<body><main>\n" + "\n".join(part for part in body if part) + "\n</main></body></html>\n"
     )
-    path = run_dir / "report.html"
-    tmp = run_dir / f".report.html.tmp{os.getpid()}"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(run_dir / "report.html", page)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .._io import atomic_path
 from ..errors import SpecError
 
 __all__ = ["plot_spectrum", "image_grid", "score_histogram", "POSITIVE_COLOUR", "NEGATIVE_COLOUR"]
@@ -33,15 +34,9 @@ NEGATIVE_COLOUR = "#2471a3"
 
 
 def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _vector(values: Any, name: str) -> np.ndarray:
@@ -197,15 +192,9 @@ def image_grid(
             text = text[:-2] + "…"
         draw.text((x0 + (cell - draw.textlength(text, font=font)) / 2, y0), text, fill="#333333", font=font)
         sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + cap_h + (cell - thumb.height) // 2))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def score_histogram(
