@@ -82,3 +82,18 @@ def check_fits(n_bytes: int, device: torch.device, what: str, name: str) -> None
             f"{name}: {what} needs about {n_bytes / 2**30:.1f} GiB on {device}, "
             f"but only {avail / 2**30:.1f} GiB is available; reduce it"
         )
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> cuda if available else cpu; a CUDA device asked for without CUDA -> :class:`SpecError`."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise SpecError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            f"device: {str(name)!r} was asked for but CUDA is not available; use device=cpu or auto"
+        )
+    return device

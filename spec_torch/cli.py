@@ -9,7 +9,7 @@ from typing import Any
 from . import distributed
 from .errors import SpecError
 
-__all__ = ["run_guarded", "launch"]
+__all__ = ["run_guarded", "launch", "check_required"]
 
 
 def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
@@ -28,3 +28,13 @@ def launch(hydra_main: Callable[[], None], run: Callable[[Any], Any]) -> None:
         run_guarded(run, distributed.share_config())
     else:
         hydra_main()
+
+
+def check_required(cfg: Any) -> None:
+    """Every ``???`` (mandatory) value of the composed config must be given; name them and how to give them."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " ".join(f"{key}=..." for key in missing)
+        raise SpecError(f"{', '.join(missing)}: required by this config but not given; add {hint}")

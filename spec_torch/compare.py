@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from ._io import atomic_write_json, prepare_output_dir
+from ._validate import resolve_device
+from .cli import check_required
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import resolve_kernel
@@ -107,23 +109,8 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: {name!r} was asked for but CUDA is not available; use device=cpu or auto")
-    return device
-
-
 def _check_settings(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        hint = " ".join(f"{key}=..." for key in missing)
-        raise SpecError(f"{', '.join(missing)}: required by this config but not given; add {hint}")
+    check_required(cfg)
     for key in ("top_k", "samples_per_mode", "batch_size", "stream_batch_size"):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -440,7 +427,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if distributed.is_main_process() and spec_path.exists():  # a rerun in the same directory: the old
         spec_path.unlink()  # result must not pass for this run's
     torch.manual_seed(int(cfg.seed))
-    device = _resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg.get("device", "auto"))
     data_cfg = _container(cfg.data)
 
     dataset = None

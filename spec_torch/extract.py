@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_text
+from ._validate import resolve_device
 from .data.base import CorruptSample, SampleDataset
 from .encoders.base import Encoder, move_to
 from .errors import SpecError
@@ -174,20 +175,6 @@ class _Collate:
         return [i for i, _ in ok], bad, batch
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SpecError(
-            f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r} ({exc})"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: {device!r} asked for, but CUDA is not available here; use device=cpu")
-    return dev
-
-
 def _precision(device: torch.device, encoder: Encoder, amp: bool) -> tuple[str, torch.dtype | None]:
     if device.type != "cuda" or not amp or not getattr(encoder, "autocast_ok", True):
         return "fp32", None
@@ -252,7 +239,7 @@ def extract_features(
             raise SpecError(f"{name}: expected an integer >= {low}, got {value!r}")
     if len(dataset) == 0:
         raise SpecError(f"dataset: the {dataset.name} dataset is empty")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     precision, amp_dtype = _precision(dev, encoder, amp)
     folder = cache_folder(dataset, encoder, cache_dir, precision)
     try:

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .._io import atomic_torch_save, atomic_write_json, prepare_output_dir
+from ..cli import check_required
 from ..errors import SpecError
 from .data import AlignSamples, TeacherFeatures, class_labels, sample_texts, split_rows
 from .evaluate import EvalSet, evaluate, plot_before_after, spec_diff_to_teacher
@@ -175,10 +176,7 @@ def _eval_sets(
 
 
 def _check(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        hint = " ".join(f"{key}=..." for key in missing)
-        raise SpecError(f"{', '.join(missing)}: required by this config but not given; add {hint}")
+    check_required(cfg)
     eta = cfg.loss.eta
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
         raise SpecError(f"loss.eta: expected a positive number, got {eta!r}")

@@ -13,22 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import SpecError
+from .._validate import resolve_device
 
-__all__ = ["Runtime", "resolve_device"]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; a CUDA device asked for without CUDA -> :class:`SpecError`."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise SpecError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r} ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: {name!r} was asked for but CUDA is not available; use device=cpu or auto")
-    return device
+__all__ = ["Runtime"]
 
 
 @dataclass(frozen=True)
