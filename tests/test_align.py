@@ -58,12 +58,7 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 SHAPES = ["ellipse", "rectangle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 # ------------------------------------------------------------------------------------------- fixtures

@@ -19,14 +19,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import free_port, spawn_gloo
 from PIL import Image, ImageDraw
 
 import spec_torch as st
@@ -45,26 +44,8 @@ F32_RTOL = 2e-5
 GAUSS = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_raw(fn, *args) -> None:
-    """Run ``fn(rank, port, *args)`` in WORLD processes; a worker's exception is raised here (the others are
-    stopped); fail (and kill them) if they hang."""
-    ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} Gloo workers did not finish in {TIMEOUT_S} s (a collective mismatch?)")
-
-
 def _spawn(fn, *args) -> None:
-    _spawn_raw(fn, *args)
+    spawn_gloo(fn, *args, world=WORLD, timeout_s=TIMEOUT_S)
 
 
 def _init(rank: int, port: int) -> None:
@@ -698,7 +679,7 @@ def torchrun_compare(tmp_path_factory):
     (images / "class2" / "img_broken.png").write_bytes(b"\x89PNG not really")  # in rank 1's block
     args = [*FOLDER, f"data.root={images}", *GAUSS, "progress=false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
-    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}", str(SCRIPT), *args]
+    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(SCRIPT), *args]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):  # meanwhile: 1 process
         cfg = compose(
@@ -766,7 +747,7 @@ def test_torchrun_align_script_one_run_dir_written_by_rank_zero(ranks, tmp_path)
     cmd = [
         str(TORCHRUN),
         f"--nproc_per_node={WORLD}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(ALIGN_SCRIPT),
         *args,
     ]
@@ -822,7 +803,7 @@ def test_nccl_torchrun_compare_on_cuda_equals_one_process(tmp_path):
         "device=cuda",
         f"hydra.run.dir={out}",
     ]
-    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", str(SCRIPT), *args]
+    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(SCRIPT), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((out / "spec.json").read_text())

@@ -26,12 +26,7 @@ TINY_CLIP = {
 TINY_DINO = {"model": "vit_small_patch14_dinov2.lvd142m", "img_size": 28, "model_kwargs": {"depth": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ FD_TOL = 1e-6  # directional derivative vs finite differences (relative to the g
 ITER_TOL = 1e-3  # the iterative solver's default relative residual
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny eigen-solves under OpenMP on a shared 2-core machine are 10-30x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n=24, p=6, q=5, clusters=3, seed=0, noise=0.3):

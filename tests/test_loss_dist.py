@@ -7,13 +7,11 @@ Convention checked: every rank returns the global-batch value, and each rank's g
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_gloo
 
 import spec_torch as st
 from spec_torch.align import SpecAlignLoss
@@ -80,23 +78,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run every config once in 2 Gloo processes; the per-rank results."""
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} Gloo workers did not finish in {TIMEOUT_S} s (a collective mismatch?)")
+    spawn_gloo(_worker, str(out), world=WORLD, timeout_s=TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -1,0 +1,42 @@
+"""Helpers shared by the test modules: thread pinning and 2-process Gloo runs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (tiny tensors thrash with 2 threads on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_gloo(fn, *args, world: int, timeout_s: float) -> None:
+    """Run ``fn(rank, port, *args)`` in ``world`` processes; a worker's exception is raised here (the others
+    are stopped); fail, killing them, if they have not finished after ``timeout_s`` (a collective mismatch)."""
+    ctx = mp.spawn(fn, args=(free_port(), *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} Gloo workers did not finish in {timeout_s} s (a collective mismatch?)")
