@@ -124,8 +124,8 @@ class DiffCovariance:
         if self.xx is None:
             self._init_state(x, y)
         dtype = self.xx.dtype
-        px = self.kernel_x.features(x.to(self.device)).to(dtype)  # [B, Dx]
-        py = self.kernel_y.features(y.to(self.device)).to(dtype)  # [B, Dy]
+        px = self.kernel_x.features(x).to(dtype)  # [B, Dx]; as_matrix put x on self.device
+        py = self.kernel_y.features(y).to(dtype)  # [B, Dy]
         return px, py
 
     @torch.no_grad()

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ._io import atomic_path
+from .covariance import distributed_ready as is_distributed  # one definition, beside DiffCovariance
 from .data.base import SampleDataset
 from .errors import SpecError
 
@@ -132,11 +133,6 @@ def destroy_distributed() -> None:
     """Tear the default process group down (when one is initialised)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_distributed() -> bool:
-    """True when a process group with more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def get_rank() -> int:
