@@ -50,9 +50,10 @@ import torch
 import torch.distributed as dist
 
 from ._io import atomic_path
-from .covariance import distributed_ready as is_distributed  # one definition, beside DiffCovariance
+from .covariance import distributed_ready as is_distributed
 from .data.base import SampleDataset
 from .errors import SpecError
+from .result import top_rows  # one definition, beside DiffCovariance
 
 __all__ = [
     "torchrun_env",
@@ -455,12 +456,7 @@ def all_gather_topk(
         dist.all_gather(is_, i)
         values = torch.cat([t[:s] for t, s in zip(vs, sizes_l)]).to(values.device)  # [sum k_r, M]
         indices = torch.cat([t[:s] for t, s in zip(is_, sizes_l)]).to(values.device)
-    kk = min(int(k), values.shape[0])
-    # sort by index first, then a stable sort by value: equal values keep the smaller index first
-    by_index = indices.argsort(dim=0)
-    values, indices = values.gather(0, by_index), indices.gather(0, by_index)
-    order = values.argsort(dim=0, descending=largest, stable=True)[:kk]  # [kk, M]
-    return values.gather(0, order), indices.gather(0, order)
+    return top_rows(values, indices, k, largest=largest)
 
 
 # ------------------------------------------------------------------------------------------- output

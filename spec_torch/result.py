@@ -13,11 +13,26 @@ from ._validate import as_matrix, check_pair
 from .errors import SpecError
 from .kernels import Kernel
 
-__all__ = ["SpecResult", "TopSamples"]
+__all__ = ["SpecResult", "TopSamples", "top_rows"]
 
 #: modes whose |eigenvalue| is below this fraction of ``scale`` (= (tr K_x + eta tr K_y) / n, an upper bound
 #: on ||L||) are numerical zeros: their eigenvectors are not determined and they are not reported as modes
 ZERO_RTOL = 1e-10
+
+
+def top_rows(
+    values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, the ``min(k, rows)`` best rows of ``values, indices: [rows, M]``, best first.
+
+    Ties are broken towards the smaller sample index, so the result does not depend on how the samples were
+    split into batches or ranks.
+    """
+    kk = min(int(k), values.shape[0])
+    by_index = indices.argsort(dim=0)  # sort by index first, then a stable sort by value
+    values, indices = values.gather(0, by_index), indices.gather(0, by_index)
+    order = values.argsort(dim=0, descending=largest, stable=True)[:kk]  # [kk, M]
+    return values.gather(0, order), indices.gather(0, order)
 
 
 @dataclass
@@ -219,16 +234,13 @@ class SpecResult:
             s = self._batch_scores(xb, yb, modes)  # [B, M]
             idx = torch.arange(offset, offset + s.shape[0], device=s.device).unsqueeze(1).expand_as(s)
             offset += s.shape[0]
-            if hi_val is None:
-                hi_val, hi_idx, lo_val, lo_idx = s, idx, s, idx
+            if hi_val is not None:
+                s_hi, idx_hi = torch.cat([hi_val, s]), torch.cat([hi_idx, idx])
+                s_lo, idx_lo = torch.cat([lo_val, s]), torch.cat([lo_idx, idx])
             else:
-                hi_val, hi_idx = torch.cat([hi_val, s]), torch.cat([hi_idx, idx])
-                lo_val, lo_idx = torch.cat([lo_val, s]), torch.cat([lo_idx, idx])
-            kk = min(k, hi_val.shape[0])
-            top = torch.topk(hi_val, kk, dim=0)  # running top-k largest, [kk, M]
-            hi_val, hi_idx = top.values, hi_idx.gather(0, top.indices)
-            bot = torch.topk(lo_val, kk, dim=0, largest=False)  # running top-k smallest
-            lo_val, lo_idx = bot.values, lo_idx.gather(0, bot.indices)
+                s_hi, idx_hi, s_lo, idx_lo = s, idx, s, idx
+            hi_val, hi_idx = top_rows(s_hi, idx_hi, k, largest=True)  # running top-k largest, [kk, M]
+            lo_val, lo_idx = top_rows(s_lo, idx_lo, k, largest=False)  # running top-k smallest
         if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.distributed)
             from .distributed import all_gather_topk
 
