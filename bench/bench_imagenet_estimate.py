@@ -58,7 +58,7 @@ def encoder_flops() -> dict[str, float]:
     """GFLOPs of one image through each encoder (multiply-add = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spec_torch.encoders import build_encoder
+    from spec_torch.apps.encoders import build_encoder
 
     out = {}
     encs = {

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from spec_torch.align import SpecAlignLoss
+from spec_torch import SpecAlignLoss
 
 
 def _sync(device: torch.device) -> None:

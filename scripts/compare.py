@@ -1,6 +1,6 @@
 """Compare two encoders on one dataset with SPEC; writes spec.json, plots and report.html to the run dir.
 
-The work is :func:`spec_torch.compare.run`; this file only parses the Hydra config (``configs/``).
+The work is :func:`spec_torch.apps.compare.run`; this file only parses the Hydra config (``configs/``).
 
 Examples::
 
@@ -35,17 +35,17 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from spec_torch import distributed
-from spec_torch.cli import launch, run_guarded
+from spec_torch.apps import sharding as distributed
+from spec_torch.apps.cli import launch, run_guarded
 
 
 def _run(cfg: DictConfig) -> None:
-    from spec_torch.compare import run  # imported after Hydra parsed the command line: --help stays fast
+    from spec_torch.apps.compare import run  # imported after Hydra parsed the command line: --help stays fast
 
     run(cfg)
 
 
-@hydra.main(config_path="../configs", config_name="compare", version_base="1.3")
+@hydra.main(config_path="../spec_torch/apps/configs", config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
 

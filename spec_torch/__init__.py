@@ -11,11 +11,11 @@ Example:
     True
 """
 
-from .align import SpecAlignLoss
 from .api import difference_matrix, spec
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
+from .loss import SpecAlignLoss
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"

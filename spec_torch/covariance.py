@@ -207,7 +207,7 @@ class DiffCovariance:
                     f"kernel_x/kernel_y: rank {rank} has {okx!r}/{oky!r} on inputs {odims} summed in {odtype}, "
                     f"rank {ref_rank} {kx!r}/{ky!r} on {dims} in {dtype}; fit the kernels once and pass the fitted "
                     "kernels (and the same accumulate_dtype) to every rank (kernel.fit(sample), or "
-                    "spec_torch.distributed.fit_on_main)"
+                    "spec_torch.collectives.fit_on_main)"
                 )
         if self.xx is None:  # this rank saw no batch: contribute zeros of the right shapes
             dev = self.device or (

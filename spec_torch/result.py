@@ -241,8 +241,8 @@ class SpecResult:
                 s_hi, idx_hi, s_lo, idx_lo = s, idx, s, idx
             hi_val, hi_idx = top_rows(s_hi, idx_hi, k, largest=True)  # running top-k largest, [kk, M]
             lo_val, lo_idx = top_rows(s_lo, idx_lo, k, largest=False)  # running top-k smallest
-        if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.distributed)
-            from .distributed import all_gather_topk
+        if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.apps.sharding)
+            from .collectives import all_gather_topk
 
             if hi_val is None:  # this rank's shard is empty
                 ref = self._u if self._u is not None else self._v

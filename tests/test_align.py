@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image, ImageDraw
 
-from spec_torch.align.data import (
+from spec_torch.apps.align.data import (
     AlignSamples,
     ResumableBatchSampler,
     TeacherFeatures,
@@ -26,16 +26,16 @@ from spec_torch.align.data import (
     sample_texts,
     split_rows,
 )
-from spec_torch.align.evaluate import knn_accuracy, retrieval_recall
-from spec_torch.align.pipeline import run
-from spec_torch.align.train import prompt_contrastive_loss, warmup_cosine
-from spec_torch.data import build_dataset
-from spec_torch.encoders import build_encoder
+from spec_torch.apps.align.evaluate import knn_accuracy, retrieval_recall
+from spec_torch.apps.align.pipeline import run
+from spec_torch.apps.align.train import prompt_contrastive_loss, warmup_cosine
+from spec_torch.apps.data import build_dataset
+from spec_torch.apps.encoders import build_encoder
+from spec_torch.apps.extract import extract_features
 from spec_torch.errors import SpecError
-from spec_torch.extract import extract_features
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "spec_torch" / "apps" / "configs"
 SCRIPT = ROOT / "scripts" / "align.py"
 
 #: float32 CPU training replayed from a checkpoint: the same operations on the same data (observed: equal)

@@ -17,12 +17,12 @@ from oracle import difference, spectrum
 from PIL import Image, ImageDraw
 
 import spec_torch as st
-from spec_torch.compare import pair_by_id, run
+from spec_torch.apps.compare import pair_by_id, run
 from spec_torch.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "spec_torch" / "apps" / "configs"
 
 #: float32 features, float32 sums: eigenvalues agree with the float64 oracle to this (relative to SPEC-diff)
 EIG_RTOL = 1e-5
@@ -465,7 +465,7 @@ class Interrupted(Exception):
 
 
 def test_interrupted_extraction_resumes_without_recomputing(work, monkeypatch):
-    from spec_torch.encoders.offline import ColourHistogramEncoder
+    from spec_torch.apps.encoders.offline import ColourHistogramEncoder
 
     forward = ColourHistogramEncoder.forward
     calls = {"n": 0, "fail_at": 3}
@@ -577,12 +577,12 @@ def test_stale_spec_json_is_removed_before_a_failing_rerun(work, feature_files):
 
 def test_spec_json_is_written_last(work, feature_files, monkeypatch):
     """A failure after the comparison (here: the report) leaves no spec.json: its presence means finished."""
-    import spec_torch.report
+    import spec_torch.apps.report
 
     def broken_report(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(spec_torch.report, "write_report", broken_report)
+    monkeypatch.setattr(spec_torch.apps.report, "write_report", broken_report)
     out = work / "report_fails"
     cfg = compose_cfg(
         [

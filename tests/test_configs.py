@@ -13,7 +13,7 @@ from spec_torch.kernels import CosineKernel, GaussianKernel, LinearKernel, resol
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "spec_torch" / "apps" / "configs"
 #: the compare presets (configs/experiment/align_* belong to the alignment script)
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.startswith("align"))
 REQUIRED_PRESETS = {
@@ -165,7 +165,7 @@ def _encoder(enc_cfg: dict):
     """Build (once per test module) the encoder of a config."""
     import json
 
-    from spec_torch.encoders import build_encoder
+    from spec_torch.apps.encoders import build_encoder
 
     key = json.dumps(enc_cfg, sort_keys=True)
     if key not in _ENCODERS:
@@ -178,7 +178,7 @@ def _encoder(enc_cfg: dict):
 def test_preset_builds_its_dataset_and_encoders_tiny(preset, tiny_data):
     import torch
 
-    from spec_torch.data import build_dataset
+    from spec_torch.apps.data import build_dataset
 
     assert set(TINY) == set(PRESETS), "every preset needs tiny settings here"
     cfg = _compose([f"experiment={preset}", *TINY[preset](tiny_data)])
@@ -197,7 +197,7 @@ def test_preset_builds_its_dataset_and_encoders_tiny(preset, tiny_data):
 @pytest.mark.parametrize("preset", ["imagenet_clip_vs_dinov2", "mscoco_captions_text_encoders"])
 def test_preset_pretrained_weights_fail_fast_offline(preset):
     """As configured the real presets ask for pretrained weights: offline they refuse, naming the model."""
-    from spec_torch.encoders import build_encoder
+    from spec_torch.apps.encoders import build_encoder
     from spec_torch.errors import SpecError
 
     cfg = _compose([f"experiment={preset}"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spec_torch.data import CorruptSample, build_dataset, load_feature_pair
+from spec_torch.apps.data import CorruptSample, build_dataset, load_feature_pair
 from spec_torch.errors import SpecError
 
 TENCH, GOLDFISH = "n01440764", "n01443537"  # ImageNet classes 0 and 1

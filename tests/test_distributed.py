@@ -1,6 +1,6 @@
 """Multi-process runs (torch.distributed, Gloo on CPU, 2 processes started by the tests) equal one process.
 
-- spec_torch.distributed helpers without a process group: shards tile the data, RowConcat reads like
+- spec_torch.apps.sharding helpers without a process group: shards tile the data, RowConcat reads like
   np.concatenate, the top-k merge, rank-0 writes.
 - 2 spawned Gloo processes: DiffCovariance.compute() all-reduces by default (sync_dist=False keeps the
   local sums), top_samples(sync_dist=True) merges the ranks' candidates into the single-process top-k,
@@ -29,7 +29,7 @@ from helpers import free_port, spawn_gloo
 from PIL import Image, ImageDraw
 
 import spec_torch as st
-from spec_torch import distributed as sd
+from spec_torch.apps import sharding as sd
 from spec_torch.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_topk_merge_breaks_ties_towards_the_smaller_index():
 
 
 def test_shard_dataset_is_a_block_with_its_own_fingerprint():
-    from spec_torch.data import build_dataset
+    from spec_torch.apps.data import build_dataset
 
     ds = build_dataset("synthetic", n=10, image_size=32, seed=0)
     a, b = sd.ShardDataset(ds, range(0, 5)), sd.ShardDataset(ds, range(5, 10))
@@ -171,8 +171,8 @@ def _align_losses(model, a, b, t, prompts, owner, rank: int = 0, world: int = 1)
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss
 
-    from spec_torch.align import SpecAlignLoss
-    from spec_torch.align.train import prompt_contrastive_loss
+    from spec_torch import SpecAlignLoss
+    from spec_torch.apps.align.train import prompt_contrastive_loss
 
     img, txt, prm = model(a, b, prompts)  # [B, 4], [B, 4], [3, 4]
     scale = torch.tensor(10.0, dtype=torch.float64)
@@ -256,8 +256,8 @@ class _Stop(Exception):
 
 def _compare_resume(rank: int, work: Path) -> dict:
     """compare.run on 2 ranks over caches where rank 1's block was cut short (see ``_cut_short``)."""
-    from spec_torch.compare import run
-    from spec_torch.encoders.offline import ColourHistogramEncoder
+    from spec_torch.apps.compare import run
+    from spec_torch.apps.encoders.offline import ColourHistogramEncoder
 
     forward, calls = ColourHistogramEncoder.forward, {"n": 0}
 
@@ -275,7 +275,7 @@ def _compare_resume(rank: int, work: Path) -> dict:
 
 def _align_interrupted_then_resumed(rank: int, out: Path) -> dict:
     """align on 2 ranks (batch 8 each): interrupted after step 2, then the same run again resumes it."""
-    from spec_torch.align.pipeline import run
+    from spec_torch.apps.align.pipeline import run
 
     def stop(trainer) -> None:
         if trainer.step == 2:
@@ -297,16 +297,16 @@ def _align_interrupted_then_resumed(rank: int, out: Path) -> dict:
 
 def _compare_features(work: Path) -> dict:
     """compare.run on precomputed features (Gaussian sigma='auto'), on the feature and the exact route."""
-    from spec_torch.compare import run
+    from spec_torch.apps.compare import run
 
     return {route: run(_features_cfg(work, route)) for route in ("features", "exact")}
 
 
 def _extraction_error_on_one_rank(rank: int, work: Path) -> dict:
     """Rank 1's encoder fails: rank 1 raises its own error, rank 0 an error naming rank 1 (no one hangs)."""
-    from spec_torch.data import build_dataset
-    from spec_torch.encoders import build_encoder
-    from spec_torch.encoders.offline import ColourHistogramEncoder
+    from spec_torch.apps.data import build_dataset
+    from spec_torch.apps.encoders import build_encoder
+    from spec_torch.apps.encoders.offline import ColourHistogramEncoder
 
     forward = ColourHistogramEncoder.forward
 
@@ -452,7 +452,7 @@ def _features_cfg(work: Path, route: str, out: str | None = None):
     from hydra import compose, initialize_config_dir
 
     data = ["data=features", f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}"]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
         return compose(
             config_name="compare",
             overrides=[
@@ -468,7 +468,7 @@ def _features_cfg(work: Path, route: str, out: str | None = None):
 
 @pytest.mark.parametrize("route", ["features", "exact"])
 def test_compare_on_precomputed_features_two_ranks_equal_one_process(ranks, route):
-    from spec_torch.compare import run
+    from spec_torch.apps.compare import run
 
     work, results = ranks
     one = run(_features_cfg(work / "features", route, out=f"one-{route}"))
@@ -492,7 +492,7 @@ COMPARE = ["data.n=48", "data.image_size=32", "batch_size=6", "chunk_rows=6", "r
 def _compare_cfg(work: Path, out: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
         return compose(
             config_name="compare",
             overrides=[*COMPARE, "progress=false", f"cache_dir={work}/cache", f"output_dir={work / out}"],
@@ -502,10 +502,10 @@ def _compare_cfg(work: Path, out: str):
 def _cut_short(work: Path) -> Path:
     """Leave rank 1's colour-encoder cache as a rank killed in its second batch leaves it: one chunk of 6
     rows flushed and counted, no completion marker, and the lock of a process that no longer exists."""
-    from spec_torch.compare import _build_encoder, _container
-    from spec_torch.data import build_dataset
-    from spec_torch.encoders.offline import ColourHistogramEncoder
-    from spec_torch.extract import extract_features
+    from spec_torch.apps.compare import _build_encoder, _container
+    from spec_torch.apps.data import build_dataset
+    from spec_torch.apps.encoders.offline import ColourHistogramEncoder
+    from spec_torch.apps.extract import extract_features
 
     cfg = _compare_cfg(work, "out")
     data = dict(_container(cfg.data))
@@ -535,7 +535,7 @@ def _cut_short(work: Path) -> Path:
 
 
 def test_rank_dying_mid_extraction_leaves_caches_that_a_rerun_resumes(ranks, tmp_path):
-    from spec_torch.compare import run
+    from spec_torch.apps.compare import run
 
     work, results = ranks
     assert results[1]["compare"]["calls"] == 3  # rank 1 embeds rows 6..23 of its block only: 3 batches of 6
@@ -575,7 +575,7 @@ ALIGN_LOSS_RTOL = 1e-5
 def _align_cfg(out: Path, batch_size: int):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
         return compose(
             config_name="align",
             overrides=[
@@ -598,7 +598,7 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     """The student's weights before training (the pipeline seeds the random initialisation)."""
     from omegaconf import OmegaConf
 
-    from spec_torch.align.pipeline import build_student
+    from spec_torch.apps.align.pipeline import build_student
 
     cfg = _align_cfg(Path("/nonexistent/out"), batch_size=8)
     torch.manual_seed(int(cfg.seed))
@@ -607,8 +607,8 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 
 
 def test_alignment_two_ranks_interrupted_and_resumed_equal_one_process(ranks, tmp_path):
-    from spec_torch.align.pipeline import run
-    from spec_torch.align.runtime import Runtime
+    from spec_torch.apps.align.pipeline import run
+    from spec_torch.apps.align.runtime import Runtime
 
     work, results = ranks
     two = work / "align" / "two"
@@ -668,7 +668,7 @@ def torchrun_compare(tmp_path_factory):
     default run dir under its working directory, and the same comparison in one process (in-process)."""
     from hydra import compose, initialize_config_dir
 
-    from spec_torch.compare import run
+    from spec_torch.apps.compare import run
 
     work = tmp_path_factory.mktemp("torchrun")
     images = work / "images"
@@ -681,7 +681,9 @@ def torchrun_compare(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
     cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(SCRIPT), *args]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):  # meanwhile: 1 process
+    with initialize_config_dir(
+        config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"
+    ):  # meanwhile: 1 process
         cfg = compose(
             config_name="compare",
             overrides=[*args, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
@@ -786,7 +788,7 @@ def test_outside_torchrun_nothing_is_started(monkeypatch):
 @pytest.mark.gpu
 def test_nccl_torchrun_compare_on_cuda_equals_one_process(tmp_path):
     """The NCCL path: torchrun with one process per visible GPU (at least 1) on CUDA vs one CUDA process."""
-    from spec_torch.compare import run
+    from spec_torch.apps.compare import run
 
     _feature_files(tmp_path / "features")
     nproc = max(1, min(2, torch.cuda.device_count()))

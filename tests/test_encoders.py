@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spec_torch.data import build_dataset
-from spec_torch.encoders import build_encoder
-from spec_torch.encoders.base import random_weights_guard
+from spec_torch.apps.data import build_dataset
+from spec_torch.apps.encoders import build_encoder
+from spec_torch.apps.encoders.base import random_weights_guard
 from spec_torch.errors import SpecError
 
 FLOAT32_TOL = 1e-5
@@ -202,7 +202,7 @@ def test_pretrained_weights_unreachable_hub_fail_fast(monkeypatch, tmp_path):
     """Hubs not switched off, but unreachable: no minute of download retries."""
     import huggingface_hub.constants
 
-    from spec_torch.encoders import base
+    from spec_torch.apps.encoders import base
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPEC_TORCH_OFFLINE"):
         monkeypatch.delenv(name, raising=False)

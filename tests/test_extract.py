@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from spec_torch.data import build_dataset
-from spec_torch.data.synthetic import SyntheticShapes
-from spec_torch.encoders import Encoder, build_encoder
+from spec_torch.apps.data import build_dataset
+from spec_torch.apps.data.synthetic import SyntheticShapes
+from spec_torch.apps.encoders import Encoder, build_encoder
+from spec_torch.apps.extract import FeatureCache, cache_folder, extract_features
 from spec_torch.errors import SpecError
-from spec_torch.extract import FeatureCache, cache_folder, extract_features
 
 N = 40
 FLOAT32_TOL = 1e-6  # same float32 ops, possibly different batch grouping
@@ -205,7 +205,7 @@ def test_cuda_extraction_matches_cpu(tmp_path):
 
 
 def test_crash_while_finishing_leaves_no_complete_cache_and_rerun_finishes(tmp_path, monkeypatch):
-    import spec_torch.extract as ex
+    import spec_torch.apps.extract as ex
 
     ds = _folder_with_corrupt_image(tmp_path)
     enc = Counting(build_encoder("offline_colour", image_size=24))

@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from spec_torch._io import atomic_path, atomic_write_json, atomic_write_text, prepare_output_dir
+from spec_torch.apps._io import atomic_path, atomic_write_json, atomic_write_text, prepare_output_dir
 from spec_torch.errors import SpecError
 
 

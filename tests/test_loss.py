@@ -9,7 +9,7 @@ from oracle import difference, gram
 from torch import nn
 
 import spec_torch as st
-from spec_torch.align import SpecAlignLoss
+from spec_torch import SpecAlignLoss
 from spec_torch.errors import SpecError
 from spec_torch.kernels import median_sigma
 

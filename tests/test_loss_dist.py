@@ -14,7 +14,7 @@ import torch.distributed as dist
 from helpers import spawn_gloo
 
 import spec_torch as st
-from spec_torch.align import SpecAlignLoss
+from spec_torch import SpecAlignLoss
 
 WORLD = 2
 SIZES = (7, 9)  # unequal per-rank batches: the exact route's all-gather pads

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from spec_torch.apps.report import ModeView, metrics, plots, write_report
 from spec_torch.errors import SpecError
 from spec_torch.kernels import CosineKernel, GaussianKernel, LinearKernel
-from spec_torch.report import ModeView, metrics, plots, write_report
 
 TOL_F64 = 1e-10  # float64 sums vs a dense float64 oracle
 TOL_SPLIT = 1e-12  # the same sums added in another order
@@ -278,7 +278,7 @@ def _shape_image(i: int) -> Image.Image:
 
 
 def _fake_spec() -> dict:
-    """Shaped like the spec.json of spec_torch.compare: SpecResult.to_dict() plus the run's context."""
+    """Shaped like the spec.json of spec_torch.apps.compare: SpecResult.to_dict() plus the run's context."""
     lam = [0.2113, 0.0871, 0.0312, 0.0, -0.0021, -0.0455, -0.1534]
     kernel_y = {"name": "gaussian", "sigma": 1.2345, "sigma_auto": True, "rff_dim": 500, "seed": 7}
     return {

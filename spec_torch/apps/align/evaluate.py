@@ -1,0 +1,343 @@
+"""Evaluation of a student before and after alignment: zero-shot accuracy, image-text retrieval, kNN accuracy
+and SPEC-diff to the teacher, each on a fixed evaluation set; and the before/after plot.
+
+Every metric is a pure function of embeddings (``[n, d]`` tensors), so it can be tested on its own;
+:func:`evaluate` embeds the evaluation sets with the student and calls them.
+
+>>> import torch
+>>> z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+>>> knn_accuracy(z, ["a", "a", "b", "b"], k=1)
+1.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...api import spec
+from ...errors import SpecError
+from .._io import atomic_path
+from ..data.base import SampleDataset
+
+__all__ = [
+    "EvalSet",
+    "embed_images",
+    "embed_texts",
+    "knn_accuracy",
+    "retrieval_recall",
+    "zero_shot_accuracy",
+    "teacher_clusters",
+    "spec_diff_to_teacher",
+    "evaluate",
+    "plot_before_after",
+]
+
+
+@dataclass
+class EvalSet:
+    """Samples ``positions`` of ``dataset`` and what is known about them.
+
+    Attributes:
+        name: key of this set in the results (``"heldout"``, ``"imagenet"``).
+        teacher: ``[m, dt]`` teacher features of the samples (row i = ``positions[i]``), or None.
+        captions: per sample, its captions (image-text retrieval), or None.
+        labels: per sample, a class label (kNN accuracy), or None.
+        zero_shot: also score zero-shot classification over the label names (ImageNet class names).
+    """
+
+    name: str
+    dataset: SampleDataset
+    positions: np.ndarray
+    teacher: torch.Tensor | None = None
+    captions: list[list[str]] | None = None
+    labels: list[str] | None = None
+    zero_shot: bool = False
+
+
+# --------------------------------------------------------------------------------------------- embedding
+class _Images(torch.utils.data.Dataset):
+    """``dataset[positions[k]]`` through ``transform`` (for a DataLoader with workers)."""
+
+    def __init__(self, dataset: SampleDataset, positions: Sequence[int], transform: Callable[[Any], Any]):
+        self.dataset, self.positions, self.transform = dataset, [int(i) for i in positions], transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.transform(self.dataset[self.positions[k]])
+
+
+@torch.no_grad()
+def embed_images(
+    model: torch.nn.Module,
+    dataset: SampleDataset,
+    positions: Sequence[int],
+    transform: Callable[[Any], torch.Tensor],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """``[m, d]`` float32 (CPU) image embeddings ``model.encode_image`` of ``dataset[positions]``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        _Images(dataset, positions, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # leaves the global RNG alone (a resumed run replays it exactly)
+    )
+    out = []
+    try:
+        for imgs in loader:
+            out.append(model.encode_image(imgs.to(device)).float().cpu())  # [b, 3, H, W] -> [b, d]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[m, d]`` float32 (CPU) text embeddings ``model.encode_text`` of ``texts``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [b, L]
+            out.append(model.encode_text(tokens).float().cpu())  # [b, d]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def knn_accuracy(z: torch.Tensor, labels: Sequence[Any], k: int = 10) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy under cosine similarity (majority vote; a tie goes to the
+    class of the nearest neighbour among the tied classes).
+
+    Args:
+        z: ``[n, d]`` embeddings; labels: ``n`` labels.
+    """
+    n = z.shape[0]
+    if len(labels) != n:
+        raise SpecError(f"labels: expected {n} labels (one per row of z), got {len(labels)}")
+    if n < 2:
+        raise SpecError(f"z: expected at least 2 samples for kNN accuracy, got {n}")
+    k = min(k, n - 1)
+    _, codes = np.unique(np.asarray([str(v) for v in labels]), return_inverse=True)
+    y = torch.from_numpy(codes)  # [n]
+    zn = F.normalize(z.double(), dim=1)
+    sim = zn @ zn.T  # [n, n]
+    sim.fill_diagonal_(-math.inf)  # leave one out
+    nn_idx = sim.topk(k, dim=1).indices  # [n, k], nearest first
+    nn_y = y[nn_idx]  # [n, k] neighbours' classes
+    counts = torch.zeros(n, int(y.max()) + 1, dtype=torch.int64).scatter_add_(1, nn_y, torch.ones_like(nn_y))
+    tied = counts == counts.max(1, keepdim=True).values  # [n, C] the most voted classes
+    first = tied.gather(1, nn_y).to(torch.int8).argmax(1)  # the nearest neighbour of a most voted class
+    pred = nn_y.gather(1, first[:, None]).squeeze(1)  # [n]
+    return float((pred == y).double().mean())
+
+
+def retrieval_recall(
+    images: torch.Tensor, texts: torch.Tensor, text_image: Sequence[int], ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Image-text retrieval recall at k under cosine similarity.
+
+    Args:
+        images: ``[n, d]`` image embeddings; texts: ``[m, d]`` text embeddings.
+        text_image: ``[m]`` the image (row of ``images``) each text describes.
+
+    Returns:
+        ``{"i2t_R@k": ..., "t2i_R@k": ...}``: image->text counts a hit when any of the image's texts is in
+        its top k; text->image when its image is.
+    """
+    owner = torch.as_tensor(list(text_image), dtype=torch.int64)  # [m]
+    sim = F.normalize(images.double(), dim=1) @ F.normalize(texts.double(), dim=1).T  # [n, m]
+    out: dict[str, float] = {}
+    for k in ks:
+        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices  # [n, k] texts per image
+        hit_i = (owner[top_t] == torch.arange(sim.shape[0])[:, None]).any(1)
+        top_i = sim.T.topk(min(k, sim.shape[0]), dim=1).indices  # [m, k] images per text
+        hit_t = (top_i == owner[:, None]).any(1)
+        out[f"i2t_R@{k}"] = float(hit_i.double().mean())
+        out[f"t2i_R@{k}"] = float(hit_t.double().mean())
+    return out
+
+
+def zero_shot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[Callable[[str], str]],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[C, d]`` unit rows: each class's normalised text embeddings averaged over ``templates``."""
+    prompts = [t(c) for c in classnames for t in templates]  # class-major
+    z = F.normalize(embed_texts(model, tokenizer, prompts, device=device), dim=1)  # [C * T, d]
+    z = z.view(len(classnames), len(templates), -1).mean(1)  # [C, d]
+    return F.normalize(z, dim=1)
+
+
+def zero_shot_accuracy(images: torch.Tensor, classifier: torch.Tensor, targets: Sequence[int]) -> dict:
+    """Top-1 (and top-5 with at least 5 classes) accuracy of ``images [n, d]`` against ``classifier [C, d]``."""
+    logits = F.normalize(images.float(), dim=1) @ classifier.T  # [n, C]
+    y = torch.as_tensor(list(targets), dtype=torch.int64)
+    out = {"zeroshot_top1": float((logits.argmax(1) == y).double().mean())}
+    if classifier.shape[0] >= 5:
+        out["zeroshot_top5"] = float((logits.topk(5, dim=1).indices == y[:, None]).any(1).double().mean())
+    return out
+
+
+def teacher_clusters(teacher: torch.Tensor, n_clusters: int, seed: int = 0) -> list[int]:
+    """KMeans cluster of each row of the (unit-normalised) teacher features ``[m, dt]``."""
+    from sklearn.cluster import KMeans
+
+    k = max(2, min(int(n_clusters), teacher.shape[0] // 2))
+    z = F.normalize(teacher.double(), dim=1).numpy()
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(z).tolist()
+
+
+def _templates(name: str) -> list[Callable[[str], str]]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    table = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+    if name not in table:
+        raise SpecError(f"eval.templates: expected one of {sorted(table)}, got {name!r}")
+    return list(table[name])
+
+
+def spec_diff_to_teacher(
+    model: torch.nn.Module,
+    es: EvalSet,
+    transform: Callable[[Any], torch.Tensor],
+    kernel_student: Any = "cosine",
+    kernel_teacher: Any = "cosine",
+    eta: float = 1.0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> float:
+    """SPEC-diff between the student's image embeddings of ``es`` and its teacher features (the logged curve)."""
+    if es.teacher is None:
+        raise SpecError(f"es: the {es.name} evaluation set has no teacher features")
+    img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
+    if not torch.isfinite(img).all():
+        raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
+    return float(spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta).spec_diff)
+
+
+# -------------------------------------------------------------------------------------------- the driver
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    transform: Callable[[Any], torch.Tensor],
+    sets: Sequence[EvalSet],
+    kernel_student: Any = "cosine",
+    kernel_teacher: Any = "cosine",
+    eta: float = 1.0,
+    knn_k: int = 10,
+    n_clusters: int = 10,
+    templates: str = "openai",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    num_workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """All metrics of the student ``model`` on every evaluation set: ``{set name: {metric: value}}``.
+
+    Metrics per set (where the set has what they need): ``spec_diff`` to the teacher (and the eigenvalue sum
+    of the strongest mode of each sign), ``knn_teacher_clusters`` (kNN accuracy of the student on KMeans
+    clusters of the teacher; ``knn_teacher_clusters_teacher`` is the teacher's own score, the ceiling),
+    ``knn_labels``, ``i2t_R@1/5`` and ``t2i_R@1/5``, ``zeroshot_top1/5``.
+    """
+    results: dict[str, dict[str, float]] = {}
+    for es in sets:
+        img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
+        if not torch.isfinite(img).all():
+            raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
+        out: dict[str, float] = {"n": float(img.shape[0])}
+        if es.teacher is not None:
+            res = spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta)
+            out["spec_diff"] = float(res.spec_diff)
+            out["lambda_max"] = float(res.eigenvalues.max())
+            out["lambda_min"] = float(res.eigenvalues.min())
+            clusters = teacher_clusters(es.teacher, n_clusters, seed)
+            out["knn_teacher_clusters"] = knn_accuracy(img, clusters, knn_k)
+            out["knn_teacher_clusters_teacher"] = knn_accuracy(es.teacher, clusters, knn_k)
+        if es.labels is not None:
+            out["knn_labels"] = knn_accuracy(img, es.labels, knn_k)
+        if es.captions is not None:
+            flat = [c for caps in es.captions for c in caps]
+            owner = [i for i, caps in enumerate(es.captions) for _ in caps]
+            txt = embed_texts(model, tokenizer, flat, batch_size, device)  # [sum captions, d]
+            out.update(retrieval_recall(img, txt, owner))
+        if es.zero_shot and es.labels is not None:
+            classnames = sorted(set(es.labels))
+            index = {c: j for j, c in enumerate(classnames)}
+            clf = zero_shot_classifier(model, tokenizer, classnames, _templates(templates), device)
+            out.update(zero_shot_accuracy(img, clf, [index[c] for c in es.labels]))
+        results[es.name] = out
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- the plot
+def plot_before_after(
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    path: str | Path,
+    history: dict[str, list[float]] | None = None,
+) -> Path:
+    """Bar chart of every metric before/after (one panel per set), and the training curves if given.
+
+    Args:
+        history: ``{"step": [...], "loss_spec": [...], "loss_clip": [...], "heldout_step": [...],
+            "heldout_spec_diff": [...]}`` from the training log.
+    """
+    from matplotlib.figure import Figure
+
+    names = [s for s in after if s in before]
+    panels = len(names) + (1 if history else 0)
+    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        keys = [k for k in after[name] if k != "n" and k in before[name] and not k.startswith("lambda")]
+        x = np.arange(len(keys))
+        ax.bar(x - 0.2, [before[name][k] for k in keys], 0.4, label="before", color="#9aa5b1")
+        ax.bar(x + 0.2, [after[name][k] for k in keys], 0.4, label="after", color="#2f6db5")
+        ax.set_xticks(x, keys, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{name} (n={int(after[name]['n'])})")
+        ax.legend(fontsize=8)
+    if history:
+        ax = axes[-1]
+        for key, colour in (("loss_spec", "#c0392b"), ("loss_clip", "#7f8c8d")):
+            if history.get(key):
+                ax.plot(history["step"], history[key], label=f"train {key}", color=colour, lw=1)
+        if history.get("heldout_spec_diff"):
+            ax.plot(
+                history["heldout_step"],
+                history["heldout_spec_diff"],
+                "o-",
+                label="held-out SPEC-diff",
+                color="#2f6db5",
+            )
+        ax.set_xlabel("step")
+        ax.set_title("training")
+        ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)

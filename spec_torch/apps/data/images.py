@@ -1,0 +1,188 @@
+"""Image folders on disk: any folder tree (``imagefolder``) and the ImageNet class-folder layout (``imagenet``).
+
+Sample ids are paths relative to ``root`` (POSIX separators), in sorted order, so they do not depend on where
+the data is mounted; the fingerprint also hashes the resolved root and each file's size and modification
+time, so a cache is never reused for different or edited images.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ...errors import SpecError
+from .base import IMAGE_EXTENSIONS, SampleDataset, existing_path, limit_rows, open_image
+
+__all__ = ["ImageFolderDataset", "ImageNetDataset", "imagenet_class_names"]
+
+
+def _scan_images(root: Path, name: str) -> list[str]:
+    """Sorted relative POSIX paths of every image file below ``root`` (hidden entries skipped)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root)
+        for f in filenames:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((rel_dir / f).as_posix())
+    if not found:
+        raise SpecError(
+            f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the path"
+        )
+    return sorted(found)
+
+
+class ImageFolderDataset(SampleDataset):
+    """Every image below ``root`` (recursive). Id = path relative to ``root``.
+
+    Args:
+        root: folder of images (any depth).
+        label_from_folder: label each image by its first-level folder name (a class-folder tree).
+        max_samples: keep at most this many images, evenly spaced in sorted order (None = all).
+    """
+
+    name = "imagefolder"
+    modality = "image"
+
+    def __init__(
+        self, root: str | os.PathLike, label_from_folder: bool = False, max_samples: int | None = None
+    ):
+        super().__init__()
+        self.root = existing_path(root, "data.root", kind="dir").resolve()
+        ids = _scan_images(self.root, "data.root")
+        self._ids = [ids[k] for k in limit_rows(len(ids), max_samples, "data.max_samples")]
+        self.label_from_folder = bool(label_from_folder)
+        self.max_samples = max_samples
+
+    def load(self, i: int) -> Image.Image:
+        return open_image(self.root / self._ids[i], self._ids[i])
+
+    @property
+    def labels(self) -> list[str] | None:
+        if not self.label_from_folder:
+            return None
+        return [s.split("/", 1)[0] if "/" in s else "." for s in self._ids]
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "root": str(self.root), "max_samples": self.max_samples}
+
+    def content_stamp(self) -> str:
+        parts = []
+        for s in self._ids:
+            try:
+                st = (self.root / s).stat()
+                parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                parts.append("missing")
+        return "\n".join(parts)
+
+
+@cache
+def _imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in sorted order (= the standard class index order)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    return tuple(sorted(info.label_names()))
+
+
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> readable class name (open_clip's ``IMAGENET_CLASSNAMES``, indexed in sorted-wnid order)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    wnids = _imagenet_wnids()
+    if len(wnids) != len(IMAGENET_CLASSNAMES):
+        raise SpecError(
+            f"imagenet: expected 1000 class names and wnids, got {len(IMAGENET_CLASSNAMES)} and {len(wnids)}"
+        )
+    return dict(zip(wnids, IMAGENET_CLASSNAMES, strict=True))
+
+
+class ImageNetDataset(ImageFolderDataset):
+    """ImageNet in the class-folder layout ``root/<wnid>/<image>`` (train or val). Labels = class names.
+
+    Args:
+        root: the split folder holding the ``n01440764``-style wnid folders, or the ImageNet root holding
+            ``train/`` and ``val/`` (then ``split`` picks one).
+        split: "val" or "train" when ``root`` is the ImageNet root; ignored when ``root`` holds wnid folders.
+        max_per_class: keep at most this many images per class (first in sorted order; None = all).
+        max_samples: keep at most this many images overall, evenly spaced (None = all).
+    """
+
+    name = "imagenet"
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "val",
+        max_per_class: int | None = None,
+        max_samples: int | None = None,
+    ):
+        SampleDataset.__init__(self)
+        base = existing_path(root, "data.root", kind="dir").resolve()
+        names = imagenet_class_names()
+        folder = base
+        if not any(d.is_dir() and d.name in names for d in base.iterdir()) and (base / split).is_dir():
+            folder = base / split
+        class_dirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not class_dirs:
+            raise SpecError(
+                f"data.root: expected class folders named by wnid (root/n01440764/*.JPEG) in {folder}, found none; "
+                "a flat val folder must first be sorted into class folders (or use data=imagefolder)"
+            )
+        known = [d for d in class_dirs if d in names]
+        if not known:
+            raise SpecError(
+                f"data.root: none of the {len(class_dirs)} folders in {folder} is an ImageNet wnid "
+                f"(e.g. {class_dirs[0]!r}); expected n01440764-style names, or use data=imagefolder"
+            )
+        unknown = sorted(set(class_dirs) - set(known))
+        if unknown:
+            warnings.warn(
+                f"imagenet: {len(unknown)} folder(s) are not ImageNet-1k wnids (e.g. {unknown[0]!r}); "
+                "their folder names are used as labels",
+                stacklevel=2,
+            )
+        if max_per_class is not None and (
+            isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1
+        ):
+            raise SpecError(f"data.max_per_class: expected a positive integer or null, got {max_per_class!r}")
+        ids: list[str] = []
+        for d in class_dirs:
+            files = sorted(
+                f.name
+                for f in (folder / d).iterdir()
+                if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            ids.extend(f"{d}/{f}" for f in files[:max_per_class])
+        if not ids:
+            raise SpecError(f"data.root: the class folders in {folder} hold no image files")
+        self.root = folder
+        self._ids = [ids[k] for k in limit_rows(len(ids), max_samples, "data.max_samples")]
+        self.split = split
+        self.max_per_class = max_per_class
+        self.max_samples = max_samples
+        self.label_from_folder = True
+        self._wnid_names = names
+
+    @property
+    def wnids(self) -> list[str]:
+        """The class folder (wnid) of each sample."""
+        return [s.split("/", 1)[0] for s in self._ids]
+
+    @property
+    def labels(self) -> list[str]:
+        return [self._wnid_names.get(w, w) for w in self.wnids]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "max_per_class": self.max_per_class,
+            "max_samples": self.max_samples,
+        }

@@ -1,0 +1,473 @@
+"""``report.html``: one self-contained page (inline CSS, PNGs as base64 data URIs) that a person can read.
+
+:func:`write_report` takes the ``spec.json`` dict of a comparison, one :class:`ModeView` per reported mode
+and optional context scores, draws the plots into ``run_dir/plots/`` and writes ``run_dir/report.html``
+atomically (a temporary name, then :func:`os.replace`). Every piece of text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ...errors import SpecError
+from .._io import atomic_write_text
+from . import plots
+
+__all__ = ["ModeView", "write_report"]
+
+
+@dataclass
+class ModeView:
+    """Everything the report shows about one mode (one eigenvector of ``K_X - eta K_Y``).
+
+    Attributes:
+        direction: ``"x"`` for a mode x captures and y does not (eigenvalue > 0), ``"y"`` for the reverse.
+        index: the mode's index into the spectrum (``SpecResult.eigenvalues``).
+        eigenvalue: its eigenvalue (sign must match ``direction``).
+        sample_ids: ids of the top samples, best first.
+        scores: their scores in the mode (same length).
+        images: the top images (PIL images or arrays), for image data; or None.
+        texts: the top texts, for text data; or None.
+        tightness_x, tightness_y: mean pairwise kernel value of the top samples under x and under y
+            (:func:`spec_torch.apps.report.metrics.mode_tightness`).
+        labels: label composition ``[(label, fraction), ...]`` (:func:`metrics.label_composition`), or None.
+        purity: per planted attribute, ``(majority value, fraction)`` (:func:`metrics.purity`) or a fraction.
+    """
+
+    direction: str
+    index: int
+    eigenvalue: float
+    sample_ids: Sequence[str]
+    scores: Sequence[float]
+    images: Sequence[Any] | None = None
+    texts: Sequence[str] | None = None
+    tightness_x: float | None = None
+    tightness_y: float | None = None
+    labels: Sequence[tuple[str, float]] | None = None
+    purity: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"ModeView(direction={self.direction!r}, index={self.index!r})"
+        if self.direction not in ("x", "y"):
+            raise SpecError(f"{where}: direction: expected 'x' or 'y', got {self.direction!r}")
+        lam = float(self.eigenvalue)
+        if not math.isfinite(lam) or (lam > 0) != (self.direction == "x") or lam == 0:
+            want = "> 0" if self.direction == "x" else "< 0"
+            raise SpecError(
+                f"{where}: eigenvalue: expected {want} for direction {self.direction!r}, got {lam!r}"
+            )
+        self.sample_ids = [str(s) for s in self.sample_ids]
+        self.scores = [float(s) for s in self.scores]
+        if self.texts is not None:
+            self.texts = [str(t) for t in self.texts]
+        if len(self.scores) != len(self.sample_ids):
+            raise SpecError(
+                f"{where}: scores: expected one score per sample id ({len(self.sample_ids)}), got {len(self.scores)}"
+            )
+        for name in ("images", "texts"):
+            items = getattr(self, name)
+            if items is not None and len(items) != len(self.sample_ids):
+                raise SpecError(
+                    f"{where}: {name}: expected one per sample id ({len(self.sample_ids)}), got {len(items)}"
+                )
+
+
+# ---------------------------------------------------------------- small helpers
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2125}
+main{max-width:1100px;margin:0 auto;padding:24px 28px 60px;background:#fff}
+h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:34px 0 8px;border-bottom:2px solid #e1e4e8;
+padding-bottom:4px}h3{font-size:1.05em;margin:0 0 8px}
+.sub{color:#57606a;margin:0 0 16px}.muted{color:#57606a;font-size:.9em}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:.92em}
+th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.headline{display:flex;gap:14px;flex-wrap:wrap;margin:14px 0}
+.stat{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:130px}
+.stat b{display:block;font-size:1.35em}.stat span{color:#57606a;font-size:.85em}
+.mode{border:1px solid #d0d7de;border-left:6px solid #999;border-radius:6px;padding:12px 16px;margin:14px 0}
+.mode.x{border-left-color:@POS@}.mode.y{border-left-color:@NEG@}
+.dir-x{color:@POS@}.dir-y{color:@NEG@}
+.facts{display:flex;gap:28px;flex-wrap:wrap}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+.bar{display:inline-block;height:10px;background:#8c959f;vertical-align:middle;margin-right:6px}
+ol.texts{padding-left:22px;margin:6px 0}ol.texts li{margin:3px 0}ol.ids{columns:4 220px}
+.score{font-variant-numeric:tabular-nums;color:#57606a;margin-right:8px}
+code{background:#f6f8fa;padding:1px 4px;border-radius:3px;font-size:.9em}
+details{margin:6px 0}summary{cursor:pointer;color:#57606a}
+""".replace("@POS@", plots.POSITIVE_COLOUR).replace("@NEG@", plots.NEGATIVE_COLOUR)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _png_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _img(path: Path, alt: str) -> str:
+    return f'<img src="{_png_uri(path)}" alt="{_e(alt)}">'
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        cells = []
+        for j, cell in enumerate(row):
+            tag = "th" if j == 0 and header is None else "td"
+            cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
+            cells.append(f"<{tag}{cls}>{_e(_fmt(cell))}</{tag}>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _describe(value: Any) -> str:
+    """One line for a settings dict (encoder, kernel, dataset) or any other value."""
+    if isinstance(value, Mapping):
+        return ", ".join(
+            f"{k}={_fmt(v)}" for k, v in value.items() if v is not None and not isinstance(v, Mapping)
+        )
+    return _fmt(value)
+
+
+def _short_name(value: Any, fallback: str) -> str:
+    if isinstance(value, Mapping):
+        for key in ("name", "model", "classifier", "family"):
+            if value.get(key):
+                return str(value[key])
+        return fallback
+    return str(value) if value else fallback
+
+
+def _weights_tag(encoder: Any) -> str | None:
+    """The weights an encoder config names (open_clip pretrained tag, torchvision weights, checkpoint)."""
+    if not isinstance(encoder, Mapping):
+        return None
+    for key in ("pretrained", "weights", "checkpoint"):
+        if isinstance(encoder.get(key), str) and encoder[key]:
+            return Path(encoder[key]).name if key == "checkpoint" else encoder[key]
+    return None
+
+
+def _lookup(spec: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if key in spec and spec[key] is not None:
+            return spec[key]
+    return None
+
+
+def _side(spec: Mapping[str, Any], kind: str, side: str) -> Any:
+    """``spec[kind + "_" + side]`` or ``spec[kind + "s"][side]`` (e.g. kernel_x or kernels["x"])."""
+    direct = spec.get(f"{kind}_{side}")
+    if direct is not None:
+        return direct
+    group = spec.get(f"{kind}s")
+    return group.get(side) if isinstance(group, Mapping) else None
+
+
+def _encoder(spec: Mapping[str, Any], side: str) -> Any:
+    """The encoder settings of one side; for precomputed features, the file they came from."""
+    enc = _side(spec, "encoder", side)
+    dataset = _lookup(spec, "dataset", "data")
+    if enc is None and isinstance(dataset, Mapping) and dataset.get(f"{side}_path"):
+        return f"precomputed features: {dataset[f'{side}_path']}"
+    return enc
+
+
+# ---------------------------------------------------------------- sections
+
+_KNOWN_KEYS = {
+    "eigenvalues", "spec_diff", "n", "eta", "method", "kernel_x", "kernel_y", "kernels", "encoder_x",
+    "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title", "metrics", "report",
+}  # fmt: skip
+
+
+def _title(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
+    dataset = _short_name(_lookup(spec, "dataset", "data"), "")
+    on = f" on {dataset}" if dataset not in ("", "features") else ""
+    return str(extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}")
+
+
+def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
+    dataset = _lookup(spec, "dataset", "data")
+    title = _title(spec, names, extra)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="sub">Spectral Pairwise Embedding Comparison · generated {stamp}</p>',
+    ]
+    skipped = _lookup(spec, "n_skipped", "skipped")
+    if isinstance(skipped, Mapping):  # {"count": ..., "ids": [...]}
+        skipped = skipped.get("count", len(skipped.get("ids") or []))
+    elif isinstance(skipped, (list, tuple)):
+        skipped = len(skipped)
+    stats = [
+        ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖K_X − η K_Y‖"),
+        ("samples n", spec.get("n"), "compared" + (f", {skipped} skipped" if skipped else "")),
+    ]
+    for key, label, desc in _CONTEXT:
+        value = extra.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("value")
+        if value is not None:
+            stats.append((label, float(value), desc.split(" (")[0]))
+    out.append('<div class="headline">')
+    for label, value, desc in stats:
+        out.append(
+            f'<div class="stat"><span>{_e(label)}</span><b>{_e(_fmt(value))}</b><span>{_e(desc)}</span></div>'
+        )
+    out.append("</div>")
+    rows = [
+        ["embedding x", names["x"], _describe(_encoder(spec, "x"))],
+        ["embedding y", names["y"], _describe(_encoder(spec, "y"))],
+        ["kernel x", _short_name(_side(spec, "kernel", "x"), "—"), _describe(_side(spec, "kernel", "x"))],
+        ["kernel y", _short_name(_side(spec, "kernel", "y"), "—"), _describe(_side(spec, "kernel", "y"))],
+        ["dataset", _short_name(dataset, "—"), _describe(dataset)],
+        ["η (eta)", _fmt(spec.get("eta")), "L = K_X − η K_Y"],
+        ["method", _fmt(spec.get("method")), f"{len(spec.get('eigenvalues') or [])} eigenvalues computed"],
+    ]
+    for key, value in spec.items():
+        if key in _KNOWN_KEYS:
+            continue
+        if isinstance(value, Mapping):  # e.g. "settings": one row per scalar entry
+            rows += [
+                [f"{key}.{k}", _fmt(v), ""]
+                for k, v in value.items()
+                if not isinstance(v, (Mapping, list, tuple))
+                and not (key == "settings" and k in ("eta", "method"))
+            ]
+        elif not isinstance(value, (list, tuple)):
+            rows.append([key, _fmt(value), ""])
+    out.append("<h2>Settings</h2>" + _table(rows, ["", "name", "resolved settings"]))
+    return "\n".join(out)
+
+
+_CONTEXT = (
+    ("linear_cka", "linear CKA", "centred linear CKA (1 = same up to rotation and scale)"),
+    ("mutual_knn", "mutual k-NN", "mutual k-NN overlap (1 = same neighbours, about k/m by chance)"),
+)
+
+
+def _context(extra: Mapping[str, Any]) -> str:
+    rows = []
+    for key, label, desc in _CONTEXT:
+        value = extra.get(key)
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            detail = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items() if k != "value")
+            rows.append([label, value.get("value"), desc + (f"; {detail}" if detail else "")])
+        else:
+            rows.append([label, float(value), desc])
+    if not rows:
+        return ""
+    return (
+        "<h2>Context scores</h2>"
+        '<p class="muted">Familiar global similarity scores of the same two embeddings, for comparison with '
+        "SPEC-diff. They say how similar the embeddings are overall; the modes below say where they differ.</p>"
+        + _table(rows, ["score", "value", "meaning"])
+    )
+
+
+def _how_to_read(names: dict[str, str]) -> str:
+    return (
+        '<p class="muted">Each eigenvector of K_X − η K_Y is a <i>mode</i>: a weighting of the samples. '
+        f'A <b class="dir-x">positive</b> eigenvalue marks a group of samples that <b>{_e(names["x"])}</b> holds '
+        f'together and <b>{_e(names["y"])}</b> does not; a <b class="dir-y">negative</b> one the reverse. '
+        "The larger |λ|, the stronger the difference. <i>Tightness</i> is the mean kernel similarity between "
+        "a mode's top samples under each embedding: a mode of x should be tight under x and loose under y.</p>"
+    )
+
+
+def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
+    items = list(labels)[:top]
+    rest = 1.0 - sum(f for _, f in items)
+    rows = "".join(
+        f'<tr><td>{_e(label)}</td><td><span class="bar" style="width:{int(round(120 * frac))}px">'
+        f"</span>{frac:.0%}</td></tr>"
+        for label, frac in items
+    )
+    if len(labels) > top and rest > 1e-9:
+        rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td>{rest:.0%}</td></tr>'
+    return f"<table><tr><th>label</th><th>fraction</th></tr>{rows}</table>"
+
+
+def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
+    """Majority value and its fraction per planted attribute; attributes at least ``pure`` in bold."""
+    rows = ["<tr><th>planted attribute</th><th>majority value</th><th>fraction of top samples</th></tr>"]
+    for attr, value in purity.items():
+        major, frac = (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
+        style = ' style="font-weight:600"' if frac >= pure else ""
+        rows.append(f"<tr{style}><td>{_e(attr)}</td><td>{_e(major)}</td><td>{frac:.0%}</td></tr>")
+    return f"<table>{''.join(rows)}</table>"
+
+
+def _mode(
+    view: ModeView, rank: int, names: dict[str, str], plot_dir: Path, baseline: Mapping[str, float] | None
+) -> str:
+    other = "y" if view.direction == "x" else "x"
+    heading = (
+        f"Mode {view.direction}{rank} · λ = {view.eigenvalue:.4g} "
+        f"(spectrum index {view.index}) · captured by {names[view.direction]}, not by {names[other]}"
+    )
+    out = [f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3><div class="facts">']
+    if view.tightness_x is not None or view.tightness_y is not None:
+        rows = [[f"under {names['x']} (x)", view.tightness_x], [f"under {names['y']} (y)", view.tightness_y]]
+        header = ["tightness of top samples", "mean kernel"]
+        if baseline:
+            rows[0].append(baseline.get("x"))
+            rows[1].append(baseline.get("y"))
+            header.append("random pairs")
+        out.append("<div>" + _table(rows, header) + "</div>")
+    if view.purity:
+        out.append("<div>" + _purity(view.purity) + "</div>")
+    if view.labels:
+        out.append("<div>" + _composition(view.labels) + "</div>")
+    out.append("</div>")
+    if view.images is not None and len(view.images):
+        captions = [f"{s:.3g}" for s in view.scores]
+        path = plots.image_grid(list(view.images), captions, plot_dir / f"mode_{view.direction}{rank}.png")
+        out.append(_img(path, f"top {len(view.images)} images of mode {view.direction}{rank}"))
+        items = "".join(
+            f"<li><span class='score'>{s:.4g}</span><code>{_e(i)}</code></li>"
+            for i, s in zip(view.sample_ids, view.scores, strict=True)
+        )
+        out.append(
+            f'<details><summary>sample ids and scores</summary><ol class="texts ids">{items}</ol></details>'
+        )
+    else:
+        texts = view.texts if view.texts is not None else [None] * len(view.sample_ids)
+        items = []
+        for sid, score, text in zip(view.sample_ids, view.scores, texts, strict=True):
+            body = f"{_e(text[:400] + ('…' if len(text) > 400 else ''))} " if text is not None else ""
+            items.append(f"<li><span class='score'>{score:.4g}</span>{body}<code>{_e(sid)}</code></li>")
+        listing = "texts" if view.texts is not None else "texts ids"  # bare ids: in columns
+        out.append(f'<ol class="{listing}">{"".join(items)}</ol>')
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _kmeans(kmeans: Mapping[str, Any], names: dict[str, str]) -> str:
+    grouped = all(v is None or isinstance(v, Mapping) for v in kmeans.values())
+    groups = {k: v for k, v in kmeans.items() if v is not None} if grouped else {"": kmeans}
+    if not groups:
+        return ""
+    rows = []
+    for group, scores in groups.items():
+        label = {"x": f"modes of {names['x']}", "y": f"modes of {names['y']}"}.get(
+            group, group or "all modes"
+        )
+        rows.append(
+            [label, scores.get("nmi_x"), scores.get("ami_x"), scores.get("nmi_y"), scores.get("ami_y")]
+        )
+    return (
+        "<h2>KMeans agreement</h2>"
+        '<p class="muted">KMeans (k = number of modes) on the union of the modes\' top samples, under each '
+        "embedding, compared with which mode each sample came from. High NMI/AMI under x and low under y: "
+        "x separates those groups and y does not.</p>"
+        + _table(rows, ["top samples of", f"NMI under {names['x']}", f"AMI under {names['x']}",
+                        f"NMI under {names['y']}", f"AMI under {names['y']}"])
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    spec: Mapping[str, Any],
+    modes: Sequence[ModeView],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``run_dir/report.html`` (self-contained) and its PNGs under ``run_dir/plots/``; return the path.
+
+    Args:
+        run_dir: output folder (created if missing).
+        spec: the comparison's ``spec.json`` dict. Read: ``eigenvalues``, ``spec_diff``, ``n``, ``eta``,
+            ``method``, ``kernel_x``/``kernel_y`` (or ``kernels: {x, y}``), ``encoder_x``/``encoder_y`` (or
+            ``encoders: {x, y}``; dicts or strings), ``dataset`` (or ``data``), ``skipped``/``n_skipped``;
+            other scalar entries are listed under Settings.
+        modes: the modes to show, both directions; shown strongest first within each direction.
+        extra: optional: ``linear_cka`` (float), ``mutual_knn`` (float, or ``{"value", "k", "m"}``),
+            ``kmeans`` (:func:`metrics.kmeans_agreement` dict, or ``{"x": dict, "y": dict}`` per direction),
+            ``names`` (``{"x": "CLIP", "y": "DINOv2"}`` short names), ``title``, ``tightness_baseline``
+            (``{"x", "y"}`` or a pair: :func:`metrics.mode_tightness` of a random subsample, the mean kernel
+            value of random pairs, shown beside each mode's tightness).
+
+    Raises:
+        SpecError: when ``spec`` has no ``eigenvalues`` or a mode is not a :class:`ModeView`.
+    """
+    extra = dict(extra or {})
+    if not isinstance(spec, Mapping) or not spec.get("eigenvalues"):
+        raise SpecError("spec: expected the spec.json dict with a non-empty 'eigenvalues' list")
+    for i, view in enumerate(modes):
+        if not isinstance(view, ModeView):
+            raise SpecError(f"modes[{i}]: expected a ModeView, got {type(view).__name__}")
+    run_dir = Path(run_dir)
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for old in plot_dir.glob("mode_[xy]*.png"):  # grids of an earlier run here must not pass for this one's
+        old.unlink()
+
+    given = extra.get("names") or {}
+    names = {
+        side: str(given.get(side) or _short_name(_side(spec, "encoder", side), f"embedding {side}"))
+        for side in ("x", "y")
+    }
+    if names["x"] == names["y"]:  # same model: tell them apart by weights, else by side
+        tags = {side: _weights_tag(_side(spec, "encoder", side)) for side in ("x", "y")}
+        use_tags = tags["x"] != tags["y"] and all(tags.values())
+        names = {side: f"{names[side]} ({tags[side] if use_tags else side})" for side in names}
+
+    baseline = extra.get("tightness_baseline")
+    if isinstance(baseline, (tuple, list)):
+        baseline = {"x": baseline[0], "y": baseline[1]}
+    spectrum = plots.plot_spectrum(
+        spec["eigenvalues"], plot_dir / "spectrum.png", spec.get("spec_diff"), labels=(names["x"], names["y"])
+    )
+    body = [_header(spec, names, extra), _context(extra), "<h2>Spectrum</h2>", _how_to_read(names)]
+    body.append(_img(spectrum, "eigenvalue spectrum"))
+    for side in ("x", "y"):
+        other = "y" if side == "x" else "x"
+        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        sign = "λ > 0" if side == "x" else "λ < 0"
+        body.append(
+            f'<h2><span class="dir-{side}">Modes {_e(names[side])} captures and {_e(names[other])} does not</span> '
+            f'<span class="muted">({sign})</span></h2>'
+        )
+        if not chosen:
+            body.append('<p class="muted">No mode reported in this direction.</p>')
+        body += [_mode(view, rank, names, plot_dir, baseline) for rank, view in enumerate(chosen, start=1)]
+    if extra.get("kmeans"):
+        body.append(_kmeans(extra["kmeans"], names))
+
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(_title(spec, names, extra))}</title><style>{_CSS}</style></head>\n"
+        "<body><main>\n" + "\n".join(part for part in body if part) + "\n</main></body></html>\n"
+    )
+    return atomic_write_text(run_dir / "report.html", page)

@@ -1,0 +1,570 @@
+"""SpecAlignLoss: a differentiable SPEC objective that pulls a student's cluster structure toward a teacher's.
+
+For a batch of B samples (global batch n under torch.distributed), with the student features
+``Phi_s = phi_s(student) [n, Ds]`` and the (detached) teacher features ``Phi_t = phi_t(teacher) [n, Dt]``:
+
+    L = (K_s - eta K_t) / n = A J A^T,   A = [Phi_s, sqrt(eta) Phi_t] / sqrt(n),   J = diag(I_Ds, -I_Dt)
+
+Objectives (all positively homogeneous of degree 1 in the eigenvalues lambda of L):
+
+- ``norm="op"``: ``max_i |lambda_i|`` (SPEC-diff, the spectral radius).
+- ``norm="topk"``: ``sum of the k largest |lambda_i|``.
+- ``norm="fro"``: ``||L||_F`` (not squared), differentiated directly from the kernel/covariance blocks.
+- ``one_sided=True``: only the eigenvalues with the teacher's sign (lambda < 0: clusters the teacher holds and
+  the student lacks) count: ``op -> max(0, -lambda_min)``, ``topk -> sum of max(0, -lambda)`` over the k most
+  negative, ``fro -> sqrt(sum over lambda < 0 of lambda^2)``.
+
+Gradient (Hellmann-Feynman, DESIGN.md): with the eigenpairs ``(lambda_m, v_m)`` of the selected modes detached and
+``w_m = d objective / d lambda_m`` (``sign(lambda_m)``; ``-1``; ``lambda_m / ||L_-||_F``), the returned tensor is
+
+    loss = sum_m w_m v_m^T L v_m,   v^T L v = (||Phi_s^T v||^2 - eta ||Phi_t^T v||^2) / n,
+
+whose value is the objective (Euler's relation for degree-1 homogeneous functions) and whose gradient is the
+objective's gradient wherever the selected eigenvalues are simple. No eigenvector is differentiated, so close or
+tied eigenvalues give finite gradients (a valid subgradient at ties). The ``n x n`` matrix is never needed
+for the gradient: ``Phi_s^T v`` is O(n D).
+
+The eigenproblem is solved, detached, in the cheaper space: the ``n x n`` matrix L (``method="exact"``) or
+the ``D x D`` covariance ``C = A^T A`` (``method="features"``, symmetric form ``Z J Z^T`` of
+as in :mod:`spec_torch.solver`), or with ``solver="iterative"`` by a block-Krylov Rayleigh-Ritz
+solve warm-started from the previous call's feature-space eigenvectors (a buffer), falling back to eigh when
+its residuals are above ``solver_tol``.
+
+Distributed (``torch.distributed`` initialised, ``sync_dist`` not False): the objective is that of the
+global batch (all ranks' rows concatenated). The eigen-solve uses the all-reduced ``C`` (feature route) or the
+all-gathered features (exact route), both detached; the differentiable parts are all-reduces of per-rank partial
+sums (``Phi_s^T v`` or the covariance blocks). Every rank returns the same value. Scaling convention: the
+backward of the all-reduce sums the gradient over ranks, so each rank's gradient of its own samples is
+``world_size`` times their share of the global gradient; DDP's averaging over ranks then gives exactly the
+gradient of one process on the concatenated batch. Without DDP, divide the summed gradients by ``world_size``.
+Kernels without a feature map (``GaussianKernel(rff_dim=None)``) all-gather the inputs (O(n p) communication)
+and differentiate this rank's rows of L.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._validate import as_matrix, check_pair, check_positive
+from .errors import SpecError
+from .kernels import GaussianKernel, Kernel, median_sigma, resolve_kernel, rff_frequencies
+from .solver import symmetric_form
+
+__all__ = ["SpecAlignLoss"]
+
+_NORMS = ("op", "topk", "fro")
+_SOLVERS = ("eigh", "iterative")
+_METHODS = ("auto", "exact", "features")
+_SIDES = ("student", "teacher")
+_OVERSAMPLE = 4  # extra columns (random probes + spare warm vectors) of the iterative solver's block
+_KRYLOV_STEPS = 8  # at most this many block Krylov steps of the iterative solver before falling back to eigh
+
+
+# ----------------------------------------------------------------------------- collectives
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks; the backward sums the incoming gradients over ranks as well."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def _reduce(x: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """Sum of ``x`` over ranks (differentiable when ``x`` requires grad); ``x`` itself when single-process."""
+    if not distributed:
+        return x
+    if x.requires_grad:
+        return _AllReduceSum.apply(x)
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out)
+    return out
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate the ``[B_r, D]`` rows of every rank (no gradient), ``sizes[r] = B_r``."""
+    pad = max(sizes) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x.contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])  # [n, D]
+
+
+# ------------------------------------------------------------------------------- pure math
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(x, 0))`` with a zero (not NaN) gradient at 0."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _gaussian_gram(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Exact Gaussian kernel matrix ``[Na, p], [Nb, p] -> [Na, Nb]``, finite gradient at zero distance."""
+    d2 = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2 * a @ b.T  # [Na, Nb]
+    return torch.exp(d2.clamp_min(0) * (-0.5 / sigma**2))
+
+
+def _objective_weights(
+    lam: torch.Tensor, norm: str, k: int, one_sided: bool, zero: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which eigenvalues the objective uses and its derivative ``w = d objective / d lambda`` there.
+
+    Args:
+        lam: ``[K]`` eigenvalues (any order).
+        zero: eigenvalues with ``|lambda| <= zero`` are treated as 0 (they get weight 0).
+
+    Returns:
+        ``(idx [M], w [M])`` with ``objective = sum_m w_m lam[idx_m]``.
+    """
+    nonzero = lam.abs() > zero
+    if not one_sided:
+        m = 1 if norm == "op" else min(k, lam.numel())
+        idx = torch.topk(lam.abs(), m).indices
+        return idx, torch.sign(lam[idx]) * nonzero[idx]
+    negative = (lam < 0) & nonzero
+    if norm == "fro":
+        idx = torch.nonzero(negative).flatten()
+        if idx.numel() == 0:  # nothing negative: objective 0; one mode with weight 0 keeps shapes non-empty
+            return torch.argmin(lam)[None], torch.zeros(1, dtype=lam.dtype, device=lam.device)
+        sel = lam[idx]
+        return idx, sel / sel.square().sum().sqrt()
+    m = 1 if norm == "op" else min(k, lam.numel())
+    idx = torch.topk(-lam, m).indices  # the m most negative
+    return idx, -negative[idx].to(lam.dtype)
+
+
+def _solve_covariance(c: torch.Tensor, jv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of ``L = A J A^T`` from ``C = A^T A: [D, D]`` by the core's symmetric form ``S = Z J Z^T``.
+
+    Returns:
+        ``(lam [r], u [D, r])`` with ``u = J Z^T w``, so that ``v = A u / |lam|`` is unit-norm.
+    """
+    s, jzt = symmetric_form(c, jv)  # [r, r], [D, r]
+    lam, w = torch.linalg.eigh(s)
+    return lam, jzt @ w  # [r], J Z^T w  [D, r]
+
+
+def _wanted_order(lam: torch.Tensor, one_sided: bool) -> torch.Tensor:
+    """Indices of ``lam`` from most to least relevant to the objective (for the warm start)."""
+    return torch.argsort(lam if one_sided else -lam.abs())
+
+
+def _rayleigh_ritz(
+    x: torch.Tensor, h: torch.Tensor, jv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz approximations of eigenpairs of ``L = A J A^T`` on the sample-space subspace ``A X``.
+
+    Only feature-space quantities are needed: with ``H = C X`` (``C = A^T A``) the Gram matrix of ``A X`` is
+    ``X^T H`` and the projection of L is ``(A X)^T L (A X) = H^T J H``. Nearly dependent directions of the
+    basis (Gram eigenvalues below ``100 eps`` of the largest) are dropped.
+
+    Args:
+        x: ``[D, q]`` basis in feature space; ``h``: ``[D, q]`` = ``C x``; ``jv``: ``[D]`` the diagonal of J.
+
+    Returns:
+        ``(theta [r], u [D, r], cu [D, r])``: Ritz values (ascending), feature-space Ritz vectors with
+        ``A u`` the unit-norm sample-space vectors, and ``C u``.
+    """
+    gram = x.T @ h  # (A X)^T (A X)  [q, q]
+    t = h.T @ (jv[:, None] * h)  # (A X)^T L (A X)  [q, q]
+    g, e = torch.linalg.eigh((gram + gram.T) / 2)
+    keep = g > g.max() * (100 * torch.finfo(g.dtype).eps)
+    white = e[:, keep] / g[keep].sqrt()  # [q, r]: white^T gram white = I
+    tw = white.T @ t @ white
+    theta, y = torch.linalg.eigh((tw + tw.T) / 2)
+    coef = white @ y  # [q, r]
+    return theta, x @ coef, h @ coef
+
+
+# --------------------------------------------------------------------------------- module
+class SpecAlignLoss(nn.Module):
+    """SPEC alignment loss: SPEC-diff of ``(K_student - eta K_teacher) / B`` with Hellmann-Feynman gradients.
+
+    Args:
+        kernel_student, kernel_teacher: ``"cosine"`` (the paper's choice), ``"linear"``, ``"gaussian"``, a dict
+            or a :class:`~spec_torch.kernels.Kernel`. A :class:`GaussianKernel` is fitted on the first call
+            (``sigma="auto"``: median heuristic of that batch; ``rff_dim``: seeded random frequencies) and kept
+            in buffers (``{side}_sigma``, ``{side}_omega``), so the loss is a fixed function saved with
+            ``state_dict``. ``GaussianKernel(rff_dim=None)`` is the exact kernel (B x B route only).
+        eta: weight of the teacher kernel (> 0).
+        norm: ``"op"`` (spectral radius, default), ``"topk"`` (sum of the ``k`` largest |eigenvalues|) or
+            ``"fro"`` (Frobenius norm ``||L||_F``, not squared; the KUEA / similarity-preserving baseline).
+        k: number of modes of ``norm="topk"``.
+        one_sided: count only eigenvalues lambda < 0 (clusters the teacher holds and the student lacks); see
+            the module docstring for each norm.
+        solver: ``"eigh"`` (dense, exact) or ``"iterative"`` (warm-started block Krylov in feature space, falls
+            back to eigh when not converged; state in the ``warm_u`` buffer). Not for one-sided ``"fro"``.
+        method: space of the eigh solve: ``"exact"`` (B x B), ``"features"`` (D x D) or ``"auto"`` (cheaper).
+        dtype: ``torch.float32`` or ``torch.float64``, the dtype of all internal math (inputs are cast up,
+            also from bf16/fp16 under autocast).
+        sync_dist: ``None``: global-batch objective when a process group with more than one rank is
+            initialised; ``True``: require one; ``False``: this rank's batch only.
+        solver_tol: relative residual ``||L v - lambda v|| / max|lambda|`` the iterative solver must reach.
+
+    Shapes: ``forward(student: [B, ds], teacher: [B, dt]) -> []`` (row i of both = the same sample).
+
+    Example:
+        >>> import torch
+        >>> loss_fn = SpecAlignLoss("cosine", "cosine", norm="op")
+        >>> student = torch.randn(32, 8, requires_grad=True)
+        >>> loss = loss_fn(student, torch.randn(32, 4))
+        >>> loss.backward()
+        >>> bool(loss > 0), student.grad.shape
+        (True, torch.Size([32, 8]))
+    """
+
+    def __init__(
+        self,
+        kernel_student: str | Kernel | dict[str, Any] = "cosine",
+        kernel_teacher: str | Kernel | dict[str, Any] = "cosine",
+        eta: float = 1.0,
+        norm: str = "op",
+        k: int = 5,
+        one_sided: bool = False,
+        solver: str = "eigh",
+        method: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        sync_dist: bool | None = None,
+        solver_tol: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.kernels = {
+            "student": resolve_kernel(kernel_student, "kernel_student"),
+            "teacher": resolve_kernel(kernel_teacher, "kernel_teacher"),
+        }
+        check_positive(eta, "eta")
+        check_positive(k, "k", integer=True)
+        check_positive(solver_tol, "solver_tol")
+        for value, name, allowed in (
+            (norm, "norm", _NORMS),
+            (solver, "solver", _SOLVERS),
+            (method, "method", _METHODS),
+        ):
+            if value not in allowed:
+                raise SpecError(f"{name}: expected one of {allowed}, got {value!r}")
+        if not isinstance(one_sided, bool):
+            raise SpecError(f"one_sided: expected True or False, got {one_sided!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise SpecError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+        if sync_dist not in (None, True, False):
+            raise SpecError(f"sync_dist: expected None, True or False, got {sync_dist!r}")
+        exact_only = [f"kernel_{s}" for s in _SIDES if not self.kernels[s].has_features]
+        if exact_only and (method == "features" or solver == "iterative"):
+            raise SpecError(
+                f"{exact_only[0]}: method='features' and solver='iterative' need a feature map; "
+                "give GaussianKernel(rff_dim=...)"
+            )
+        if solver == "iterative" and norm == "fro" and one_sided:
+            raise SpecError(
+                "solver: the one-sided 'fro' norm needs every negative eigenvalue; use solver='eigh'"
+            )
+        self.eta, self.norm, self.k, self.one_sided = float(eta), norm, k, one_sided
+        self.solver, self.method, self.dtype, self.sync_dist = solver, method, dtype, sync_dist
+        self.solver_tol = float(solver_tol)
+        for side in _SIDES:
+            if isinstance(self.kernels[side], GaussianKernel):
+                self.register_buffer(f"{side}_sigma", torch.empty(0, dtype=torch.float64))
+                self.register_buffer(f"{side}_omega", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("input_dims", torch.zeros(2, dtype=torch.int64))  # (ds, dt); 0 = not fitted yet
+        self.register_buffer("warm_u", torch.empty(0, dtype=dtype))  # [D, m] iterative solver's start block
+        self.register_buffer("solver_calls", torch.zeros((), dtype=torch.int64))
+        self._dims: tuple[int, int] | None = None  # python mirror of input_dims (no device sync)
+        self._calls = 0  # python mirror of solver_calls
+        self._fitted: dict[str, Kernel] = {}
+        #: ``"eigh"`` or ``"iterative"``: which solver produced the last forward's eigenpairs.
+        self.last_solver: str | None = None
+        self.last_krylov_steps = 0  # Krylov steps the iterative solver needed in the last call
+        #: eigenvalues of the modes the last forward used (detached), for logging; ``None`` for two-sided "fro".
+        self.last_eigenvalues: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- state
+    _DYNAMIC = ("student_sigma", "student_omega", "teacher_sigma", "teacher_omega", "warm_u")
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        for name in self._DYNAMIC:
+            key = prefix + name
+            if key in state_dict and name in self._buffers:
+                mine = self._buffers[name]
+                self._buffers[name] = torch.empty_like(state_dict[key], dtype=mine.dtype, device=mine.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        dims = tuple(int(d) for d in self.input_dims.tolist())
+        self._dims = dims if dims[0] > 0 else None
+        self._calls = int(self.solver_calls)
+        self._fitted = {}
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), ...: kernel state stays float64
+        kept = {n: b for n, b in self._buffers.items() if n.endswith(("_sigma", "_omega"))}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device)
+        return out
+
+    def extra_repr(self) -> str:
+        ks, kt = self.kernels["student"], self.kernels["teacher"]
+        return (
+            f"kernel_student={ks!r}, kernel_teacher={kt!r}, eta={self.eta}, norm={self.norm!r}, k={self.k}, "
+            f"one_sided={self.one_sided}, solver={self.solver!r}, method={self.method!r}, dtype={self.dtype}"
+        )
+
+    def _distributed(self) -> bool:
+        ready = dist.is_available() and dist.is_initialized()
+        if self.sync_dist is True and not ready:
+            raise SpecError("sync_dist: True needs an initialised torch.distributed process group")
+        if self.sync_dist is False or not ready:
+            return False
+        return dist.get_world_size() > 1
+
+    def _fit(self, s: torch.Tensor, t: torch.Tensor, distributed: bool) -> None:
+        """Fix the kernels' data-dependent settings from the first batch (rank 0's under torch.distributed)."""
+        for side, x in (("student", s), ("teacher", t)):
+            kern = self.kernels[side]
+            if not isinstance(kern, GaussianKernel):
+                continue
+            sigma = float(kern.sigma) if kern.sigma != "auto" else median_sigma(x.detach(), seed=kern.seed)
+            sigma_t = torch.tensor(sigma, dtype=torch.float64, device=x.device)
+            if distributed:
+                dist.broadcast(sigma_t, src=0)
+            sigma = float(sigma_t)
+            self._buffers[f"{side}_sigma"] = sigma_t
+            if kern.rff_dim is not None:
+                omega = rff_frequencies(
+                    x.shape[1], kern.rff_dim, sigma, kern.seed
+                )  # [p, m], as GaussianKernel.fit
+                self._buffers[f"{side}_omega"] = omega.to(x.device)
+        self._dims = (s.shape[1], t.shape[1])
+        self.input_dims.copy_(torch.tensor(self._dims))
+
+    def _features(self, side: str, x: torch.Tensor) -> torch.Tensor | None:
+        """``x: [B, p] -> [B, D]`` with the fitted kernel; ``None`` for an exact-only kernel."""
+        kern = self.kernels[side]
+        if isinstance(kern, GaussianKernel):
+            if kern.rff_dim is None:
+                return None
+            omega = self._buffers[f"{side}_omega"].to(device=x.device, dtype=x.dtype)  # [p, m]
+            proj = x @ omega  # [B, p] @ [p, m] -> [B, m]
+            return torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(kern.rff_dim)  # [B, 2m]
+        if side not in self._fitted:
+            self._fitted[side] = kern if kern.is_fitted else kern.fit(x.detach())
+        return self._fitted[side].features(x)
+
+    def _cross_gram(self, side: str, x: torch.Tensor, x_all: torch.Tensor) -> torch.Tensor:
+        """Kernel rows ``k(x_i, x_all_j)``: ``[B, p], [n, p] -> [B, n]``, differentiable in ``x`` only."""
+        kern = self.kernels[side]
+        if isinstance(kern, GaussianKernel) and kern.rff_dim is None:
+            return _gaussian_gram(x, x_all.detach(), float(self._buffers[f"{side}_sigma"]))
+        return self._features(side, x) @ self._features(side, x_all.detach()).T  # [B, D] @ [D, n]
+
+    # -------------------------------------------------------------- forward
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The objective for ``student: [B, ds]`` (differentiable) and ``teacher: [B, dt]`` (detached)."""
+        device_type = student.device.type if isinstance(student, torch.Tensor) else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward(student, teacher)
+
+    def _check(
+        self, student: Any, teacher: Any, distributed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        s = as_matrix(student, "student", dtype=self.dtype, check_finite=False)
+        t = as_matrix(teacher, "teacher", dtype=self.dtype, check_finite=False).detach()
+        check_pair(s, t, ("student", "teacher"))
+        if t.device != s.device:
+            raise SpecError(f"teacher: expected the device of student ({s.device}), got {t.device}")
+        if self._dims is not None and (s.shape[1], t.shape[1]) != self._dims:
+            raise SpecError(
+                f"student/teacher: expected feature dimensions {self._dims} as in the first batch, "
+                f"got ({s.shape[1]}, {t.shape[1]})"
+            )
+        # One host sync for the finiteness check; under torch.distributed it is a collective, so every rank
+        # raises together instead of one rank raising while the others wait in the next collective.
+        bad = torch.stack([(~torch.isfinite(s.detach())).sum(), (~torch.isfinite(t)).sum()])
+        if distributed:
+            info = torch.cat([bad, bad.new_tensor([s.shape[0]])])
+            parts = [torch.empty_like(info) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, info)
+            table = torch.stack(parts).tolist()  # [world, 3]
+            sizes = [int(r[2]) for r in table]
+            n_bad = [sum(int(r[0]) for r in table), sum(int(r[1]) for r in table)]
+        else:
+            sizes, n_bad = [s.shape[0]], bad.tolist()
+        for name, count in zip(("student", "teacher"), n_bad):
+            if count:
+                where = " (summed over ranks)" if distributed else ""
+                raise SpecError(
+                    f"{name}: contains {count} NaN or Inf value(s){where}; refusing to compute a loss"
+                )
+        if sum(sizes) < 2:
+            raise SpecError(f"student: expected a batch of at least 2 samples, got {sum(sizes)}")
+        self.kernels["student"].check_input(s.detach(), "student")
+        self.kernels["teacher"].check_input(t, "teacher")
+        return s, t, sizes
+
+    def _forward(self, student: Any, teacher: Any) -> torch.Tensor:
+        distributed = self._distributed()
+        s, t, sizes = self._check(student, teacher, distributed)
+        rank = dist.get_rank() if distributed else 0
+        n, offset = sum(sizes), sum(sizes[:rank])
+        if self._dims is None:
+            self._fit(s, t, distributed)
+        phi_s = self._features("student", s)  # [B, Ds] or None
+        phi_t = self._features("teacher", t)  # [B, Dt] or None
+        if phi_s is None or phi_t is None:
+            return self._forward_kernel_rows(s, t, sizes, offset, distributed)
+        route = self._route(n, s, t, phi_s, phi_t)
+        if self.norm == "fro" and not self.one_sided:
+            return self._frobenius(phi_s, phi_t, n, route, distributed)
+        lam, v, w = self._solve(phi_s, phi_t, sizes, offset, route, distributed)
+        self.last_eigenvalues = lam  # the selected modes' eigenvalues, for logging
+        gs = phi_s.T @ v  # [Ds, B] @ [B, M] -> [Ds, M], differentiable
+        gt = phi_t.T @ v  # [Dt, M]
+        g = _reduce(torch.cat([gs, gt]), distributed)  # sum of per-rank partial sums
+        gs, gt = g[: gs.shape[0]], g[gs.shape[0] :]
+        quad = (gs.square().sum(0) - self.eta * gt.square().sum(0)) / n  # [M] v^T L v
+        return (w * quad).sum()  # an empty selection (one-sided, nothing negative) gives 0, zero gradient
+
+    def _forward_kernel_rows(self, s, t, sizes, offset, distributed) -> torch.Tensor:
+        """Kernels without a feature map (exact Gaussian): this rank's rows of the n x n matrix L.
+
+        With ``R = L[rows of this rank, :]`` (columns from the gathered, detached inputs), a per-rank partial
+        sum ``P`` (``sum_i v_i (R v)_i`` or ``sum R^2``) has half the gradient of the full sum with respect to this
+        rank's inputs (the symmetric other half comes from the columns), so ``2 P - P.detach()`` carries the
+        right gradient and value; summed over ranks, it is the global objective.
+        """
+        n, b = sum(sizes), s.shape[0]
+        s_all = _gather_rows(s.detach(), sizes) if distributed else s.detach()  # [n, ds]
+        t_all = _gather_rows(t, sizes) if distributed else t  # [n, dt]
+        ks, kt = self._cross_gram("student", s, s_all), self._cross_gram("teacher", t, t_all)  # [B, n]
+        rows = (ks - self.eta * kt) / n  # [B, n] this rank's rows of L
+        if self.norm == "fro" and not self.one_sided:
+            part = rows.square().sum()
+            return _safe_sqrt(_reduce(2 * part - part.detach(), distributed))
+        with torch.no_grad():
+            lmat = _gather_rows(rows.detach(), sizes) if distributed else rows.detach()  # [n, n]
+            lam, vecs = torch.linalg.eigh((lmat + lmat.T) / 2)
+            diag = torch.arange(b, device=s.device)
+            scale = _reduce((ks.detach() + self.eta * kt)[diag, offset + diag].sum() / n, distributed)
+            idx, w = _objective_weights(
+                lam, self.norm, self.k, self.one_sided, 100 * torch.finfo(lam.dtype).eps * float(scale)
+            )
+        self.last_solver, self.last_eigenvalues = "eigh", lam[idx]
+        v_all = vecs[:, idx]  # [n, M]
+        part = (v_all[offset : offset + b] * (rows @ v_all)).sum(0)  # [M] this rank's part of v^T L v
+        quad = _reduce(2 * part - part.detach(), distributed)  # [M] v^T L v
+        return (w * quad).sum()
+
+    def _route(self, n: int, s, t, phi_s, phi_t) -> str:
+        if phi_s is None or phi_t is None or self.method == "exact":
+            return "exact"
+        if self.method == "features":
+            return "features"
+        d = phi_s.shape[1] + phi_t.shape[1]
+        return "exact" if n * n * d + n**3 < n * d * d + d**3 else "features"
+
+    def _frobenius(self, phi_s, phi_t, n: int, route: str, distributed: bool) -> torch.Tensor:
+        """``||L||_F``, differentiable directly (no eigen-solve), on the B x B or the D x D side."""
+        if route == "exact" and not distributed:
+            lmat = (phi_s @ phi_s.T - self.eta * phi_t @ phi_t.T) / n  # [B, B]
+            return _safe_sqrt(lmat.square().sum())
+        # ||L||_F^2 = (||Phi_s^T Phi_s||^2 + eta^2 ||Phi_t^T Phi_t||^2 - 2 eta ||Phi_s^T Phi_t||^2) / n^2
+        ds = phi_s.shape[1]
+        blocks = torch.cat([phi_s.T @ phi_s, phi_s.T @ phi_t], dim=1)  # [Ds, Ds + Dt], differentiable
+        blocks = _reduce(blocks, distributed)
+        yy = _reduce(phi_t.T @ phi_t, distributed)  # [Dt, Dt]
+        total = blocks[:, :ds].square().sum() + self.eta**2 * yy.square().sum()
+        total = total - 2 * self.eta * blocks[:, ds:].square().sum()
+        return _safe_sqrt(total / n**2)
+
+    # ----------------------------------------------------------------- solve
+    @torch.no_grad()
+    def _solve(self, phi_s, phi_t, sizes, offset, route, distributed):
+        """Detached eigenpairs of the objective's modes: ``(lam [M], v [B, M] this rank's rows, w [M])``."""
+        n, b = sum(sizes), phi_s.shape[0]
+        ds = phi_s.shape[1]
+        a = torch.cat([phi_s.detach(), math.sqrt(self.eta) * phi_t], dim=1) / math.sqrt(n)  # [B, D] rows of A
+        jv = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+        jv[ds:] = -1  # the diagonal of J
+        scale = float(_reduce(a.square().sum(), distributed))  # trace(C) = trace(K_s + eta K_t) / n
+        zero = 100 * torch.finfo(a.dtype).eps * scale
+        if self.solver == "iterative":
+            out = self._solve_iterative(a, jv, zero, distributed)
+            if out is not None:
+                return out
+        if route == "exact":
+            a_all = _gather_rows(a, sizes) if distributed else a  # [n, D]
+            lmat = (a_all * jv) @ a_all.T  # A J A^T  [n, n]
+            lam, vecs = torch.linalg.eigh((lmat + lmat.T) / 2)
+            idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
+            v = vecs[offset : offset + b, idx]  # [B, M] this rank's rows
+            if self.solver == "iterative":  # feature-space directions u = J A^T v / lambda for the warm start
+                order = _wanted_order(lam, self.one_sided)[: self._block_size()]
+                u = jv[:, None] * _reduce(a.T @ vecs[offset : offset + b, order], distributed)  # [D, m]
+                self._store_warm(u)
+        else:
+            c = _reduce(a.T @ a, distributed)  # C = A^T A  [D, D], summed over ranks
+            lam, u = _solve_covariance((c + c.T) / 2, jv)
+            idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
+            v = (a @ u[:, idx]) / lam[idx].abs().clamp_min(max(zero, torch.finfo(a.dtype).tiny))  # [B, M]
+            if self.solver == "iterative":
+                self._store_warm(u[:, _wanted_order(lam, self.one_sided)[: self._block_size()]])
+        self.last_solver = "eigh"
+        return lam[idx], v, w
+
+    def _store_warm(self, u: torch.Tensor) -> None:
+        """Keep feature-space directions ``u: [D, m]`` (most relevant first) as the next call's start block."""
+        norms = torch.linalg.vector_norm(u, dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+        self._buffers["warm_u"] = (u / norms).to(self.dtype)
+
+    def _block_size(self) -> int:
+        return (1 if self.norm == "op" else self.k) + _OVERSAMPLE
+
+    def _solve_iterative(self, a, jv, zero, distributed):
+        """Warm-started block Krylov with Rayleigh-Ritz after every step; ``None`` if not converged.
+
+        The sample-space Krylov basis is ``A X`` with ``X = [X0, J C X0, (J C)^2 X0, ...]`` (since
+        ``L A u = A J C u``): each step is one product ``C X = A^T (A X)``, O(B D m), and no D x D or B x B
+        matrix is formed. ``X0`` = the previous call's eigenvectors (the ``warm_u`` buffer) plus random probes.
+        """
+        d, m = a.shape[1], self._block_size()
+        warm = self.warm_u if self.warm_u.dim() == 2 and self.warm_u.shape[0] == d else a.new_zeros(d, 0)
+        warm = warm[:, : m - 2].to(a)  # at least 2 fresh random probes, for modes the warm start misses
+        gen = torch.Generator().manual_seed(self._calls)  # the same probes on every rank; resumable
+        probes = torch.randn(d, m - warm.shape[1], generator=gen, dtype=a.dtype).to(a.device)
+        self._calls += 1
+        self.solver_calls.fill_(self._calls)
+        xs, hs, x = [], [], torch.cat([warm, probes], 1)  # [D, m]
+        for step in range(_KRYLOV_STEPS + 1):
+            x = x / torch.linalg.vector_norm(x, dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            h = _reduce(a.T @ (a @ x), distributed)  # C X: [D, B] @ [B, m] -> [D, m]
+            xs.append(x)
+            hs.append(h)
+            x = jv[:, None] * h  # next block J C X
+            if step == 0:
+                continue
+            theta, u, cu = _rayleigh_ritz(torch.cat(xs, 1), torch.cat(hs, 1), jv)
+            idx, w = _objective_weights(theta, self.norm, self.k, self.one_sided, zero)
+            resid = jv[:, None] * cu[:, idx] - u[:, idx] * theta[idx]  # [D, M]: A r = L v - theta v
+            res2 = _reduce((a @ resid).square().sum(0), distributed)  # [M] ||L v - theta v||^2
+            if float(res2.max().sqrt()) <= max(self.solver_tol * float(theta.abs().max()), zero):
+                self._store_warm(u[:, _wanted_order(theta, self.one_sided)[:m]])
+                self.last_solver = "iterative"
+                self.last_krylov_steps = step
+                return (
+                    theta[idx],
+                    a @ u[:, idx],
+                    w,
+                )  # A u: unit-norm sample-space Ritz vectors, this rank's rows
+        return None
