@@ -2,7 +2,8 @@
 
 Loss = w_clip * CLIP contrastive loss + w_spec * SpecAlignLoss (SPEC-diff between the student's and the
 teacher's kernel matrices on the batch; teacher features precomputed once, cached, looked up by sample id).
-The work is :func:`spec_torch.apps.align.pipeline.run`; this file only parses the Hydra config (``configs/``).
+The work is :func:`spec_torch.apps.align.pipeline.run`; this file is ``spec-torch align`` (:mod:`spec_torch.apps.cli`) run from a clone;
+the configs are the packaged ones (``spec_torch/apps/configs/align/``).
 
 Examples::
 
@@ -31,25 +32,9 @@ line ``error: ...`` to stderr and exits with status 2.
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from spec_torch.apps import sharding as distributed
-from spec_torch.apps.cli import launch, run_guarded
-
-
-def _run(cfg: DictConfig) -> None:
-    from spec_torch.apps.align.pipeline import (
-        run,
-    )  # imported after Hydra parsed the command line: --help stays fast
-
-    run(cfg)
-
-
-@hydra.main(config_path="../spec_torch/apps/configs", config_name="align", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
-
+from spec_torch.apps.cli import main
 
 if __name__ == "__main__":
-    launch(main, _run)
+    sys.exit(main(["align", *sys.argv[1:]]))

@@ -1,6 +1,7 @@
 """Compare two encoders on one dataset with SPEC; writes spec.json, plots and report.html to the run dir.
 
-The work is :func:`spec_torch.apps.compare.run`; this file only parses the Hydra config (``configs/``).
+The work is :func:`spec_torch.apps.compare.run`; this file is ``spec-torch compare`` (:mod:`spec_torch.apps.cli`) run from a clone;
+the configs are the packaged ones (``spec_torch/apps/configs/compare/``).
 
 Examples::
 
@@ -32,23 +33,9 @@ one line ``error: ...`` to stderr and exits with status 2; no spec.json is writt
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from spec_torch.apps import sharding as distributed
-from spec_torch.apps.cli import launch, run_guarded
-
-
-def _run(cfg: DictConfig) -> None:
-    from spec_torch.apps.compare import run  # imported after Hydra parsed the command line: --help stays fast
-
-    run(cfg)
-
-
-@hydra.main(config_path="../spec_torch/apps/configs", config_name="compare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
-
+from spec_torch.apps.cli import main
 
 if __name__ == "__main__":
-    launch(main, _run)
+    sys.exit(main(["compare", *sys.argv[1:]]))

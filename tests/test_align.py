@@ -106,7 +106,7 @@ def mini_imagenet(work) -> Path:
 
 
 def compose_align(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS / "align"), version_base="1.3"):
         return compose(config_name="align", overrides=overrides)
 
 
@@ -178,7 +178,7 @@ def test_pretrained_weights_missing_exit_2_with_one_line(work, mini_coco):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "ViT-B-32" in errors[0] and "encoder.checkpoint" in errors[0]
+    assert "ViT-B-32" in errors[0] and "student.checkpoint=" in errors[0]  # an override that works
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
 
 
@@ -195,7 +195,7 @@ def test_teacher_weights_missing_fail_fast_naming_the_model(work, mini_coco):
     cfg = tiny(cfg, work, "teacher_fail")
     with open_dict(cfg):
         cfg.teacher = compose_align(["experiment=align_mscoco_clip_to_dinov2"]).teacher
-    with pytest.raises(SpecError, match=r"teacher: .*vit_base_patch14_dinov2.*encoder.checkpoint"):
+    with pytest.raises(SpecError, match=r"teacher: .*vit_base_patch14_dinov2.*teacher\.checkpoint="):
         run(cfg)
     assert not (work / "teacher_fail" / "checkpoints").exists()
 

@@ -68,7 +68,7 @@ def cli_many(
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS / "compare"), version_base="1.3"):
         return compose(config_name="compare", overrides=overrides)
 
 

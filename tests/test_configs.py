@@ -14,8 +14,8 @@ from spec_torch.kernels import CosineKernel, GaussianKernel, LinearKernel, resol
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "spec_torch" / "apps" / "configs"
-#: the compare presets (configs/experiment/align_* belong to the alignment script)
-PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.startswith("align"))
+#: the compare presets (the align presets are in configs/align/experiment)
+PRESETS = sorted(p.stem for p in (CONFIGS / "compare" / "experiment").glob("*.yaml"))
 REQUIRED_PRESETS = {
     "imagenet_clip_vs_dinov2",
     "mscoco_images_clip_vs_dinov2",
@@ -25,7 +25,7 @@ REQUIRED_PRESETS = {
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS / "compare"), version_base="1.3"):
         return compose(config_name="compare", overrides=overrides)
 
 

@@ -452,7 +452,7 @@ def _features_cfg(work: Path, route: str, out: str | None = None):
     from hydra import compose, initialize_config_dir
 
     data = ["data=features", f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}"]
-    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/compare"), version_base="1.3"):
         return compose(
             config_name="compare",
             overrides=[
@@ -492,7 +492,7 @@ COMPARE = ["data.n=48", "data.image_size=32", "batch_size=6", "chunk_rows=6", "r
 def _compare_cfg(work: Path, out: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/compare"), version_base="1.3"):
         return compose(
             config_name="compare",
             overrides=[*COMPARE, "progress=false", f"cache_dir={work}/cache", f"output_dir={work / out}"],
@@ -575,7 +575,7 @@ ALIGN_LOSS_RTOL = 1e-5
 def _align_cfg(out: Path, batch_size: int):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/align"), version_base="1.3"):
         return compose(
             config_name="align",
             overrides=[
@@ -682,7 +682,7 @@ def torchrun_compare(tmp_path_factory):
     cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(SCRIPT), *args]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with initialize_config_dir(
-        config_dir=str(ROOT / "spec_torch" / "apps" / "configs"), version_base="1.3"
+        config_dir=str(ROOT / "spec_torch/apps/configs/compare"), version_base="1.3"
     ):  # meanwhile: 1 process
         cfg = compose(
             config_name="compare",

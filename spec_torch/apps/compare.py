@@ -37,6 +37,7 @@ from ..kernels import resolve_kernel
 from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
+from .config import for_setting, instantiate_target, load_config
 
 __all__ = ["run"]
 
@@ -164,19 +165,26 @@ def _load_precomputed(data_cfg: dict[str, Any]) -> tuple[PairedFeatures, dict[st
 
 
 def _build_encoder(enc_cfg: dict[str, Any], which: str):
-    from .encoders import build_encoder
+    from .encoders import Encoder, build_encoder
 
+    if "_target_" in enc_cfg:  # a user's own Encoder class, named by Hydra's _target_
+        enc = instantiate_target(enc_cfg, which)
+        if not isinstance(enc, Encoder):
+            raise SpecError(
+                f"{which}._target_: expected a spec_torch.apps.encoders.Encoder, got {type(enc).__name__}"
+            )
+        return enc
     kwargs = dict(enc_cfg)
     family = kwargs.pop("family", None)
     if not family:
         raise SpecError(f"{which}.family: expected an encoder family (e.g. open_clip, timm, minilm)")
     try:
         return build_encoder(family, **kwargs)
-    except SpecError as exc:  # "encoder.model: ..." -> "encoder_x.model: ..."
-        msg = str(exc)
-        raise SpecError(
-            which + msg[len("encoder") :] if msg.startswith("encoder") else f"{which}: {msg}"
-        ) from None
+    except (
+        SpecError
+    ) as exc:  # "encoder.model: ... encoder.checkpoint=" -> "encoder_x.model: ... encoder_x.checkpoint="
+        msg = for_setting(str(exc), which)
+        raise SpecError(msg if msg.startswith(which) else f"{which}: {msg}") from None
     except (RuntimeError, KeyError, TypeError, OSError) as exc:  # a library's own "unknown model" etc.
         model = kwargs.get("model", family)
         raise SpecError(f"{which}: could not build the {family} encoder {model!r}: {exc}") from None
@@ -250,8 +258,8 @@ FIT_ROWS = 2000
 
 def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
     """Both kernels fitted on the same seeded random subset of at most ``FIT_ROWS`` paired rows."""
-    kx = resolve_kernel(_container(cfg.kernel_x), "kernel_x")
-    ky = resolve_kernel(_container(cfg.kernel_y), "kernel_y")
+    kx = resolve_kernel(instantiate_target(_container(cfg.kernel_x), "kernel_x"), "kernel_x")
+    ky = resolve_kernel(instantiate_target(_container(cfg.kernel_y), "kernel_y"), "kernel_y")
     if kx.is_fitted and ky.is_fitted:
         return kx, ky
     rows = np.arange(paired.n)
@@ -413,12 +421,23 @@ def _mutual_knn(cfg, paired: PairedFeatures) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one comparison as configured (``configs/compare.yaml``); returns the ``spec.json`` dict.
+def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
+    """Run one comparison as configured (``configs/compare/compare.yaml``); returns the ``spec.json`` dict.
 
-    Writes into ``cfg.output_dir`` (default: the Hydra run dir): ``plots/``, ``report.html`` (if
-    ``cfg.report``) and, last, ``spec.json``.
+    Writes into ``cfg.output_dir`` (default: the Hydra run dir, or ``outputs/compare/<date>/<time>``
+    outside Hydra): ``plots/``, ``report.html`` (if ``cfg.report``) and, last, ``spec.json``.
+
+    Args:
+        cfg: the composed config (from ``spec-torch compare``), or what to change in the packaged defaults:
+            Hydra overrides (``["experiment=demo", "top_k=5"]``), a dict (``{"top_k": 5, "data":
+            "features", "data.x_path": "x.npy", "data.y_path": "y.npy"}``), a partial DictConfig, or None
+            (the defaults: the offline demo). See :func:`spec_torch.apps.config.load_config`.
+
+    Example:
+        >>> from spec_torch.apps.compare import run
+        >>> summary = run(["experiment=demo", "output_dir=out/demo"])  # doctest: +SKIP
     """
+    cfg = load_config("compare", cfg)
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg)
@@ -498,3 +517,11 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
             print(line)
     print(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
+
+
+if __name__ == "__main__":  # python -m spec_torch.apps.compare [overrides]: the same as spec-torch compare
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -31,6 +31,7 @@ from ...errors import SpecError
 from ...loss import SpecAlignLoss
 from .._io import atomic_torch_save, atomic_write_json, prepare_output_dir
 from ..cli import check_required
+from ..config import for_setting, instantiate_target, load_config
 from .data import AlignSamples, TeacherFeatures, class_labels, sample_texts, split_rows
 from .evaluate import EvalSet, evaluate, plot_before_after, spec_diff_to_teacher
 from .runtime import Runtime
@@ -90,12 +91,14 @@ def settings_from(cfg: DictConfig, data_name: str) -> TrainSettings:
 def _encoder(enc_cfg: dict[str, Any], which: str):
     from ..encoders import build_encoder
 
+    if "_target_" in enc_cfg:  # a user's own Encoder class, named by Hydra's _target_
+        return instantiate_target(enc_cfg, which)
     kwargs = dict(enc_cfg)
     family = kwargs.pop("family", None)
     try:
         return build_encoder(family, **kwargs)
-    except SpecError as exc:
-        raise SpecError(f"{which}: {exc}") from None
+    except SpecError as exc:  # encoder.checkpoint= -> teacher.checkpoint=: printed overrides that work
+        raise SpecError(f"{which}: {for_setting(str(exc), which)}") from None
 
 
 def build_student(student_cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any, Any]:
@@ -130,7 +133,7 @@ def _teacher_cache(cfg: DictConfig, dataset, device: torch.device):
 
 
 def _kernel(node: Any) -> Any:
-    return _plain(node)
+    return instantiate_target(_plain(node), "kernel")
 
 
 def build_spec_loss(cfg: DictConfig) -> SpecAlignLoss:
@@ -183,15 +186,20 @@ def _check(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(cfg: DictConfig, on_step: Callable[[AlignTrainer], None] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig | dict | list[str] | None = None, on_step: Callable[[AlignTrainer], None] | None = None
+) -> dict[str, Any]:
     """Fine-tune the student toward the teacher as configured; returns the contents of ``results.json``.
 
     Args:
-        cfg: the composed ``configs/align.yaml``.
+        cfg: the composed ``configs/align/align.yaml`` (from ``spec-torch align``), or what to change in the
+            packaged defaults: Hydra overrides (``["experiment=align_tiny", "train.steps=20"]``), a dict, a
+            partial DictConfig or None (:func:`spec_torch.apps.config.load_config`).
         on_step: called after every training step with the trainer (tests interrupt a run with it).
     """
     from ..data import build_dataset
 
+    cfg = load_config("align", cfg)
     _check(cfg)
     rt = Runtime.detect(cfg.device)
     out = prepare_output_dir(cfg)

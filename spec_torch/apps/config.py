@@ -1,0 +1,170 @@
+"""The packaged Hydra configs, composed from Python: ``compose("compare", ["top_k=5"])``.
+
+``spec_torch.apps.compare.run`` and ``spec_torch.apps.align.pipeline.run`` call :func:`load_config`, so a
+notebook passes only what it changes::
+
+    from spec_torch.apps.compare import run
+    run(["experiment=demo", "hydra.run.dir=out"])           # Hydra overrides, as on the command line
+    run({"top_k": 5, "data": "features", "data.x_path": "a.npy", "data.y_path": "b.npy"})
+    run()                                                     # the packaged defaults (the offline demo)
+
+Configs live in ``spec_torch/apps/configs/<command>/`` (the primary ``<command>.yaml`` and its ``experiment/``
+presets) and ``spec_torch/apps/configs/{data,encoder,kernel}/`` (groups shared by the commands).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..errors import SpecError
+
+__all__ = [
+    "CONFIG_PACKAGE",
+    "config_dir",
+    "compose",
+    "load_config",
+    "group_overrides",
+    "instantiate_target",
+    "for_setting",
+]
+
+#: the package holding the configs (Hydra: ``pkg://spec_torch.apps.configs``)
+CONFIG_PACKAGE = "spec_torch.apps.configs"
+
+
+def config_dir(command: str | None = None) -> Path:
+    """The folder of the packaged configs (of one command when ``command`` is given)."""
+    root = Path(str(resources.files(CONFIG_PACKAGE)))
+    return root / command if command else root
+
+
+def _groups(command: str) -> dict[str, str]:
+    """Config key -> group of the command's defaults list (``encoder_x`` -> ``encoder@encoder_x``)."""
+    primary = OmegaConf.load(config_dir(command) / f"{command}.yaml")
+    out = {}
+    for item in primary.get("defaults", []):
+        if isinstance(item, (DictConfig, dict)):
+            for key in item:
+                group, _, package = str(key).partition("@")
+                out[package or group] = str(key)
+    return out
+
+
+def group_overrides(command: str, settings: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Split a dict of settings into Hydra group choices (``{"data": "features"}`` -> ``data=features``,
+    ``{"encoder_x": "minilm"}`` -> ``encoder@encoder_x=minilm``, ``experiment``) and values to merge."""
+    groups = _groups(command)
+    choices, values = [], {}
+    for key, value in settings.items():
+        if key in groups and isinstance(value, str):
+            choices.append(f"{groups[key]}={value}")
+        else:
+            values[key] = value
+    return choices, values
+
+
+def compose(command: str, overrides: Sequence[str] = (), hydra_config: bool = False) -> DictConfig:
+    """The command's packaged config with Hydra ``overrides`` (``key=value``, ``group=option``) applied
+    (with its ``hydra`` section when ``hydra_config``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose from a fresh state, then back
+        saved = GlobalHydra.instance().hydra
+        GlobalHydra.instance().clear()
+    else:
+        saved = None
+    try:
+        with initialize_config_module(f"{CONFIG_PACKAGE}.{command}", version_base="1.3"):
+            return hydra_compose(
+                config_name=command, overrides=list(overrides), return_hydra_config=hydra_config
+            )
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
+
+
+def _is_complete(command: str, cfg: DictConfig) -> bool:
+    """True for a config composed in full (e.g. by ``@hydra.main``): every top-level key of the command's."""
+    primary = OmegaConf.load(config_dir(command) / f"{command}.yaml")
+    keys = {k for k in primary if k not in ("defaults", "hydra")} | set(_groups(command))
+    keys.discard("experiment")
+    return keys <= set(cfg.keys())
+
+
+def load_config(command: str, cfg: Any = None) -> DictConfig:
+    """A complete config of ``command`` from a partial one, starting from the packaged defaults.
+
+    Args:
+        command: ``"compare"`` or ``"align"`` (a folder of ``spec_torch/apps/configs``).
+        cfg: None (the defaults); a list of Hydra overrides; a dict (group choices such as
+            ``{"data": "features"}`` or ``{"experiment": "demo"}`` are applied as overrides, other keys
+            merged; dotted keys allowed); or a DictConfig, used as it is when complete (from ``@hydra.main``)
+            and merged onto the defaults otherwise.
+
+    Raises:
+        SpecError: on an override Hydra cannot apply, or a type that is none of these.
+    """
+    if isinstance(cfg, DictConfig) and _is_complete(command, cfg):
+        return cfg
+    if cfg is None:
+        overrides, values = [], {}
+    elif isinstance(cfg, (list, tuple, ListConfig)):
+        overrides, values = [str(o) for o in cfg], {}
+    elif isinstance(cfg, (Mapping, DictConfig)):
+        plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+        overrides, values = group_overrides(command, plain)
+    else:
+        raise SpecError(
+            f"cfg: expected None, a list of overrides, a dict or a DictConfig, got {type(cfg).__name__}"
+        )
+    try:
+        base = compose(command, overrides, hydra_config=True)
+    except Exception as exc:  # Hydra's own errors: one line naming the override
+        if type(exc).__module__.startswith(("hydra", "omegaconf")):
+            raise SpecError(f"overrides: {' '.join(str(exc).split())}") from None
+        raise
+    OmegaConf.set_struct(base, False)
+    run_dir = (
+        base.hydra.run.dir
+    )  # outside Hydra, the run folder Hydra would have made (outputs/<command>/...)
+    del base["hydra"]
+    for key, value in values.items():  # dotted keys ("data.x_path") address nested settings
+        OmegaConf.update(base, key, value, merge=True)
+    if base.get("output_dir") is None:
+        base.output_dir = str(run_dir)
+    return base
+
+
+def instantiate_target(node: Any, name: str) -> Any:
+    """A config node naming a class by Hydra's ``_target_`` -> that object (``hydra.utils.instantiate``);
+    any other node is returned unchanged. Lets a user's own encoder or kernel class be named in a config::
+
+        # my_configs/kernel/mine.yaml, used as: spec-torch compare --config-dir my_configs kernel@kernel_x=mine
+        _target_: mypackage.MyKernel     # a spec_torch.Kernel subclass
+        width: 3
+    """
+    if not (isinstance(node, Mapping) and "_target_" in node):
+        return node
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(dict(node))
+    except InstantiationException as exc:
+        raise SpecError(
+            f"{name}._target_: could not build {node['_target_']!r}: {' '.join(str(exc).split())}"
+        ) from None
+
+
+def for_setting(message: str, which: str) -> str:
+    """An encoder's error message with its ``encoder.`` settings named as the config key ``which`` holds
+    them under (``encoder.checkpoint=`` -> ``encoder_x.checkpoint=``): overrides that work as printed."""
+    return re.sub(r"\bencoder\.", f"{which}.", message)

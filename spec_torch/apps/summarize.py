@@ -1,0 +1,119 @@
+"""``spec-torch summarize DIR``: one table across the runs under a folder (e.g. a Hydra multirun).
+
+Every finished run under ``DIR`` (a folder holding ``spec.json`` from compare, or ``results.json`` from align)
+becomes one row: the run folder, the overrides that made it (``.hydra/overrides.yaml``, written by Hydra),
+and its headline numbers. The table is printed and written to ``DIR/summary.csv``::
+
+    spec-torch compare -m kernel@kernel_x=cosine,linear eta=0.5,1 hydra.sweep.dir=multirun/eta
+    spec-torch summarize multirun/eta
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError
+
+__all__ = ["collect", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def _overrides(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    return " ".join(str(o) for o in OmegaConf.load(path))
+
+
+def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
+    modes = spec.get("modes") or {}
+    metrics = spec.get("metrics") or {}
+    top = {d: (modes.get(d) or [{}])[0].get("eigenvalue") for d in ("x", "y")}
+    return {
+        "kind": "compare",
+        "n": spec.get("n"),
+        "spec_diff": spec.get("spec_diff"),
+        "top_eigenvalue_x": top["x"],
+        "top_eigenvalue_y": top["y"],
+        "linear_cka": metrics.get("linear_cka"),
+        "mutual_knn": (metrics.get("mutual_knn") or {}).get("value"),
+    }
+
+
+def _align_row(results: dict[str, Any]) -> dict[str, Any]:
+    before = (results.get("before") or {}).get("heldout") or {}
+    after = (results.get("after") or {}).get("heldout") or {}
+    return {
+        "kind": "align",
+        "n": results.get("n_heldout"),
+        "spec_diff": after.get("spec_diff"),
+        "spec_diff_before": before.get("spec_diff"),
+        "steps": results.get("steps"),
+    }
+
+
+def collect(root: str | Path) -> list[dict[str, Any]]:
+    """One dict per finished run under ``root`` (sorted by folder): ``run``, ``overrides`` and its numbers."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SpecError(f"DIR: expected a folder of runs, got {str(root)!r} (no such folder)")
+    rows = []
+    for name, reader in (("spec.json", _compare_row), ("results.json", _align_row)):
+        for path in sorted(root.rglob(name)):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            run = path.parent
+            rows.append(
+                {"run": str(run.relative_to(root)) or ".", "overrides": _overrides(run), **reader(data)}
+            )
+    return sorted(rows, key=lambda r: r["run"])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """``rows`` as an aligned text table (columns: the union of the rows' keys, in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    cells = [columns] + [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``spec-torch summarize DIR [--csv PATH]``: print the table of the runs under DIR, write it as CSV."""
+    parser = argparse.ArgumentParser(prog="spec-torch summarize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", help="a folder of runs (a Hydra multirun sweep dir, or outputs/)")
+    parser.add_argument("--csv", default=None, help="where to write the table (default: DIR/summary.csv)")
+    args = parser.parse_args(argv)
+    rows = collect(args.dir)
+    if not rows:
+        raise SpecError(f"DIR: no finished run (spec.json or results.json) under {args.dir}")
+    print(table(rows))
+    out = Path(args.csv) if args.csv else Path(args.dir) / "summary.csv"
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+    return 0
