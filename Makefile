@@ -38,5 +38,6 @@ format: $(STAMP)  ## ruff format in place
 	$(PY) -m ruff format spec_torch scripts tests bench
 	$(PY) -m ruff check --fix spec_torch scripts tests bench
 
-clean:  ## remove caches and run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+clean:  ## remove run outputs and tool caches (keeps .venv and the feature cache .cache/spec_torch)
+	rm -rf outputs multirun .pytest_cache .ruff_cache build *.egg-info
+	@echo "kept .venv and the feature cache .cache/spec_torch (\$$SPEC_TORCH_CACHE if set): rm -rf .cache/spec_torch to drop it"

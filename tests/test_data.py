@@ -167,7 +167,7 @@ def test_textfile_lines_and_csv(tmp_path):
     p = tmp_path / "texts.txt"
     p.write_text("first text\n\n  second  \nthird\n")
     ds = build_dataset("textfile", path=str(p))
-    assert ds.modality == "text" and ds.ids == ["line:0", "line:2", "line:3"] and ds[1] == "second"
+    assert ds.modality == "text" and ds.ids == ["line:1", "line:3", "line:4"] and ds[1] == "second"
     c = tmp_path / "t.csv"
     c.write_text('id,text,topic\na1,"hello, world",greet\na2,,none\na3,bye,greet\n')
     ds = build_dataset("textfile", path=str(c), column="text")

@@ -125,10 +125,10 @@ def test_top_level_usage_and_unknown_command():
 
 @pytest.fixture()
 def features(tmp_path) -> dict[str, Path]:
-    """Two small embeddings of the same 40 samples in two planted groups, with labels and names."""
+    """Two small embeddings of the same 40 samples: x holds two planted groups (26 and 14), y does not."""
     rng = np.random.default_rng(0)
-    group = np.repeat([0, 1], 20)
-    x = rng.normal(size=(40, 6)) + 3.0 * np.eye(6)[group]  # x separates the groups
+    group = np.repeat([0, 1], [26, 14])  # unequal sizes: no tie between the two groups' modes
+    x = rng.normal(size=(40, 6)) + 5.0 * np.eye(6)[group]  # x separates the groups
     y = rng.normal(size=(40, 4))  # y does not
     paths = {"x": tmp_path / "x.npy", "y": tmp_path / "y.npy"}
     np.save(paths["x"], x.astype(np.float32))
@@ -330,13 +330,26 @@ def test_wheel_in_a_fresh_venv_runs_compare_and_align_outside_the_repo(tmp_path)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # the dev venv's packages
     py = venv / "bin" / "python"
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    # --ignore-installed: through the .pth the dev venv's own (editable) spec_torch is visible to pip
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "-q",
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
+        env=env,
         timeout=300,
     )
-    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     env["SPEC_TORCH_CACHE"] = str(tmp_path / "cache")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -368,3 +381,35 @@ def test_wheel_in_a_fresh_venv_runs_compare_and_align_outside_the_repo(tmp_path)
         "progress=false",
     )  # fmt: skip
     assert (aligned / "results.json").is_file()
+
+
+def test_features_take_labels_and_display_names(tmp_path, features):
+    """data=features with data.labels_path / data.names_path: label composition and names per mode; the
+    names need not be unique (the row ids stay the unique key)."""
+    from spec_torch.apps.compare import run
+
+    group = np.repeat(["planted", "rest"], [26, 14])
+    (tmp_path / "labels.txt").write_text("\n".join(group) + "\n")
+    (tmp_path / "names.json").write_text(json.dumps([f"photo of {g}" for g in group]))  # repeated names
+    summary = run(
+        {
+            "data": "features",
+            "data.x_path": str(features["x"]),
+            "data.y_path": str(features["y"]),
+            "data.labels_path": str(tmp_path / "labels.txt"),
+            "data.names_path": str(tmp_path / "names.json"),
+            "top_k": 1,
+            "samples_per_mode": 5,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    mode = summary["modes"]["x"][0]
+    assert mode["labels"][0][1] == 1.0 and mode["labels"][0][0] in {"planted", "rest"}  # one group, pure
+    assert mode["top_texts"] == [f"photo of {mode['labels'][0][0]}"] * 5
+    assert len(set(mode["top_ids"])) == 5 and all(i.startswith("row:") for i in mode["top_ids"])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "photo of" in html and "label" in html
+    with pytest.raises(SpecError, match="data.labels_path: expected 40 labels"):
+        (tmp_path / "short.txt").write_text("a\nb\n")
+        run({"data": "features", "data.x_path": str(features["x"]), "data.y_path": str(features["y"]),
+             "data.labels_path": str(tmp_path / "short.txt"), "output_dir": str(tmp_path / "bad")})  # fmt: skip

@@ -38,6 +38,7 @@ from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
 from .config import for_setting, instantiate_target, load_config
+from .logs import phase, quiet_third_party
 
 __all__ = ["run"]
 
@@ -61,6 +62,8 @@ class PairedFeatures:
     rows_y: np.ndarray | None = None  # [n]
     skipped: list[str] = field(default_factory=list)  # ids dropped (corrupt under either encoder)
     dataset_index: np.ndarray | None = None  # [n] dataset position of each paired row (labels, display)
+    labels: list[str] | None = None  # [n] label of each paired row (data=features: data.labels_path)
+    names: list[str] | None = None  # [n] display name of each paired row (data=features: data.names_path)
 
     @property
     def n(self) -> int:
@@ -134,9 +137,12 @@ def _load_precomputed(data_cfg: dict[str, Any]) -> tuple[PairedFeatures, dict[st
             raise SpecError(f"data.{key}: required with data=features (a .npy/.npz/.pt/.safetensors file)")
         if not Path(str(data_cfg[key])).expanduser().is_file():
             raise SpecError(f"data.{key}: no such file: {data_cfg[key]}")
+    from .data import load_ids
+
     ids_path = data_cfg.get("ids_path")
-    if ids_path and not Path(str(ids_path)).expanduser().is_file():
-        raise SpecError(f"data.ids_path: no such file: {ids_path}")
+    for key in ("ids_path", "labels_path", "names_path"):
+        if data_cfg.get(key) and not Path(str(data_cfg[key])).expanduser().is_file():
+            raise SpecError(f"data.{key}: no such file: {data_cfg[key]}")
     x, y, ids = load_feature_pair(
         data_cfg["x_path"],
         data_cfg["y_path"],
@@ -154,14 +160,25 @@ def _load_precomputed(data_cfg: dict[str, Any]) -> tuple[PairedFeatures, dict[st
     ids = [f"row:{i}" for i in range(x.shape[0])] if ids is None else [str(s) for s in ids]
     if len(ids) != x.shape[0]:
         raise SpecError(f"data.ids_path: expected {x.shape[0]} ids (one per row), got {len(ids)}")
+    per_row = {}  # labels and display names: one per row, repeats allowed
+    for key in ("labels", "names"):
+        path = data_cfg.get(f"{key}_path")
+        if path:
+            values = load_ids(path, f"data.{key}_path", unique=False)
+            if len(values) != x.shape[0]:
+                raise SpecError(
+                    f"data.{key}_path: expected {x.shape[0]} {key} (one per row), got {len(values)}"
+                )
+            per_row[key] = values
     info = {
         "name": "features",
         "x_path": str(data_cfg["x_path"]),
         "y_path": str(data_cfg["y_path"]),
         "ids_path": str(ids_path) if ids_path else None,
+        **{f"{k}_path": str(data_cfg[f"{k}_path"]) for k in per_row},
         "dims": [int(x.shape[1]), int(y.shape[1])],
     }
-    return PairedFeatures(x=x, y=y, ids=ids), info
+    return PairedFeatures(x=x, y=y, ids=ids, **per_row), info
 
 
 def _build_encoder(enc_cfg: dict[str, Any], which: str):
@@ -368,6 +385,12 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         if distributed.is_main_process():  # only rank 0 writes the report
             shown = [dataset.display(int(i)) for i in rows]
             images, texts = (shown, None) if dataset.modality == "image" else (None, [str(t) for t in shown])
+    elif paired.labels is not None or paired.names is not None:  # data=features: per-row labels and names
+        labels, rows = paired.labels, idx
+        if paired.names is not None:
+            texts = [paired.names[i] for i in idx]
+    if texts is not None:  # shortened, for the command line summary
+        entry["top_texts"] = [_shorten(t, 200) for t in texts]
     if labels is not None:
         composition = metrics.label_composition([labels[i] for i in rows])
         entry["labels"] = [[str(label), float(f)] for label, f in composition]
@@ -438,6 +461,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         >>> summary = run(["experiment=demo", "output_dir=out/demo"])  # doctest: +SKIP
     """
     cfg = load_config("compare", cfg)
+    quiet_third_party(bool(cfg.get("verbose", False)))
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg)
@@ -457,9 +481,12 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         paired, dataset, data_info, enc_info = _extract_pair(cfg, device)
     log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
 
-    res, cka = _solve(cfg, paired, device)
-    modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
-    knn = _mutual_knn(cfg, paired)
+    with phase(log, f"streaming {paired.n} rows into the covariance sums and solving"):
+        res, cka = _solve(cfg, paired, device)
+    with phase(log, "scoring the top samples of each reported mode"):
+        modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
+    with phase(log, "mutual k-NN overlap"):
+        knn = _mutual_knn(cfg, paired)
 
     summary = res.to_dict()
     summary.update(
@@ -489,15 +516,23 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         extra = {"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering}
         if data_info["name"] == "features":
             extra["names"] = {w: Path(data_info[f"{w}_path"]).stem for w in ("x", "y")}
-        summary["report"] = str(write_report(out_dir, summary, views, extra=extra).name)
+        with phase(log, "writing plots and report.html"):
+            summary["report"] = str(write_report(out_dir, summary, views, extra=extra).name)
     atomic_write_json(spec_path, summary, default=str)
     _print_summary(summary, spec_path)
     return summary
 
 
+def _shorten(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
+    """The result in a few lines, through ``logging``: on the console and in the run folder's log."""
     m = summary["metrics"]
-    print(
+    log.info(
         f"SPEC-diff = {summary['spec_diff']:.4g}  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
         f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
     )
@@ -513,10 +548,12 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
             elif "labels" in e and e["labels"]:
                 lab, frac = e["labels"][0]
                 line += f"  top label {lab} ({frac:.0%})"
+            elif e.get("top_texts"):  # the texts at hand rather than their ids
+                line += "  top: " + " | ".join(_shorten(t, 40) for t in e["top_texts"][:3])
             else:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
-            print(line)
-    print(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
+            log.info(line)
+    log.info(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
 
 
 if __name__ == "__main__":  # python -m spec_torch.apps.compare [overrides]: the same as spec-torch compare

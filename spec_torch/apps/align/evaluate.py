@@ -12,6 +12,7 @@ Every metric is a pure function of embeddings (``[n, d]`` tensors), so it can be
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from ...api import spec
 from ...errors import SpecError
 from .._io import atomic_path
 from ..data.base import SampleDataset
+from ..logs import phase
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EvalSet",
@@ -267,32 +271,44 @@ def evaluate(
     """
     results: dict[str, dict[str, float]] = {}
     for es in sets:
-        img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
-        if not torch.isfinite(img).all():
-            raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
-        out: dict[str, float] = {"n": float(img.shape[0])}
-        if es.teacher is not None:
-            res = spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta)
-            out["spec_diff"] = float(res.spec_diff)
-            out["lambda_max"] = float(res.eigenvalues.max())
-            out["lambda_min"] = float(res.eigenvalues.min())
-            clusters = teacher_clusters(es.teacher, n_clusters, seed)
-            out["knn_teacher_clusters"] = knn_accuracy(img, clusters, knn_k)
-            out["knn_teacher_clusters_teacher"] = knn_accuracy(es.teacher, clusters, knn_k)
-        if es.labels is not None:
-            out["knn_labels"] = knn_accuracy(img, es.labels, knn_k)
-        if es.captions is not None:
-            flat = [c for caps in es.captions for c in caps]
-            owner = [i for i, caps in enumerate(es.captions) for _ in caps]
-            txt = embed_texts(model, tokenizer, flat, batch_size, device)  # [sum captions, d]
-            out.update(retrieval_recall(img, txt, owner))
-        if es.zero_shot and es.labels is not None:
-            classnames = sorted(set(es.labels))
-            index = {c: j for j, c in enumerate(classnames)}
-            clf = zero_shot_classifier(model, tokenizer, classnames, _templates(templates), device)
-            out.update(zero_shot_accuracy(img, clf, [index[c] for c in es.labels]))
-        results[es.name] = out
+        with phase(log, f"evaluating the student on {es.name} ({len(es.positions)} samples)"):
+            results[es.name] = _evaluate_set(
+                model, tokenizer, transform, es, kernel_student, kernel_teacher, eta, knn_k, n_clusters,
+                templates, batch_size, device, seed, num_workers,
+            )  # fmt: skip
     return results
+
+
+def _evaluate_set(
+    model, tokenizer, transform, es, kernel_student, kernel_teacher, eta, knn_k, n_clusters, templates,
+    batch_size, device, seed, num_workers,
+) -> dict[str, float]:  # fmt: skip
+    """The metrics of :func:`evaluate` on one evaluation set."""
+    img = embed_images(model, es.dataset, es.positions, transform, batch_size, device, num_workers)
+    if not torch.isfinite(img).all():
+        raise SpecError(f"student: NaN/Inf image embeddings on the {es.name} evaluation set")
+    out: dict[str, float] = {"n": float(img.shape[0])}
+    if es.teacher is not None:
+        res = spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta)
+        out["spec_diff"] = float(res.spec_diff)
+        out["lambda_max"] = float(res.eigenvalues.max())
+        out["lambda_min"] = float(res.eigenvalues.min())
+        clusters = teacher_clusters(es.teacher, n_clusters, seed)
+        out["knn_teacher_clusters"] = knn_accuracy(img, clusters, knn_k)
+        out["knn_teacher_clusters_teacher"] = knn_accuracy(es.teacher, clusters, knn_k)
+    if es.labels is not None:
+        out["knn_labels"] = knn_accuracy(img, es.labels, knn_k)
+    if es.captions is not None:
+        flat = [c for caps in es.captions for c in caps]
+        owner = [i for i, caps in enumerate(es.captions) for _ in caps]
+        txt = embed_texts(model, tokenizer, flat, batch_size, device)  # [sum captions, d]
+        out.update(retrieval_recall(img, txt, owner))
+    if es.zero_shot and es.labels is not None:
+        classnames = sorted(set(es.labels))
+        index = {c: j for j, c in enumerate(classnames)}
+        clf = zero_shot_classifier(model, tokenizer, classnames, _templates(templates), device)
+        out.update(zero_shot_accuracy(img, clf, [index[c] for c in es.labels]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the plot

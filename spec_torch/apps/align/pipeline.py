@@ -32,6 +32,7 @@ from ...loss import SpecAlignLoss
 from .._io import atomic_torch_save, atomic_write_json, prepare_output_dir
 from ..cli import check_required
 from ..config import for_setting, instantiate_target, load_config
+from ..logs import quiet_third_party
 from .data import AlignSamples, TeacherFeatures, class_labels, sample_texts, split_rows
 from .evaluate import EvalSet, evaluate, plot_before_after, spec_diff_to_teacher
 from .runtime import Runtime
@@ -200,6 +201,7 @@ def run(
     from ..data import build_dataset
 
     cfg = load_config("align", cfg)
+    quiet_third_party(bool(cfg.get("verbose", False)))
     _check(cfg)
     rt = Runtime.detect(cfg.device)
     out = prepare_output_dir(cfg)
@@ -322,11 +324,11 @@ def _checkpoint_to_resume(resume: Any, default: Path) -> Path | None:
 def _print_table(title: str, metrics: dict[str, dict[str, float]]) -> None:
     for name, values in metrics.items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "n")
-        print(f"[{title}] {name} (n={int(values['n'])}): {shown}")
+        log.info(f"[{title}] {name} (n={int(values['n'])}): {shown}")
 
 
 def _print_change(before: dict, after: dict, out: Path) -> None:
     if "spec_diff" in before.get("heldout", {}):
         b, a = before["heldout"]["spec_diff"], after["heldout"]["spec_diff"]
-        print(f"held-out SPEC-diff to the teacher: {b:.4f} -> {a:.4f} ({b / max(a, 1e-12):.2f}x lower)")
-    print(f"results: {out / RESULTS_JSON}")
+        log.info(f"held-out SPEC-diff to the teacher: {b:.4f} -> {a:.4f} ({b / max(a, 1e-12):.2f}x lower)")
+    log.info(f"results: {out / RESULTS_JSON}")

@@ -360,8 +360,10 @@ class AlignTrainer:
                     values = self.train_step(batch)
                     self.step += 1
                     self.batch_in_epoch += 1
+                    bar.set_postfix(  # no redraw here: update() draws once per step, with the new values
+                        spec=f"{values['loss_spec']:.4f}", clip=f"{values['loss_clip']:.3f}", refresh=False
+                    )
                     bar.update(1)
-                    bar.set_postfix(spec=f"{values['loss_spec']:.4f}", clip=f"{values['loss_clip']:.3f}")
                     row = {"step": self.step, "epoch": self.epoch, "time": time.monotonic() - t0, **values}
                     last = self.step == self.s.steps
                     if self.heldout_fn is not None and (self.step % self.s.heldout_every == 0 or last):

@@ -75,8 +75,10 @@ def load_features(path: str | os.PathLike, name: str = "x_path", key: str | None
     return arr
 
 
-def load_ids(path: str | os.PathLike, name: str = "ids_path") -> list[str]:
-    """Sample ids from a text file (one a line), a ``.json`` list or a ``.npy`` string array."""
+def load_ids(path: str | os.PathLike, name: str = "ids_path", unique: bool = True) -> list[str]:
+    """Sample ids from a text file (one a line), a ``.json`` list or a ``.npy`` string array.
+
+    ``unique=False`` reads per-row labels or display names the same way (repeats allowed)."""
     p = existing_path(path, name, kind="file")
     try:
         if p.suffix.lower() == ".json":
@@ -92,7 +94,7 @@ def load_ids(path: str | os.PathLike, name: str = "ids_path") -> list[str]:
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise SpecError(f"{name}: cannot read ids from {p} ({exc})") from None
     ids = [str(s) for s in ids]
-    if len(set(ids)) != len(ids):
+    if unique and len(set(ids)) != len(ids):
         raise SpecError(f"{name}: the ids in {p} are not unique")
     return ids
 

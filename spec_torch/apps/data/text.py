@@ -1,7 +1,8 @@
 """Texts from a file: one text per line (id ``line:<k>``), or one column of a CSV/TSV file (id ``row:<k>``).
 
-``k`` counts from 0 over the file's lines (data rows for CSV), empty texts included, so an id keeps naming
-the same text when blank lines are skipped.
+``line:<k>`` is the line number an editor shows (the first line is ``line:1``); ``row:<k>`` counts the CSV's
+data rows from 0. Empty texts are counted too, so an id keeps naming the same text when blank lines are
+skipped.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TextFileDataset(SampleDataset):
             else:
                 with open(self.path, encoding="utf-8") as fh:
                     lines = fh.read().splitlines()
-                pairs = [(f"line:{k}", t.strip()) for k, t in enumerate(lines) if t.strip()]
+                pairs = [(f"line:{k}", t.strip()) for k, t in enumerate(lines, start=1) if t.strip()]
                 ids, texts = [p[0] for p in pairs], [p[1] for p in pairs]
         except UnicodeDecodeError as exc:
             raise SpecError(f"data.path: {self.path} is not UTF-8 text ({exc})") from None
@@ -100,6 +101,7 @@ class TextFileDataset(SampleDataset):
             "id_column": self.id_column,
             "label_column": self.label_column,
             "max_samples": self.max_samples,
+            "line_ids": "from 1",  # ids were 0-based before: a new cache key, so old caches are not misread
         }
 
     def content_stamp(self) -> str:
