@@ -16,6 +16,7 @@ from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
 from .loss import SpecAlignLoss
+from .metrics import LinearCKA, linear_cka
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"
@@ -33,4 +34,6 @@ __all__ = [
     "LinearKernel",
     "GaussianKernel",
     "resolve_kernel",
+    "LinearCKA",
+    "linear_cka",
 ]
