@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -303,27 +304,41 @@ def test_encoder_errors_print_the_override_of_their_config_key(tmp_path):
 def test_wheel_in_a_fresh_venv_runs_compare_and_align_outside_the_repo(tmp_path):
     """The issue's recipe: build the wheel without isolation (offline), install it with --no-deps into a fresh
     venv that sees the dependencies through a .pth file, and run the command from a folder outside the repo."""
+    import shutil
+
+    # built from a copy of the tree: setuptools' build/ (with files of earlier builds) stays out of the repo
+    src = tmp_path / "src"
+    junk = (
+        ".git",
+        ".venv",
+        "build",
+        "outputs",
+        "multirun",
+        ".cache",
+        "__pycache__",
+        "*.egg-info",
+        ".*_cache",
+    )
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*junk))
     wheels = tmp_path / "wheels"
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)]
     build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", *pip_wheel],
         capture_output=True,
         text=True,
         timeout=600,
     )
     if build.returncode != 0:
         pytest.skip(f"the wheel cannot be built offline here: {build.stderr.strip()[-300:]}")
-    assert not (ROOT / "build").exists() or (ROOT / "build").is_dir()  # build/ is .gitignored
+    with zipfile.ZipFile(next(wheels.glob("spec_torch-*.whl"))) as whl:  # configs ship inside the package
+        names = set(whl.namelist())
+    for cfg in (
+        "compare/compare.yaml",
+        "compare/experiment/demo.yaml",
+        "align/align.yaml",
+        "kernel/cosine.yaml",
+    ):
+        assert f"spec_torch/apps/configs/{cfg}" in names, cfg
     (wheel,) = wheels.glob("spec_torch-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

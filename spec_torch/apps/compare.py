@@ -378,11 +378,12 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         "tightness_x": float(tight_x),
         "tightness_y": float(tight_y),
     }
-    labels = attributes = images = texts = composition = majority = None
+    labels = attributes = images = texts = composition = majority = paths = None
     if dataset is not None:
         rows = paired.dataset_index[idx]  # [k] dataset positions of the top samples
         labels, attributes = dataset.labels, dataset.attributes
         if distributed.is_main_process():  # only rank 0 writes the report
+            paths = _sample_paths(dataset, [paired.ids[i] for i in idx])
             shown = [dataset.display(int(i)) for i in rows]
             images, texts = (shown, None) if dataset.modality == "image" else (None, [str(t) for t in shown])
     elif paired.labels is not None or paired.names is not None:  # data=features: per-row labels and names
@@ -410,8 +411,18 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         tightness_y=entry["tightness_y"],
         labels=composition,
         purity=majority,
+        paths=paths,
     )
     return entry, view
+
+
+def _sample_paths(dataset, ids: list[str]) -> list[str] | None:
+    """The file of each sample id, for datasets whose ids are paths under ``dataset.root``; else None."""
+    root = getattr(dataset, "root", None)
+    if root is None:
+        return None
+    files = [Path(root) / sid for sid in ids]
+    return [str(f) for f in files] if all(f.is_file() for f in files) else None
 
 
 def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: int) -> dict | None:

@@ -3,6 +3,20 @@
 :func:`write_report` takes the ``spec.json`` dict of a comparison, one :class:`ModeView` per reported mode
 and optional context scores, draws the plots into ``run_dir/plots/`` and writes ``run_dir/report.html``
 atomically (a temporary name, then :func:`os.replace`). Every piece of text is HTML-escaped.
+
+The page, in order: the title and an opening paragraph in plain words (:func:`verdict`: which encoder holds
+which groups the other does not, how strong), the headline numbers, a mode overview table (one row per
+reported mode: direction, eigenvalue, share of |spectrum|, cluster size, tightness under x and y, purity,
+flags), report-wide flags, settings, context scores, the spectrum, and the per-mode detail.
+
+Hook points for other analyses: each :class:`ModeView` carries a ``flags`` list (short warnings shown in the
+overview and on the mode: e.g. a mode that is close to the uniform vector, an approximation error, a
+confidence interval or an unsupported mode), and ``extra["flags"]`` holds report-wide ones; both are plain
+strings appended by whoever computes them. :func:`mode_flags` adds the ones the report can see by itself.
+
+Why f-strings and not a template engine (Jinja2): the page is assembled from a dozen small functions, each
+escaping its own values with one helper; a template would move the markup into a second language while the
+same logic (formatting numbers, choosing rows) stayed in Python, so it would add a file without removing code.
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ import html
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +35,7 @@ from ...errors import SpecError
 from .._io import atomic_write_text
 from . import plots
 
-__all__ = ["ModeView", "write_report"]
+__all__ = ["ModeView", "write_report", "verdict", "mode_flags", "cluster_size", "SIZE_RULE"]
 
 
 @dataclass
@@ -40,6 +54,8 @@ class ModeView:
             (:func:`spec_torch.apps.report.metrics.mode_tightness`).
         labels: label composition ``[(label, fraction), ...]`` (:func:`metrics.label_composition`), or None.
         purity: per planted attribute, ``(majority value, fraction)`` (:func:`metrics.purity`) or a fraction.
+        paths: the file of each top sample (same order as ``sample_ids``), where the data has files; or None.
+        flags: short warnings about this mode (the report appends its own: :func:`mode_flags`).
     """
 
     direction: str
@@ -53,6 +69,8 @@ class ModeView:
     tightness_y: float | None = None
     labels: Sequence[tuple[str, float]] | None = None
     purity: Mapping[str, Any] | None = None
+    paths: Sequence[str] | None = None
+    flags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         where = f"ModeView(direction={self.direction!r}, index={self.index!r})"
@@ -72,7 +90,7 @@ class ModeView:
             raise SpecError(
                 f"{where}: scores: expected one score per sample id ({len(self.sample_ids)}), got {len(self.scores)}"
             )
-        for name in ("images", "texts"):
+        for name in ("images", "texts", "paths"):
             items = getattr(self, name)
             if items is not None and len(items) != len(self.sample_ids):
                 raise SpecError(
@@ -104,6 +122,9 @@ ol.texts{padding-left:22px;margin:6px 0}ol.texts li{margin:3px 0}ol.ids{columns:
 .score{font-variant-numeric:tabular-nums;color:#57606a;margin-right:8px}
 code{background:#f6f8fa;padding:1px 4px;border-radius:3px;font-size:.9em}
 details{margin:6px 0}summary{cursor:pointer;color:#57606a}
+.verdict{font-size:1.08em;margin:10px 0 14px}
+.flags{border:1px solid #d4a72c;background:#fff8c5;border-radius:6px;padding:8px 14px;margin:10px 0}
+.flags ul{margin:4px 0 0 0}
 """.replace("@POS@", plots.POSITIVE_COLOUR).replace("@NEG@", plots.NEGATIVE_COLOUR)
 
 
@@ -197,6 +218,118 @@ def _encoder(spec: Mapping[str, Any], side: str) -> Any:
     return enc
 
 
+# ---------------------------------------------------------------- what the report finds
+
+#: the documented rule behind the overview's "cluster size" column
+SIZE_RULE = (
+    "cluster size: how many of the mode's listed top samples score at least half of its best score "
+    "(shown as ≥ k when all k listed samples do: the cluster is at least that large)"
+)
+
+
+def cluster_size(view: ModeView) -> str:
+    """The size of a mode's cluster by :data:`SIZE_RULE`, as shown in the overview."""
+    if not view.scores:
+        return "—"
+    best = max(view.scores)
+    size = sum(1 for s in view.scores if s >= 0.5 * best)
+    return f"≥ {size}" if size == len(view.scores) else str(size)
+
+
+def _purity_of(view: ModeView) -> tuple[str, float] | None:
+    """The mode's strongest shared label or planted attribute value and its fraction of the top samples."""
+    best = None
+    if view.purity:
+        for attr, value in view.purity.items():
+            major, frac = (
+                (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
+            )
+            if best is None or frac > best[1]:
+                best = (f"{attr}={major}" if major != "" else str(attr), frac)
+    elif view.labels:
+        label, frac = list(view.labels)[0]
+        best = (str(label), float(frac))
+    return best
+
+
+def mode_flags(view: ModeView, names: Mapping[str, str]) -> list[str]:
+    """Warnings the report sees by itself: a mode "captured by x" whose top samples are tighter under y (or the
+    reverse) contradicts its sign — its top samples are not the group the eigenvalue speaks of."""
+    flags = []
+    tx, ty = view.tightness_x, view.tightness_y
+    if tx is not None and ty is not None:
+        own, other = (tx, ty) if view.direction == "x" else (ty, tx)
+        if own < other:
+            side, rival = (names["x"], names["y"]) if view.direction == "x" else (names["y"], names["x"])
+            flags.append(
+                f"contradictory: captured by {side} by its sign, but its top samples are tighter under {rival} "
+                f"({other:.2f} vs {own:.2f})"
+            )
+    return flags
+
+
+def _same_encoder(spec: Mapping[str, Any]) -> bool:
+    ex, ey = _side(spec, "encoder", "x"), _side(spec, "encoder", "y")
+    if not ex or not ey:
+        return False
+    if isinstance(ex, Mapping) and isinstance(ey, Mapping):
+        keys = ("family", "model", "pretrained", "weights", "checkpoint", "tower", "image_size")
+        return all(ex.get(k) == ey.get(k) for k in keys)
+    return ex == ey
+
+
+def verdict(spec: Mapping[str, Any], modes: Sequence[ModeView], names: Mapping[str, str]) -> str:
+    """One or two plain sentences: which encoder holds which groups the other does not, and how strongly."""
+    eig = [float(v) for v in spec.get("eigenvalues") or []]
+    total = sum(abs(v) for v in eig) or 1.0
+    parts = []
+    for side in ("x", "y"):
+        other = "y" if side == "x" else "x"
+        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        if not chosen:
+            continue
+        top = chosen[0]
+        what = _purity_of(top)
+        group = f"a group that is {what[1]:.0%} {what[0]}" if what else f"a group led by {top.sample_ids[0]}"
+        parts.append(
+            f"{names[side]} holds together {group}, which {names[other]} does not "
+            f"(the strongest such mode: λ = {top.eigenvalue:+.3g}, {abs(top.eigenvalue) / total:.0%} of the "
+            f"|spectrum|; {len(chosen)} mode{'s' if len(chosen) > 1 else ''} of this kind reported)."
+        )
+    if not parts:
+        return "No mode was reported, so this run says nothing about which groups either encoder holds."
+    sd = spec.get("spec_diff")
+    strength = f" SPEC-diff, the largest |λ|, is {sd:.3g}." if isinstance(sd, (int, float)) else ""
+    return " ".join(parts) + strength
+
+
+def _overview(modes: Sequence[ModeView], names: Mapping[str, str], spec: Mapping[str, Any]) -> str:
+    eig = [float(v) for v in spec.get("eigenvalues") or []]
+    total = sum(abs(v) for v in eig) or 1.0
+    header = ["mode", "captured by", "λ", "share of |spectrum|", "cluster size",
+              f"tightness under {names['x']}", f"tightness under {names['y']}", "purity", "flags"]  # fmt: skip
+    rows = []
+    for side in ("x", "y"):
+        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        for rank, view in enumerate(chosen, start=1):
+            what = _purity_of(view)
+            rows.append([
+                f"{side}{rank}", names[side], view.eigenvalue, f"{abs(view.eigenvalue) / total:.1%}",
+                cluster_size(view), view.tightness_x, view.tightness_y,
+                f"{what[0]} {what[1]:.0%}" if what else "—", "; ".join(view.flags) or "",
+            ])  # fmt: skip
+    if not rows:
+        return ""
+    return "<h2>Modes at a glance</h2>" + _table(rows, header) + f'<p class="muted">{_e(SIZE_RULE)}.</p>'
+
+
+def _flags(flags: Sequence[str]) -> str:
+    if not flags:
+        return ""
+    items = "".join(f"<li>{_e(f)}</li>" for f in flags)
+    return f'<div class="flags"><b>Read with care</b><ul>{items}</ul></div>'
+
+
 # ---------------------------------------------------------------- sections
 
 _KNOWN_KEYS = {
@@ -211,13 +344,20 @@ def _title(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, A
     return str(extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}")
 
 
-def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
+def _header(
+    spec: Mapping[str, Any],
+    names: dict[str, str],
+    extra: Mapping[str, Any],
+    opening: str = "",
+    overview: str = "",
+) -> str:
     dataset = _lookup(spec, "dataset", "data")
     title = _title(spec, names, extra)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         f"<h1>{_e(title)}</h1>",
         f'<p class="sub">Spectral Pairwise Embedding Comparison · generated {stamp}</p>',
+        opening,  # what the run found, in words, first
     ]
     skipped = _lookup(spec, "n_skipped", "skipped")
     if isinstance(skipped, Mapping):  # {"count": ..., "ids": [...]}
@@ -240,6 +380,7 @@ def _header(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, 
             f'<div class="stat"><span>{_e(label)}</span><b>{_e(_fmt(value))}</b><span>{_e(desc)}</span></div>'
         )
     out.append("</div>")
+    out.append(overview)  # the modes at a glance, before the settings
     rows = [
         ["embedding x", names["x"], _describe(_encoder(spec, "x"))],
         ["embedding y", names["y"], _describe(_encoder(spec, "y"))],
@@ -333,7 +474,8 @@ def _mode(
         f"Mode {view.direction}{rank} · λ = {view.eigenvalue:.4g} "
         f"(spectrum index {view.index}) · captured by {names[view.direction]}, not by {names[other]}"
     )
-    out = [f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3><div class="facts">']
+    out = [f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3>', _flags(view.flags)]
+    out.append('<div class="facts">')
     if view.tightness_x is not None or view.tightness_y is not None:
         rows = [[f"under {names['x']} (x)", view.tightness_x], [f"under {names['y']} (y)", view.tightness_y]]
         header = ["tightness of top samples", "mean kernel"]
@@ -349,15 +491,23 @@ def _mode(
     out.append("</div>")
     if view.images is not None and len(view.images):
         captions = [f"{s:.3g}" for s in view.scores]
-        path = plots.image_grid(list(view.images), captions, plot_dir / f"mode_{view.direction}{rank}.png")
+        title = (
+            f"mode {view.direction}{rank}: λ = {view.eigenvalue:+.3g}, top {len(view.images)} samples — "
+            f"held together by {names[view.direction]}, not by {names[other]}"
+        )
+        path = plots.image_grid(
+            list(view.images), captions, plot_dir / f"mode_{view.direction}{rank}.png", title=title
+        )
         out.append(_img(path, f"top {len(view.images)} images of mode {view.direction}{rank}"))
+        paths = view.paths if view.paths is not None else [None] * len(view.sample_ids)
         items = "".join(
-            f"<li><span class='score'>{s:.4g}</span><code>{_e(i)}</code></li>"
-            for i, s in zip(view.sample_ids, view.scores, strict=True)
+            f"<li><span class='score'>{s:.4g}</span><code>{_e(i)}</code>"
+            + (f" <span class='muted'>{_e(p)}</span>" if p else "")
+            + "</li>"
+            for i, s, p in zip(view.sample_ids, view.scores, paths, strict=True)
         )
-        out.append(
-            f'<details><summary>sample ids and scores</summary><ol class="texts ids">{items}</ol></details>'
-        )
+        what = "sample ids, files and scores" if view.paths is not None else "sample ids and scores"
+        out.append(f'<details><summary>{what}</summary><ol class="texts">{items}</ol></details>')
     else:
         texts = view.texts if view.texts is not None else [None] * len(view.sample_ids)
         items = []
@@ -442,13 +592,28 @@ def write_report(
         use_tags = tags["x"] != tags["y"] and all(tags.values())
         names = {side: f"{names[side]} ({tags[side] if use_tags else side})" for side in names}
 
+    for view in modes:  # the flags the report sees by itself, beside those others appended
+        view.flags = list(view.flags) + [f for f in mode_flags(view, names) if f not in view.flags]
+    report_flags = list(extra.get("flags") or [])
+    if _same_encoder(spec):
+        report_flags.append(
+            "same encoder on both sides: both embeddings come from the same model and weights, so any "
+            "difference comes from the kernels, η or randomness, not from the encoders"
+        )
+
     baseline = extra.get("tightness_baseline")
     if isinstance(baseline, (tuple, list)):
         baseline = {"x": baseline[0], "y": baseline[1]}
     spectrum = plots.plot_spectrum(
         spec["eigenvalues"], plot_dir / "spectrum.png", spec.get("spec_diff"), labels=(names["x"], names["y"])
     )
-    body = [_header(spec, names, extra), _context(extra), "<h2>Spectrum</h2>", _how_to_read(names)]
+    opening = f'<p class="verdict">{_e(verdict(spec, modes, names))}</p>'
+    body = [
+        _header(spec, names, extra, opening + _flags(report_flags), _overview(modes, names, spec)),
+        _context(extra),
+        "<h2>Spectrum</h2>",
+        _how_to_read(names),
+    ]
     body.append(_img(spectrum, "eigenvalue spectrum"))
     for side in ("x", "y"):
         other = "y" if side == "x" else "x"
