@@ -146,7 +146,13 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """all_gather of equal-shape row blocks; backward: the summed gradient of this rank's block."""
+    """all_gather of equal-shape row blocks; backward: the summed gradient of this rank's block.
+
+    Kept rather than ``torch.distributed.nn.functional.all_gather``: in torch 2.14 that function is deprecated
+    (it warns on every call and points to the private ``_functional_collectives``), and off NCCL its backward
+    emulates reduce-scatter with an all-to-all of every block; this one is an all-gather forward and one
+    all-reduce backward on any backend, tested on Gloo against one process (tests/test_distributed.py).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:

@@ -81,3 +81,31 @@ def test_bad_input_names_the_argument():
         linear_cka(np.ones((6, 2)), np.arange(12.0).reshape(6, 2), unbiased=True)
     with pytest.raises(st.SpecError):
         linear_cka(np.ones((6, 2)), np.ones((5, 2)))
+
+
+def test_zero_shot_classifier_is_open_clips_with_the_template_mean():
+    """apps.align.evaluate.zero_shot_classifier = open_clip.build_zero_shot_classifier, [C, d] unit rows equal to
+    the normalised mean of each class's normalised prompt embeddings, computed in eval mode."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from spec_torch.apps.align.evaluate import zero_shot_classifier
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(
+        "ViT-S-32",
+        pretrained=None,
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    )
+    model.train()
+    tokenizer = open_clip.get_tokenizer("ViT-S-32", context_length=16)
+    classes, templates = ["cat", "dog", "red car"], [lambda c: f"a photo of a {c}.", lambda c: f"{c}"]
+    clf = zero_shot_classifier(model, tokenizer, classes, templates)
+    assert clf.shape == (3, 32) and model.training  # train mode restored
+    model.eval()
+    with torch.no_grad():
+        z = F.normalize(model.encode_text(tokenizer([t(c) for c in classes for t in templates])), dim=1)
+    want = F.normalize(z.view(3, 2, -1).mean(1), dim=1)
+    assert torch.allclose(clf, want, atol=1e-5)  # float32 model

@@ -190,11 +190,19 @@ def zero_shot_classifier(
     templates: Sequence[Callable[[str], str]],
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``[C, d]`` unit rows: each class's normalised text embeddings averaged over ``templates``."""
-    prompts = [t(c) for c in classnames for t in templates]  # class-major
-    z = F.normalize(embed_texts(model, tokenizer, prompts, device=device), dim=1)  # [C * T, d]
-    z = z.view(len(classnames), len(templates), -1).mean(1)  # [C, d]
-    return F.normalize(z, dim=1)
+    """``[C, d]`` unit rows: each class's normalised text embeddings averaged over ``templates``
+    (open_clip's ``build_zero_shot_classifier``, run in eval mode)."""
+    from open_clip import build_zero_shot_classifier
+
+    was_training = model.training
+    model.eval()
+    try:
+        weights = build_zero_shot_classifier(
+            model, tokenizer, list(classnames), list(templates), device=device
+        )
+    finally:
+        model.train(was_training)
+    return weights.T.float().cpu()  # [d, C] -> [C, d]
 
 
 def zero_shot_accuracy(images: torch.Tensor, classifier: torch.Tensor, targets: Sequence[int]) -> dict:
