@@ -320,13 +320,21 @@ def _evaluate_set(
 
 
 # ----------------------------------------------------------------------------------------------- the plot
+#: metrics where lower is better (the rest of evaluate()'s metrics are accuracies/recalls: higher is better)
+LOWER_IS_BETTER = ("spec_diff",)
+#: the teacher's own score: the same before and after (a ceiling line, not a before/after pair)
+TEACHER_CONSTANT = "knn_teacher_clusters_teacher"
+
+
 def plot_before_after(
     before: dict[str, dict[str, float]],
     after: dict[str, dict[str, float]],
     path: str | Path,
     history: dict[str, list[float]] | None = None,
 ) -> Path:
-    """Bar chart of every metric before/after (one panel per set), and the training curves if given.
+    """Before/after bars per evaluation set, lower-is-better metrics (SPEC-diff) and higher-is-better ones
+    (accuracies, recalls) on separate panels, the teacher's own kNN score as a dashed ceiling; then the
+    training curves, the SPEC term and the contrastive term on separate y axes.
 
     Args:
         history: ``{"step": [...], "loss_spec": [...], "loss_clip": [...], "heldout_step": [...],
@@ -335,33 +343,47 @@ def plot_before_after(
     from matplotlib.figure import Figure
 
     names = [s for s in after if s in before]
-    panels = len(names) + (1 if history else 0)
-    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    for ax, name in zip(axes, names):
+    groups = []  # (set name, title, keys)
+    for name in names:
         keys = [k for k in after[name] if k != "n" and k in before[name] and not k.startswith("lambda")]
+        low = [k for k in keys if k in LOWER_IS_BETTER]
+        high = [k for k in keys if k not in LOWER_IS_BETTER and k != TEACHER_CONSTANT]
+        groups += [(name, "lower is better", low)] if low else []
+        groups += [(name, "higher is better", high)] if high else []
+    panels = len(groups) + (1 if history else 0)
+    fig = Figure(figsize=(4.2 * max(panels, 1), 4.2), layout="constrained")
+    axes = fig.subplots(1, max(panels, 1), squeeze=False)[0]
+    for ax, (name, title, keys) in zip(axes, groups):
         x = np.arange(len(keys))
         ax.bar(x - 0.2, [before[name][k] for k in keys], 0.4, label="before", color="#9aa5b1")
         ax.bar(x + 0.2, [after[name][k] for k in keys], 0.4, label="after", color="#2f6db5")
+        if title == "higher is better" and TEACHER_CONSTANT in after[name] and "knn_teacher_clusters" in keys:
+            j = keys.index("knn_teacher_clusters")
+            ax.hlines(after[name][TEACHER_CONSTANT], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                      label="teacher's own")  # fmt: skip
         ax.set_xticks(x, keys, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{name} (n={int(after[name]['n'])})")
+        ax.set_title(f"{name} (n={int(after[name]['n'])}): {title}", fontsize=10)
         ax.legend(fontsize=8)
     if history:
         ax = axes[-1]
-        for key, colour in (("loss_spec", "#c0392b"), ("loss_clip", "#7f8c8d")):
-            if history.get(key):
-                ax.plot(history["step"], history[key], label=f"train {key}", color=colour, lw=1)
+        if history.get("loss_spec"):
+            ax.plot(history["step"], history["loss_spec"], label="train SPEC term", color="#c0392b", lw=1)
         if history.get("heldout_spec_diff"):
-            ax.plot(
-                history["heldout_step"],
-                history["heldout_spec_diff"],
-                "o-",
-                label="held-out SPEC-diff",
-                color="#2f6db5",
-            )
+            ax.plot(history["heldout_step"], history["heldout_spec_diff"], "o-", label="held-out SPEC-diff",
+                    color="#2f6db5")  # fmt: skip
         ax.set_xlabel("step")
-        ax.set_title("training")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("SPEC")
+        ax.set_title("training", fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        if history.get("loss_clip") and any(v != 0 for v in history["loss_clip"]):
+            twin = ax.twinx()  # the contrastive term has its own scale
+            twin.plot(
+                history["step"], history["loss_clip"], label="train contrastive term", color="#7f8c8d", lw=1
+            )
+            twin.set_ylabel("contrastive")
+            h2, l2 = twin.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)
