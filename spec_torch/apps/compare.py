@@ -1,6 +1,6 @@
 """The compare pipeline: two encoders, one dataset, one SPEC comparison, one run directory.
 
-``run(cfg)`` is what ``scripts/compare.py`` calls with the composed Hydra config (``configs/compare.yaml``):
+``run(cfg)`` is what ``spec-torch compare`` calls with the composed Hydra config (``configs/compare/compare.yaml``):
 
 1. check that the output directory is writable (before any work) and remove a stale ``spec.json``;
 2. build the dataset and both encoders, extract and cache features for each (``data=features`` instead

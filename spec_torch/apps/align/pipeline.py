@@ -1,4 +1,4 @@
-"""The alignment pipeline behind ``scripts/align.py``: ``run(cfg)`` with the composed ``configs/align.yaml``.
+"""The alignment pipeline behind ``spec-torch align``: ``run(cfg)`` with the composed ``configs/align/align.yaml``.
 
 1. check the settings and the output folder; build the training dataset and its texts;
 2. the teacher (frozen): features of every training sample extracted once into the feature cache, then
