@@ -105,7 +105,13 @@ class TrainSettings:
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate factor: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    """Learning-rate factor: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``.
+
+    Kept instead of timm's ``CosineLRScheduler``: as a pure function of the step behind torch's ``LambdaLR``,
+    the schedule is restored exactly by the scheduler's own ``state_dict`` in checkpoints (the step count),
+    with no second scheduler API to step (timm's needs ``step_update(num_updates)`` beside ``optimizer.step``
+    and has its own state); the function is five lines and tested value by value.
+    """
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
