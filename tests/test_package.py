@@ -263,6 +263,8 @@ def _documented_command_lines() -> list[tuple[str, str, list[str]]]:
             except ValueError:
                 continue
             overrides = [t for t in tokens if "=" in t and not t.startswith(("-", "hydra.", "--"))]
+            if "-m" in tokens or "--multirun" in tokens:  # a sweep: compose its first run
+                overrides = [t.split(",")[0] for t in overrides]
             found.append((f"{path.name}: {line.strip()}", m.group(1), overrides))
     return found
 
