@@ -282,10 +282,13 @@ class GaussianKernel(Kernel):
             return super().gram(a, b)
         if self.sigma == "auto":
             raise SpecError("kernel: GaussianKernel(sigma='auto') must be fitted (kernel.fit(x)) first")
+        same = a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
         a, b = a.double(), b.double()
         mu = b.mean(0, keepdim=True)  # [1, p]
         a, b = a - mu, b - mu
         d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * (a @ b.T)  # [Na, Nb]
+        if same:  # k(a, a) = 1 exactly, not 1 - rounding
+            d2.fill_diagonal_(0)
         return torch.exp(d2.clamp_(min=0).mul_(-0.5 / float(self.sigma) ** 2))
 
     def diag(self, a: torch.Tensor) -> torch.Tensor:

@@ -356,3 +356,176 @@ def test_cuda_matches_cpu():
     top_c = cpu.top_samples((x, y), k=5, modes=[0])
     top_g = gpu.top_samples((x.cuda(), y.cuda()), k=5, modes=[0])
     assert top_c.indices.tolist() == top_g.indices.tolist()
+
+
+# ---------------------------------------------------------------- bandwidth fitted on the data, not a batch
+def class_sorted(n=4000, p=12, classes=4, seed=0):
+    """Rows sorted by class, classes far apart: a first batch holds one class only."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 8 * torch.randn(classes, p, generator=g)
+    labels = torch.arange(n) * classes // n  # [n], sorted
+    x = centres[labels] + torch.randn(n, p, generator=g)
+    y = x[:, : p // 2] + 0.5 * torch.randn(n, p // 2, generator=g)
+    return x, y
+
+
+def test_auto_sigma_independent_of_batch_size_on_class_sorted_rows():
+    x, y = class_sorted()
+    kern = st.GaussianKernel(sigma="auto", rff_dim=40, seed=0)
+    a = st.spec(x, y, kernel_x=kern, kernel_y=kern, method="features", batch_size=1000)
+    b = st.spec(x, y, kernel_x=kern, kernel_y=kern, method="features", batch_size=8192)
+    assert a.kernel_x.describe() == b.kernel_x.describe()  # the same sigma, exactly
+    assert torch.allclose(a.eigenvalues, b.eigenvalues, atol=1e-13, rtol=0)
+    # the fit sample is uniform over all rows: sigma spans the classes (a first batch of 1000 would not)
+    first = st.GaussianKernel(sigma="auto").fit(x[:1000]).sigma
+    assert a.kernel_x.sigma > 3 * first
+    # DiffCovariance: fit() on a sample of the whole data gives the same result; a first-batch fit warns
+    acc = st.DiffCovariance(kern, kern).fit(x, y)
+    for xb, yb in zip(x.split(1000), y.split(1000)):
+        acc.update(xb, yb)
+    assert torch.allclose(acc.compute().eigenvalues, a.eigenvalues, atol=1e-13, rtol=0)
+    with pytest.warns(UserWarning, match="first batch only.*Call acc.fit"):
+        st.DiffCovariance(kern, kern).update(x[:1000], y[:1000])
+
+
+# ------------------------------------------------------------------------- the uniform mode and centring
+def level_pair(n=300, seed=0):
+    """Cosine x against linear y with a large common offset: the kernels' average levels differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 5, generator=g, dtype=torch.float64) * 0.3 + 0.4
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_uniformity_matches_oracle_and_flags_the_level_mode(method):
+    x, y = level_pair()
+    res = st.spec(x, y, kernel_x="cosine", kernel_y="linear", method=method)
+    lmat = difference(x.numpy(), y.numpy(), "cosine", "linear")
+    ref, vecs = spectrum(lmat, keep=res.eigenvalues.numel())
+    expected = np.abs(vecs.sum(0)) / np.sqrt(len(x))  # |<v_k, 1>| / sqrt(n)
+    live = (res.eigenvalues.abs() > res.zero_tol).numpy()
+    assert res.uniformity.dtype == torch.float64 and res.uniformity.shape == res.eigenvalues.shape
+    assert np.abs(res.uniformity.numpy()[live] - expected[live]).max() < 1e-8
+    assert res.uniform_modes() == [int(np.argmin(ref))]  # y's common offset: the most negative mode
+    assert res.uniformity[res.uniform_modes()[0]] > st.result.UNIFORM_THRESHOLD
+    d = res.to_dict()
+    assert d["uniformity"] == pytest.approx(res.uniformity.tolist()) and d["center"] is False
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_center_matches_hlh_oracle_and_removes_the_uniform_mode(method):
+    x, y = level_pair()
+    res = st.spec(x, y, kernel_x="cosine", kernel_y="linear", method=method, center=True)
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+    lmat = h @ difference(x.numpy(), y.numpy(), "cosine", "linear") @ h
+    k = int((res.eigenvalues.abs() > res.zero_tol).sum())
+    ref, vecs = spectrum(lmat, keep=k)
+    top = res.eigenvalues[res.eigenvalues.abs() > res.zero_tol].numpy()
+    assert np.abs(np.sort(top) - np.sort(ref)).max() <= TOL64 * np.abs(ref).max()
+    assert res.uniform_modes() == [] and res.center
+    modes = [0, res.eigenvalues.numel() - 1]
+    v = res.sample_scores(x, y, modes=modes).numpy()  # scores of H L H's eigenvectors
+    assert np.abs(lmat @ v - v * res.eigenvalues.numpy()[modes]).max() <= TOL64 * np.abs(ref).max()
+    assert np.abs(v.sum(0)).max() < 1e-8
+
+
+# ----------------------------------------------------------------------- the route and the n x n dual
+def test_choose_route_weighs_costs():
+    from spec_torch.api import choose_route
+
+    auto = st.GaussianKernel(sigma=1.0, rff_dim="auto")
+    assert choose_route("auto", 1000, 384, 384, auto, auto) == "exact"
+    assert choose_route("auto", 200_000, 384, 384, auto, auto) == "features"
+    big = st.GaussianKernel(
+        sigma=1.0, rff_dim=2000
+    )  # D = 8000 > n: the features route would solve in the dual
+    assert choose_route("auto", 1000, 64, 64, big, big) == "exact"
+    cos = st.CosineKernel()
+    assert choose_route("auto", 100_000, 768, 512, cos, cos) == "features"
+    assert choose_route("auto", 1000, 64, 64, st.GaussianKernel(sigma=1.0), cos) == "exact"
+    assert auto.for_route("exact").rff_dim is None
+    assert auto.for_route("features").rff_dim == st.kernels.AUTO_RFF_DIM
+
+
+def test_features_route_solves_in_the_dual_when_d_exceeds_n():
+    x, y = make_xy(n=80, p=5, q=4)
+    kx = st.GaussianKernel(sigma=2.0, rff_dim=60, seed=0)  # D = 120 + 4 > n = 80
+    dual = st.spec(x, y, kernel_x=kx, kernel_y="linear", method="features")
+    assert dual.method == "features" and dual.solver == "dual"
+    primal = st.DiffCovariance(kx, "linear").update(x, y).compute()  # the D x D solve
+    assert primal.solver == "eigh"
+    k = min(dual.eigenvalues.numel(), primal.eigenvalues.numel())
+    assert torch.allclose(dual.eigenvalues[:k], primal.eigenvalues[:k], atol=TOL64 * dual.spec_diff, rtol=0)
+    phi = kx.fit(x).features(x).numpy()
+    lmat = (phi @ phi.T - y.numpy() @ y.numpy().T) / len(x)
+    ref, _ = spectrum(lmat, keep=dual.eigenvalues.numel())
+    assert np.abs(dual.eigenvalues.numpy() - ref).max() <= TOL64 * np.abs(ref).max()
+
+
+def test_rff_auto_is_exact_on_the_exact_route_and_rff_on_the_features_route():
+    x, y = make_xy(n=150, p=5, q=4)
+    auto = st.GaussianKernel(sigma=2.0, rff_dim="auto")
+    ex = st.spec(x, y, kernel_x=auto, kernel_y=auto)
+    assert ex.method == "exact" and ex.kernel_x.rff_dim is None
+    lmat = difference(x.numpy(), y.numpy(), "gaussian", "gaussian", sigma_x=2.0, sigma_y=2.0)
+    assert ex.spec_diff == pytest.approx(np.abs(np.linalg.eigvalsh(lmat)).max(), rel=TOL64)
+    acc = st.DiffCovariance(auto, "cosine")
+    assert acc.kernel_x.rff_dim == st.kernels.AUTO_RFF_DIM
+
+
+# ------------------------------------------------------------------------------ extreme inputs (item 7)
+def test_exact_gaussian_is_float64_and_offset_safe():
+    x, y = make_xy(n=120, p=5, q=4, dtype=torch.float32)
+    x = x + 1000.0  # an offset that costs cdist-in-float32 5e-4 relative error
+    kern = st.GaussianKernel(sigma=0.05)  # small sigma: a float32 diagonal would be 0.998
+    lmat = st.difference_matrix(x, y, kern, st.GaussianKernel(sigma=1.0), eta=1.0)
+    assert bool((torch.diagonal(kern.gram(x, x)) == 1).all())
+    assert bool((torch.diagonal(lmat) == 0).all())  # (1 - eta * 1) / n exactly
+    ref = difference(
+        x.double().numpy(), y.double().numpy(), "gaussian", "gaussian", sigma_x=0.05, sigma_y=1.0
+    )
+    assert np.abs(lmat.numpy() - ref).max() < 1e-12
+
+
+def test_cosine_extreme_row_norms():
+    x, y = make_xy(n=50, p=6, q=4)
+    x[3] *= 1e-200  # tiny but not zero
+    x[4] *= 1e200  # its squared norm overflows float64
+    res = st.spec(x, y, method="features")
+    xs = x.clone()
+    xs[3] /= 1e-200
+    xs[4] /= 1e200
+    assert torch.allclose(res.eigenvalues, st.spec(xs, y, method="features").eigenvalues, atol=1e-14, rtol=0)
+    x32 = make_xy(n=50, p=6, q=4, dtype=torch.float32)[0]
+    x32[0] = 1e-23  # a tiny float32 row is a valid direction
+    st.spec(x32, y.float())
+    x32[0] = 0.0
+    with pytest.raises(st.SpecError, match="x: the cosine kernel needs non-zero rows.*row 0"):
+        st.spec(x32, y.float())
+
+
+def test_linear_kernel_at_1e20_is_right_or_refused():
+    x, y = make_xy(n=60, p=4, q=3, dtype=torch.float32)
+    x = x * 1e20  # float32 squares overflow; the float64 default sums them right
+    res = st.spec(x, y, kernel_x="linear", kernel_y="linear", method="features")
+    ref, _ = spectrum(difference(x.double().numpy(), y.double().numpy(), "linear", "linear"))
+    assert res.spec_diff == pytest.approx(np.abs(ref).max(), rel=1e-9)
+    with pytest.raises(st.SpecError, match="overflowed in torch.float32.*accumulate_dtype=torch.float64"):
+        st.spec(x, y, kernel_x="linear", kernel_y="linear", method="features", accumulate_dtype=torch.float32)
+
+
+def test_extreme_eta_refused_and_difference_matrix_validates():
+    x, y = make_xy(n=30, p=4, q=3)
+    with pytest.raises(st.SpecError, match="eta: expected a positive number at most 1e\\+100"):
+        st.spec(x, y, eta=1e308)
+    kern = st.CosineKernel()
+    with pytest.raises(st.SpecError, match="x and y: expected the same samples"):
+        st.difference_matrix(x, y[:-1], kern, kern)
+    with pytest.raises(st.SpecError, match="eta: expected a positive number"):
+        st.difference_matrix(x, y, kern, kern, eta=-1.0)
+    with pytest.raises(st.SpecError, match="kernel_x: .* is not fitted"):
+        st.difference_matrix(x, y, st.GaussianKernel(sigma="auto"), kern)
+    with pytest.raises(st.SpecError, match="x: contains NaN"):
+        st.difference_matrix(x.index_fill(0, torch.tensor([1]), float("nan")), y, kern, kern)
