@@ -191,7 +191,7 @@ class SpecResult:
     def _batch_scores(self, x: torch.Tensor, y: torch.Tensor, modes: list[int]) -> torch.Tensor:
         """Unoriented scores ``[B, M]`` of a validated batch."""
         lam = self.eigenvalues[modes]  # [M]
-        if self.method == "features":
+        if self._u is not None:  # the D x D features solve (the dual solve keeps v, as the exact route)
             u = self._u[:, modes]  # [D, M]
             dx = u.shape[0] - self.kernel_y.feature_dim(y.shape[1])
             dtype = u.dtype
