@@ -368,7 +368,7 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
     tight_x, tight_y = metrics.mode_tightness(res.kernel_x, res.kernel_y, xs, ys)
     entry: dict[str, Any] = {
         "eigenvalue": float(res.eigenvalues[m]),
-        "uniformity": float(res.uniformity[m]),  # |<v, 1>| / sqrt(n): near 1 = the kernels' average levels differ
+        "uniformity": float(res.uniformity[m]),  # |<v, 1>| / sqrt(n); near 1: average levels differ
         "top_ids": [paired.ids[i] for i in idx],
         "top_scores": [float(s) for s in scores],
         "tightness_x": float(tight_x),
