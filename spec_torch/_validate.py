@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,12 +57,39 @@ def check_pair(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", 
         )
 
 
-def check_positive(value: Any, name: str, *, integer: bool = False) -> None:
-    """``value`` must be a positive (integer) number."""
+def as_scalar(value: Any, name: str) -> Any:
+    """A Python number from ``value``: Python, numpy and 0-d tensor scalars are accepted, as they are."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    elif isinstance(value, np.generic) and (
+        np.issubdtype(type(value), np.integer) or np.issubdtype(type(value), np.floating)
+    ):
+        value = value.item()
+    return value
+
+
+def check_positive(value: Any, name: str, *, integer: bool = False, max_value: float | None = None) -> Any:
+    """``value`` must be a finite positive (integer) number, at most ``max_value``; returns it as a Python number.
+
+    numpy and 0-d tensor scalars are accepted (``np.float32(0.5)``, ``torch.tensor(3)``).
+    """
+    value = as_scalar(value, name)
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or value != value:
+    bad = isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or not math.isfinite(value)
+    if bad or (max_value is not None and value > max_value):
         what = "a positive integer" if integer else "a positive number"
-        raise SpecError(f"{name}: expected {what}, got {value!r}")
+        limit = f" at most {max_value:g}" if max_value is not None else ""
+        raise SpecError(f"{name}: expected {what}{limit}, got {value!r}")
+    return value
+
+
+def check_accumulate_dtype(dtype: Any, name: str = "accumulate_dtype") -> torch.dtype | None:
+    """``None`` (float64), ``torch.float32`` or ``torch.float64``: the dtypes the streamed sums may use."""
+    if dtype is None:
+        return None
+    if dtype not in (torch.float32, torch.float64):
+        raise SpecError(f"{name}: expected torch.float32, torch.float64 or None (float64), got {dtype!r}")
+    return dtype
 
 
 def memory_available(device: torch.device) -> int:

@@ -1,57 +1,114 @@
-"""One-call entry point: ``spec(x, y)``, choosing the feature (linear in n) or the exact (n x n) route."""
+"""One-call entry point ``spec(x, y)`` and the one route choice (:func:`choose_route`) every caller shares."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_fits, check_pair, check_positive
-from .covariance import DiffCovariance
+from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive
+from .covariance import MAX_ETA, DiffCovariance
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
 from .result import SpecResult
 from .solver import check_top_k, solve_exact
 
-__all__ = ["spec", "difference_matrix"]
+__all__ = ["spec", "difference_matrix", "choose_route"]
 
 _METHODS = ("auto", "exact", "features")
 
+#: eigh of an n x n (or D x D) matrix costs about this many times n^3 multiply-adds of a GEMM
+_EIGH_FACTOR = 4
 
-def difference_matrix(
-    x: torch.Tensor,
-    y: torch.Tensor,
+
+def choose_route(
+    method: str,
+    n: int,
+    p: int,
+    q: int,
     kernel_x: Kernel,
     kernel_y: Kernel,
-    eta: float = 1.0,
-    block_size: int = 4096,
-) -> torch.Tensor:
-    """Dense ``L = (K_x - eta K_y) / n``, ``[n, n]``, built in row blocks with fitted kernels."""
-    n = x.shape[0]
-    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        kx = kernel_x.gram(x[start:stop], x)  # [b, n]
-        ky = kernel_y.gram(y[start:stop], y)  # [b, n]
-        out[start:stop] = (kx.double() - eta * ky.double()) / n
-    return (out + out.T) / 2
+    *,
+    rows_at_hand: bool = True,
+) -> str:
+    """The route of one comparison: ``"exact"`` (the n x n matrix) or ``"features"`` (the D x D covariance).
 
+    ``method="auto"`` takes the cheaper in multiply-adds. Exact: ``n^2 (p' + q')`` for the kernel matrices
+    (``p'`` = the input width for exact kernels, the feature width D for explicit random features) plus the
+    eigh, ``n^3``. Features: ``n D^2`` for the sums plus the eigh of ``min(n, D)^3`` when the rows are at hand
+    (with D > n the features route solves in the n x n dual), ``D^3`` when they are streamed only.
+    A Gaussian kernel with ``rff_dim="auto"`` counts as exact on the exact route and as
+    :data:`~spec_torch.kernels.AUTO_RFF_DIM` random frequencies on the features route (:meth:`Kernel.for_route`).
 
-def _choose(method: str, n: int, p: int, q: int, kx: Kernel, ky: Kernel) -> str:
+    Args:
+        method: ``"auto"``, ``"exact"`` or ``"features"``.
+        n: number of samples; p, q: input widths.
+        kernel_x, kernel_y: the (possibly unfitted) kernels.
+        rows_at_hand: whether all n rows can be held at once (False: streamed from disk or sharded over ranks).
+    """
     if method not in _METHODS:
         raise SpecError(f"method: expected one of {_METHODS}, got {method!r}")
-    has_features = kx.has_features and ky.has_features
+    has_features = kernel_x.has_features and kernel_y.has_features
     if method == "features" and not has_features:
-        which = "kernel_x" if not kx.has_features else "kernel_y"
+        which = "kernel_x" if not kernel_x.has_features else "kernel_y"
         raise SpecError(f"{which}: method='features' needs a feature map; give GaussianKernel(rff_dim=...)")
     if method != "auto":
         return method
     if not has_features:
         return "exact"
-    d = kx.feature_dim(p) + ky.feature_dim(q)
-    cost_exact = n * n * (p + q) + n**3
-    cost_features = n * d * d + d**3
+    d = kernel_x.feature_dim(p) + kernel_y.feature_dim(q)
+    cost_exact = n * n * (kernel_x.exact_dim(p) + kernel_y.exact_dim(q)) + _EIGH_FACTOR * n**3
+    solve = min(n, d) if rows_at_hand else d
+    cost_features = n * d * d + _EIGH_FACTOR * solve**3
     return "exact" if cost_exact < cost_features else "features"
+
+
+def _check_kernels_fitted(kx: Kernel, ky: Kernel) -> None:
+    for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
+        if not k.is_fitted:
+            raise SpecError(f"{name}: {k!r} is not fitted; call kernel.fit(sample) first")
+
+
+def difference_matrix(
+    x: Any,
+    y: Any,
+    kernel_x: Kernel,
+    kernel_y: Kernel,
+    eta: float = 1.0,
+    block_size: int = 4096,
+    center: bool = False,
+) -> torch.Tensor:
+    """Dense ``L = (K_x - eta K_y) / n``, ``[n, n]`` float64, built in row blocks with fitted kernels.
+
+    The inputs are validated as in :func:`spec` and the kernels evaluated in float64 (the Gaussian on inputs
+    centred on their mean); the diagonal is the kernels' own (exactly 1 for cosine and Gaussian kernels).
+    ``center=True`` returns ``H L H`` with ``H = I - 11^T / n``.
+    """
+    x = as_matrix(x, "x")
+    y = as_matrix(y, "y", device=x.device)
+    check_pair(x, y)
+    eta = check_positive(eta, "eta", max_value=MAX_ETA)
+    kx, ky = resolve_kernel(kernel_x, "kernel_x"), resolve_kernel(kernel_y, "kernel_y")
+    _check_kernels_fitted(kx, ky)
+    kx.check_input(x, "x")
+    ky.check_input(y, "y")
+    n = x.shape[0]
+    x64, y64 = x.double(), y.double()
+    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        kxb = kx.gram(x64[start:stop], x64).double()  # [b, n]
+        kyb = ky.gram(y64[start:stop], y64).double()  # [b, n]
+        out[start:stop] = (kxb - eta * kyb) / n
+    out = (out + out.T) / 2
+    out.diagonal().copy_((kx.diag(x64).double() - eta * ky.diag(y64).double()) / n)
+    if not bool(torch.isfinite(out).all()):
+        raise SpecError("x/y: the kernel matrices overflow float64; rescale the embeddings")
+    if center:
+        col = out.mean(0)  # [n], = row means (L is symmetric)
+        out = out - col[None, :] - col[:, None] + col.mean()
+    return out
 
 
 def spec(
@@ -64,6 +121,8 @@ def spec(
     top_k: int | None = None,
     batch_size: int = 8192,
     accumulate_dtype: torch.dtype | None = None,
+    center: bool = False,
+    seed: int = 0,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -72,11 +131,15 @@ def spec(
         y: ``[n, q]`` second embedding of the same samples, same order.
         kernel_x, kernel_y: ``"cosine"``, ``"linear"``, ``"gaussian"`` or a Kernel object.
         eta: weight of the y kernel in ``K_x - eta K_y`` (> 0).
-        method: ``"features"`` (streamed ``D x D`` covariance, linear in n), ``"exact"`` (``n x n`` matrix),
-            or ``"auto"``: the cheaper of the two (always exact for a Gaussian kernel without ``rff_dim``).
-        top_k: ``None`` for the whole spectrum, or the number of strongest modes of each sign (iterative solver).
-        batch_size: rows per streamed batch on the feature route.
-        accumulate_dtype: e.g. ``torch.float64`` for float64 sums from float32 features.
+        method: ``"features"`` (streamed ``D x D`` covariance, linear in n; solved in the n x n dual when
+            D > n), ``"exact"`` (``n x n`` matrix), or ``"auto"``: the cheaper (:func:`choose_route`).
+        top_k: ``None`` for the whole spectrum, or at most this many strongest modes of each sign (iterative
+            solver); fewer where fewer modes of a sign exist, never padded with the other sign or zeros.
+        batch_size: rows per streamed batch on the feature route (the result does not depend on it).
+        accumulate_dtype: ``None``/``torch.float64`` (default: float64 features and sums) or
+            ``torch.float32`` (faster, its error documented in docs/numerics.md).
+        center: centre both kernels (``H K H``), removing the uniform mode; default False (the paper's SPEC).
+        seed: seed of the uniform row sample that ``sigma="auto"`` is fitted on.
 
     Returns:
         A :class:`SpecResult`.
@@ -92,42 +155,76 @@ def spec(
     x = as_matrix(x, "x")
     y = as_matrix(y, "y", device=x.device)
     check_pair(x, y)
-    check_positive(eta, "eta")
+    eta = check_positive(eta, "eta", max_value=MAX_ETA)
+    check_positive(batch_size, "batch_size", integer=True)
+    check_accumulate_dtype(accumulate_dtype)
     kx = resolve_kernel(kernel_x, "kernel_x")
     ky = resolve_kernel(kernel_y, "kernel_y")
     kx.check_input(x, "x")
     ky.check_input(y, "y")
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    route = _choose(method, n, p, q, kx, ky)
-    if route == "features":
+    route = choose_route(method, n, p, q, kx, ky)
+    kx, ky = kx.for_route(route), ky.for_route(route)
+    if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
+        rows = _fit_rows(n, seed, x.device)
+        kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
+    d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
+    if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             acc.update(xb, yb)
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False)
-    kx = kx if kx.is_fitted else kx.fit(x)
-    ky = ky if ky.is_fitted else ky.fit(y)
-    d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
-    check_top_k(top_k, min(n, d))
-    # L, eigh's eigenvectors and workspace: about 3 n x n float64 matrices
-    check_fits(3 * n * n * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method")
-    lmat = difference_matrix(x, y, kx, ky, float(eta))
-    evals, v = solve_exact(lmat, top_k=top_k, keep=min(n, d))
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, center=center)
+    # the n x n route: the exact kernels, or the features route's dual A J A^T when D > n
+    if d is None:
+        d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
+    keep = min(n, d)
+    top_k = check_top_k(top_k, keep)
+    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
+    block = min(n, 4096)
+    check_fits(
+        (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
+    )
+    lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
+    shift = None
+    if center:  # H L H; the column means are kept for scoring: (H L H v)_i = (L v)_i - <means, v>
+        col = lmat.mean(0)  # [n]
+        lmat.sub_(col[None, :]).sub_(col[:, None]).add_(col.mean())
+    scale = _trace_scale(x, y, kx, ky, eta)
+    zero_rtol = torch.finfo(x.dtype).eps
+    evals, v, solver = solve_exact(lmat, top_k=top_k, keep=keep, zero_tol=zero_rtol * scale)
+    if center:
+        shift = col @ v  # [n] @ [n, K] -> [K]
     return SpecResult.from_exact(
         evals,
         v,
         data=(x, y),
+        method=route,
         n=n,
-        eta=float(eta),
+        eta=eta,
         kernel_x=kx,
         kernel_y=ky,
         dims=(p, q),
-        scale=_trace_scale(x, y, kx, ky, float(eta)),
+        scale=scale,
+        solver="dual" if route == "features" else solver,
+        center=center,
+        zero_rtol=zero_rtol,
+        shift=shift,
     )
 
 
+def _fit_rows(n: int, seed: int, device: torch.device, size: int = 2000) -> torch.Tensor:
+    """A seeded uniform sample of ``min(n, size)`` row indices (sorted), the rows kernels are fitted on."""
+    if n <= size:
+        return torch.arange(n, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
+
+
 def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: float) -> float:
-    """``(tr K_x + eta tr K_y) / n``, computed row block by row block from the kernels' diagonals."""
-    n = x.shape[0]
-    tx = sum(float(torch.diagonal(kx.gram(b, b)).sum()) for b in x.split(1024))
-    ty = sum(float(torch.diagonal(ky.gram(b, b)).sum()) for b in y.split(1024))
-    return (tx + eta * ty) / n
+    """``(tr K_x + eta tr K_y) / n`` from the kernels' diagonals."""
+    tx = float(kx.diag(x.double()).sum())
+    ty = float(ky.diag(y.double()).sum())
+    out = (tx + eta * ty) / x.shape[0]
+    if not (math.isfinite(out) and out > 0):
+        raise SpecError(f"x/y: the kernel matrices have trace {out:.3g}; expected a finite positive value")
+    return out

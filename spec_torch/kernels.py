@@ -30,6 +30,7 @@ __all__ = [
     "resolve_kernel",
     "median_sigma",
     "rff_frequencies",
+    "AUTO_RFF_DIM",
 ]
 
 
@@ -48,9 +49,26 @@ class Kernel:
     def is_fitted(self) -> bool:
         return True
 
+    @property
+    def fit_uses_data(self) -> bool:
+        """True when :meth:`fit` would choose settings from the data's values (not only its width)."""
+        return False
+
     def feature_dim(self, p: int) -> int:
         """Feature dimension D for inputs of dimension ``p``."""
         return p
+
+    def exact_dim(self, p: int) -> int:
+        """Width of one kernel evaluation on the exact route (``p`` for an exact kernel, D for random features)."""
+        return self.feature_dim(p)
+
+    def for_route(self, route: str) -> Kernel:
+        """This kernel as used on ``route`` (``"exact"`` or ``"features"``); only ``rff_dim="auto"`` changes."""
+        return self
+
+    def diag(self, a: torch.Tensor) -> torch.Tensor:
+        """``k(a_i, a_i): [Na]`` for ``a: [Na, p]``."""
+        return self.features(a).square().sum(1)  # [Na, D] -> [Na]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, p] -> [B, D]``, in the dtype and on the device of ``x``."""
@@ -88,19 +106,26 @@ class LinearKernel(Kernel):
 
 
 class CosineKernel(Kernel):
-    """``k(a, b) = a^T b / (||a|| ||b||)``; rows are L2-normalised. Zero rows are refused."""
+    """``k(a, b) = a^T b / (||a|| ||b||)``; rows are L2-normalised. Zero rows are refused.
+
+    Each row is first divided by its largest |entry|, so neither huge rows (whose squared norm overflows) nor
+    tiny non-zero rows (whose squared norm underflows) lose accuracy: only rows that are exactly zero are refused.
+    """
 
     name = "cosine"
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / x.abs().amax(dim=1, keepdim=True)  # [B, p], largest |entry| 1: the norm cannot overflow
         return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)  # [B, p]
 
+    def diag(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+
     def check_input(self, x: torch.Tensor, name: str) -> None:
-        norms = torch.linalg.vector_norm(x, dim=1)
-        tiny = torch.finfo(x.dtype).tiny
-        zero = int((norms <= tiny).sum())
+        zeros = x.abs().amax(dim=1) == 0  # [N]
+        zero = int(zeros.sum())
         if zero:
-            first = int(torch.nonzero(norms <= tiny)[0, 0])
+            first = int(torch.nonzero(zeros)[0, 0])
             raise SpecError(
                 f"{name}: the cosine kernel needs non-zero rows, got {zero} zero row(s) (first at row {first})"
             )
@@ -138,6 +163,10 @@ def rff_frequencies(p: int, m: int, sigma: float, seed: int) -> torch.Tensor:
     return torch.randn(p, m, generator=gen, dtype=torch.float64) / float(sigma)
 
 
+#: random frequencies per side that ``GaussianKernel(rff_dim="auto")`` uses on the features route (D = 2000)
+AUTO_RFF_DIM = 1000
+
+
 class GaussianKernel(Kernel):
     """Gaussian (RBF) kernel ``exp(-||a - b||^2 / (2 sigma^2))``.
 
@@ -145,7 +174,10 @@ class GaussianKernel(Kernel):
         sigma: bandwidth > 0, or ``"auto"``: the median pairwise distance of the data the kernel is fitted
             on (:func:`median_sigma`, at most 2,000 rows). The chosen value is in ``describe()["sigma"]``.
         rff_dim: ``None`` for the exact kernel only (the n x n route); an integer m for random Fourier
-            features with m frequencies (cos and sin, so 2m features).
+            features with m frequencies (cos and sin, so 2m features) on both routes (so the route never changes
+            the answer); ``"auto"``: the exact kernel when the exact route is chosen, :data:`AUTO_RFF_DIM`
+            random frequencies when the features route is (:meth:`for_route`; the default of the Hydra kernel
+            config). The class default stays ``None``.
         seed: seed of the :class:`torch.Generator` that draws the frequencies (on the CPU, in float64, then
             moved to the data's device), so results repeat exactly across runs and devices.
 
@@ -158,11 +190,11 @@ class GaussianKernel(Kernel):
 
     name = "gaussian"
 
-    def __init__(self, sigma: float | str = "auto", rff_dim: int | None = None, seed: int = 0) -> None:
+    def __init__(self, sigma: float | str = "auto", rff_dim: int | str | None = None, seed: int = 0) -> None:
         if sigma != "auto":
-            check_positive(sigma, "sigma")
-        if rff_dim is not None:
-            check_positive(rff_dim, "rff_dim", integer=True)
+            sigma = check_positive(sigma, "sigma")
+        if rff_dim is not None and rff_dim != "auto":
+            rff_dim = check_positive(rff_dim, "rff_dim", integer=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SpecError(f"seed: expected an integer, got {seed!r}")
         self.sigma = sigma
@@ -178,14 +210,30 @@ class GaussianKernel(Kernel):
 
     @property
     def is_fitted(self) -> bool:
-        return self.sigma != "auto" and (self.rff_dim is None or self._omega is not None)
+        return self.sigma != "auto" and (self.rff_dim in (None, "auto") or self._omega is not None)
+
+    @property
+    def fit_uses_data(self) -> bool:
+        return self.sigma == "auto"
+
+    def for_route(self, route: str) -> GaussianKernel:
+        """``rff_dim="auto"`` resolved: exact (``None``) on the exact route, :data:`AUTO_RFF_DIM` on the features route."""
+        if self.rff_dim != "auto":
+            return self
+        out = copy.copy(self)
+        out._cache = {}
+        out.rff_dim = AUTO_RFF_DIM if route == "features" else None
+        return out
+
+    def exact_dim(self, p: int) -> int:
+        return p if self.rff_dim in (None, "auto") else 2 * self.rff_dim
 
     def fit(self, x: torch.Tensor) -> GaussianKernel:
         out = copy.copy(self)
         out._cache = {}
         if out.sigma == "auto":
             out.sigma = median_sigma(x, seed=self.seed)
-        if out.rff_dim is not None:
+        if out.rff_dim not in (None, "auto"):
             p = x.shape[1]
             if out._omega is None or out._omega.shape[0] != p:
                 gen = torch.Generator().manual_seed(self.seed)
@@ -200,7 +248,7 @@ class GaussianKernel(Kernel):
             raise SpecError(
                 "kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim"
             )
-        return 2 * self.rff_dim
+        return 2 * (AUTO_RFF_DIM if self.rff_dim == "auto" else self.rff_dim)
 
     def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
         if self._omega is None:
@@ -215,21 +263,36 @@ class GaussianKernel(Kernel):
         return self._cache[key]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rff_dim is None:
+        if self.rff_dim in (None, "auto"):
             raise SpecError(
-                "kernel: GaussianKernel(rff_dim=None) is exact-only and has no feature map; give rff_dim"
+                f"kernel: GaussianKernel(rff_dim={self.rff_dim!r}) has no feature map yet; give rff_dim or "
+                "resolve it with kernel.for_route('features')"
             )
         proj = x @ self._frequencies(x)  # [B, p] @ [p, m] -> [B, m]
         scale = 1.0 / math.sqrt(self.rff_dim)
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1).mul_(scale)  # [B, 2m]
 
     def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.rff_dim is not None:
+        """Random-feature gram, or the exact kernel in float64 from inputs centred on ``b``'s mean.
+
+        Centring before the ``|a|^2 + |b|^2 - 2 a.b`` expansion removes the cancellation that an offset of the
+        data (e.g. every coordinate near 1000) causes; squared distances are clamped at 0.
+        """
+        if self.rff_dim not in (None, "auto"):
             return super().gram(a, b)
         if self.sigma == "auto":
             raise SpecError("kernel: GaussianKernel(sigma='auto') must be fitted (kernel.fit(x)) first")
-        d2 = torch.cdist(a, b).square_()  # [Na, Nb]
-        return torch.exp(d2.mul_(-0.5 / float(self.sigma) ** 2))
+        same = a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+        a, b = a.double(), b.double()
+        mu = b.mean(0, keepdim=True)  # [1, p]
+        a, b = a - mu, b - mu
+        d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * (a @ b.T)  # [Na, Nb]
+        if same:  # k(a, a) = 1 exactly, not 1 - rounding
+            d2.fill_diagonal_(0)
+        return torch.exp(d2.clamp_(min=0).mul_(-0.5 / float(self.sigma) ** 2))
+
+    def diag(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)  # cos^2 + sin^2 = 1 for RFF too
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -13,11 +13,16 @@ from ._validate import as_matrix, check_pair
 from .errors import SpecError
 from .kernels import Kernel
 
-__all__ = ["SpecResult", "TopSamples", "top_rows"]
+__all__ = ["SpecResult", "TopSamples", "top_rows", "UNIFORM_THRESHOLD", "ZERO_RTOL"]
 
 #: modes whose |eigenvalue| is below this fraction of ``scale`` (= (tr K_x + eta tr K_y) / n, an upper bound
-#: on ||L||) are numerical zeros: their eigenvectors are not determined and they are not reported as modes
+#: on ||L||) are numerical zeros: their eigenvectors are not determined and they are not reported as modes.
+#: The fraction is at least the eps of the input dtype (float32 input: 1.2e-7), the resolution of the data.
 ZERO_RTOL = 1e-10
+
+#: a mode whose uniformity ``|<v_k, 1>| / sqrt(n)`` exceeds this is close to the constant vector: it measures
+#: the difference of the two kernels' *average* similarity levels, not a group of samples (centre to remove it)
+UNIFORM_THRESHOLD = 0.9
 
 
 def top_rows(
@@ -61,8 +66,14 @@ class SpecResult:
         eigenvalues: float64 ``[K]``, descending. Positive: clusters x holds together and y does not;
             negative: the reverse.
         spec_diff: ``max |eigenvalue|`` = ``||L||_op``.
-        n, eta, method ("features" or "exact"), kernel_x, kernel_y (fitted kernels).
+        n, eta, method ("features" or "exact": the route actually used), kernel_x, kernel_y (fitted kernels).
         scale: ``(tr K_x + eta tr K_y) / n``, an upper bound on SPEC-diff (``1 + eta`` for cosine kernels).
+        uniformity: float64 ``[K]``, ``|<v_k, 1>| / sqrt(n)`` in [0, 1] for each mode (1: the constant vector,
+            see :data:`UNIFORM_THRESHOLD`; 0 for numerically zero modes).
+        solver: the eigen-solver branch that ran: ``"eigh"`` (dense), ``"krylov"`` (block Krylov converged, with
+            ``top_k``) or ``"dual"`` (features route solved in the n x n dual because D > n).
+        center: whether both kernels were centred (``H K H``).
+        zero_tol: eigenvalues with ``|lambda| <= zero_tol`` are numerical zeros (not modes).
     """
 
     def __init__(
@@ -79,6 +90,11 @@ class SpecResult:
         u: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        uniformity: torch.Tensor | None = None,
+        solver: str = "eigh",
+        center: bool = False,
+        zero_rtol: float = ZERO_RTOL,
+        shift: torch.Tensor | None = None,
     ) -> None:
         self.eigenvalues = eigenvalues
         self.n = n
@@ -91,14 +107,24 @@ class SpecResult:
         self._u = u  # feature route: [D, K] feature-space directions u_k = J Z^T w_k
         self._v = v  # exact route: [n, K] sample-space eigenvectors
         self._data = data  # exact route: the (x, y) the kernel matrices were built from (Nystrom scoring)
+        self._shift = shift  # centred: [K] per-mode constant subtracted from a sample's projection
+        self.solver = solver
+        self.center = center
+        self.zero_tol = max(zero_rtol, ZERO_RTOL) * scale
+        if uniformity is None:
+            uniformity = torch.zeros(eigenvalues.numel(), dtype=torch.float64)
+        nonzero = eigenvalues.abs().to(uniformity.device) > self.zero_tol
+        self.uniformity = torch.where(nonzero, uniformity.double().clamp(0, 1), 0.0)  # [K]
 
     @classmethod
     def from_features(cls, eigenvalues, u, **kw) -> SpecResult:
         return cls(eigenvalues, method="features", u=u, **kw)
 
     @classmethod
-    def from_exact(cls, eigenvalues, v, data, **kw) -> SpecResult:
-        return cls(eigenvalues, method="exact", v=v, data=data, **kw)
+    def from_exact(cls, eigenvalues, v, data, method="exact", **kw) -> SpecResult:
+        n = v.shape[0]
+        uniformity = (v.sum(0).abs() / math.sqrt(n)).cpu() if v.numel() else None  # [K]
+        return cls(eigenvalues, method=method, v=v, data=data, uniformity=uniformity, **kw)
 
     # ------------------------------------------------------------ spectrum
     @property
@@ -117,16 +143,25 @@ class SpecResult:
         return neg[::-1][:k]
 
     def _zero_tol(self) -> float:
-        return ZERO_RTOL * self.scale
+        return self.zero_tol
+
+    def uniform_modes(self, threshold: float = UNIFORM_THRESHOLD) -> list[int]:
+        """Indices of the modes whose uniformity exceeds ``threshold``: near-constant eigenvectors, a difference
+        in the kernels' average similarity rather than a cluster (``center=True`` removes them)."""
+        return [i for i, u in enumerate(self.uniformity.tolist()) if u > threshold]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary: spectrum and resolved settings."""
+        """JSON-serialisable summary: spectrum (with each mode's ``uniformity``) and resolved settings."""
         return {
             "eigenvalues": [float(v) for v in self.eigenvalues.tolist()],
+            "uniformity": [float(u) for u in self.uniformity.tolist()],
+            "uniform_threshold": UNIFORM_THRESHOLD,
             "spec_diff": self.spec_diff,
             "n": self.n,
             "eta": self.eta,
             "method": self.method,
+            "solver": self.solver,
+            "center": self.center,
             "kernel_x": self.kernel_x.describe(),
             "kernel_y": self.kernel_y.describe(),
         }
@@ -156,20 +191,27 @@ class SpecResult:
     def _batch_scores(self, x: torch.Tensor, y: torch.Tensor, modes: list[int]) -> torch.Tensor:
         """Unoriented scores ``[B, M]`` of a validated batch."""
         lam = self.eigenvalues[modes]  # [M]
-        if self.method == "features":
+        if self._u is not None:  # the D x D features solve (the dual solve keeps v, as the exact route)
             u = self._u[:, modes]  # [D, M]
             dx = u.shape[0] - self.kernel_y.feature_dim(y.shape[1])
             dtype = u.dtype
-            px = self.kernel_x.features(x).to(dtype)  # [B, Dx]
-            py = self.kernel_y.features(y).to(dtype)  # [B, Dy]
+            px = self.kernel_x.features(x.to(dtype))  # [B, Dx], features in the solve dtype (float64)
+            py = self.kernel_y.features(y.to(dtype))  # [B, Dy]
             proj = px @ u[:dx] + math.sqrt(self.eta) * (py @ u[dx:])  # [B, M]
+            if self._shift is not None:  # centred features: subtract the mean feature's projection
+                proj = proj - self._shift[modes]
             return proj / (math.sqrt(self.n) * lam.abs())
         x_fit, y_fit = self._data
         v = self._v[:, modes]  # [n, M]
-        kx = self.kernel_x.gram(x.to(x_fit.dtype), x_fit)  # [B, n]
-        ky = self.kernel_y.gram(y.to(y_fit.dtype), y_fit)  # [B, n]
+        kx = self.kernel_x.gram(x.to(torch.float64), x_fit.to(torch.float64))  # [B, n]
+        ky = self.kernel_y.gram(y.to(torch.float64), y_fit.to(torch.float64))  # [B, n]
         lmat = (kx - self.eta * ky).to(v.dtype) / self.n  # [B, n], rows of L (Nystrom extension)
-        return lmat @ v / lam  # [B, n] @ [n, M] -> [B, M]
+        proj = lmat @ v  # [B, n] @ [n, M] -> [B, M]
+        if (
+            self._shift is not None
+        ):  # centred: (H L H v)_i = (L v)_i - <column means of L, v> as v is orthogonal to 1
+            proj = proj - self._shift[modes]
+        return proj / lam
 
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self._u if self._u is not None else self._v

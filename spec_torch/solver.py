@@ -15,9 +15,11 @@ exact zeros of a rank-<= min(n, D) operator), or the ``top_k`` strongest of each
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from ._validate import as_scalar
 from .errors import SpecError
 
 __all__ = [
@@ -27,6 +29,9 @@ __all__ = [
     "solve_features",
     "solve_exact",
     "select_modes",
+    "select_signed",
+    "sum_noise",
+    "check_top_k",
 ]
 
 
@@ -41,33 +46,58 @@ def assemble_covariance(
     return (c + c.T) / 2  # exact symmetry despite rounding in the streamed sums
 
 
-def symmetric_factor(c: torch.Tensor) -> torch.Tensor:
+def sum_noise(dtype: torch.dtype, n: int, scale: float) -> float:
+    """Rounding error of ``n`` summed outer products in ``dtype``, for sums whose trace is ``scale``: ``eps sqrt(n) scale``.
+
+    Recursive (batch after batch) summation of n terms errs by about ``eps sqrt(n)`` relative to the sum
+    (random-walk rounding); ``scale`` = trace(C) bounds ||C||. This is the level below which eigenvalues of the
+    assembled ``C`` are indistinguishable from rounding noise in its entries.
+    """
+    return torch.finfo(dtype).eps * math.sqrt(max(n, 1)) * float(scale)
+
+
+def symmetric_factor(c: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
     """``Z^T: [D, r]`` with ``Z^T Z = C`` for a PSD ``C: [D, D]`` (r = D, or C's numerical rank).
 
-    Cholesky (``C = R R^T``, ``Z^T = R``) when C is numerically positive definite; otherwise (D > n,
-    duplicated features, an embedding compared with itself) ``eigh(C)`` restricted to C's numerical range:
-    eigenvalues at rounding level (``<= D eps max``) are dropped, not square-rooted, since their square roots
-    (~sqrt(eps)) would leak O(sqrt(eps)) errors into every eigenvalue of ``S``.
+    ``noise``: the absolute rounding error already present in C's entries (e.g. :func:`sum_noise` of the
+    dtype the sums were accumulated in). Eigenvalues of C at or below ``max(noise, D eps_64 ||C||)`` are
+    dropped, not square-rooted: on a nearly singular C (an embedding compared with a close copy of itself,
+    D > n, duplicated features) the square roots of noise (~sqrt(noise ||C||)) would otherwise leak into every
+    eigenvalue of ``S``. Cholesky (``C = R R^T``, ``Z^T = R``) is used when a few steps of inverse iteration
+    show C's smallest eigenvalue far (1e3 times) above that level; otherwise ``eigh(C)`` restricted to C's
+    numerical range.
     """
     d = c.shape[0]
     eps = torch.finfo(c.dtype).eps
+    top = float(c.diagonal().max()) if d else 0.0
+    tol = max(float(noise), d * eps * top)
     r, info = torch.linalg.cholesky_ex(c)
-    # Cholesky of a nearly singular matrix succeeds with tiny pivots that lose accuracy: use eigh then
-    if int(info) == 0 and bool((torch.diagonal(r).square() > d * eps * c.diagonal().max()).all()):
-        return r
+    if int(info) == 0 and bool((torch.diagonal(r).square() > 1e3 * tol).all()):
+        # inverse iteration (4 vectors, 6 steps) for an upper estimate of 1 / lambda_min
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(d, 4, generator=gen, dtype=c.dtype).to(c.device)  # [D, 4]
+        for _ in range(6):
+            w = torch.cholesky_solve(w, r)  # C^-1 w
+            w = w / torch.linalg.vector_norm(w, dim=0)
+        inv = torch.cholesky_solve(w, r)  # [D, 4]
+        lam_min = 1.0 / float((w * inv).sum(0).max())  # Rayleigh quotient of C^-1: >= lambda_min of C
+        if lam_min > 1e3 * tol:
+            return r
     g, e = torch.linalg.eigh(c)  # [D], [D, D]
-    keep = g > d * eps * g.abs().max()
+    keep = g > max(tol, d * eps * float(g.abs().max()))
     return e[:, keep] * g[keep].sqrt()  # [D, r]
 
 
-def symmetric_form(c: torch.Tensor, jv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_form(
+    c: torch.Tensor, jv: torch.Tensor, noise: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``S = Z J Z^T: [r, r]`` (same nonzero eigenvalues as ``J C``) and ``J Z^T: [D, r]``.
 
     ``jv: [D]`` is the diagonal of J (+1 on x features, -1 on y features). An eigenpair ``(lambda, w)`` of S
     gives the feature-space direction ``u = J Z^T w``, and ``A u / |lambda|`` is the unit-norm sample-space
     eigenvector of ``L = A J A^T``.
     """
-    zt = symmetric_factor(c)  # [D, r]
+    zt = symmetric_factor(c, noise)  # [D, r]
     jzt = jv[:, None] * zt  # [D, r]
     s = zt.T @ jzt  # [r, D] @ [D, r] -> [r, r]
     return (s + s.T) / 2, jzt
@@ -83,7 +113,7 @@ def select_modes(eigenvalues: torch.Tensor, keep: int) -> torch.Tensor:
 def _full_both_signs(s: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = s.shape[0]
     evals, evecs = torch.linalg.eigh(s)  # ascending
-    if 2 * top_k >= d:  # a rank-deficient C left fewer than 2k eigenvalues: all of them
+    if 2 * top_k >= d:  # fewer than 2k eigenvalues: all of them
         return evals, evecs
     idx = torch.cat([torch.arange(d - top_k, d), torch.arange(top_k)]).to(s.device)
     return evals[idx], evecs[:, idx]
@@ -91,18 +121,19 @@ def _full_both_signs(s: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
 
 def _top_k_both_signs(
     s: torch.Tensor, top_k: int, seed: int = 0, rtol: float = 1e-9, max_steps: int = 60
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top_k`` largest and ``top_k`` smallest eigenpairs of symmetric ``S: [D, D]``.
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The ``top_k`` largest and ``top_k`` smallest eigenpairs of symmetric ``S: [D, D]``, and the branch.
 
     Block Krylov (block Lanczos with full reorthogonalisation) and Rayleigh-Ritz: the Krylov space of a
     symmetric matrix converges to both ends of its spectrum at once, so one run finds both signs. It stops
-    when every returned pair has residual ``||S w - lambda w|| <= rtol * ||S||`` and falls back to a full eigh
-    when the basis would grow past D / 2 (small D) or ``max_steps`` blocks did not converge.
+    when every returned pair has residual ``||S w - lambda w|| <= rtol * ||S||`` (branch ``"krylov"``) and falls
+    back to a full eigh (branch ``"eigh"``) when D is too small for a Krylov basis to pay off, when the basis
+    would grow past D / 2, or when ``max_steps`` blocks did not converge.
     """
     d = s.shape[0]
     block = top_k + 8
     if d < 4 * block:
-        return _full_both_signs(s, top_k)
+        return (*_full_both_signs(s, top_k), "eigh")
     gen = torch.Generator().manual_seed(seed)
     x = torch.linalg.qr(torch.randn(d, block, generator=gen, dtype=s.dtype).to(s.device)).Q  # [D, b]
     blocks, s_blocks = [x], []  # orthonormal basis blocks X_i and their images S X_i
@@ -120,14 +151,28 @@ def _top_k_both_signs(
             vals, vecs = theta[idx], basis @ y[:, idx]  # Ritz pairs [2k], [D, 2k]
             resid = torch.linalg.vector_norm(s_basis @ y[:, idx] - vecs * vals, dim=0).max()
             if float(resid) <= rtol * float(theta.abs().max()):
-                return vals, vecs
+                return vals, vecs, "krylov"
         if basis.shape[1] + block > d // 2:
             break
         for _ in range(2):  # twice is enough (Kahan-Parlett)
             w = w - basis @ (basis.T @ w)  # [D, m] @ [m, b]
         x = torch.linalg.qr(w).Q
         blocks.append(x)
-    return _full_both_signs(s, top_k)
+    return (*_full_both_signs(s, top_k), "eigh")
+
+
+def select_signed(eigenvalues: torch.Tensor, top_k: int, zero_tol: float) -> torch.Tensor:
+    """Indices of at most ``top_k`` positive and ``top_k`` negative eigenvalues beyond ``zero_tol``.
+
+    The strongest of each sign, ordered by descending eigenvalue. Where fewer than ``top_k`` modes of a sign
+    exist only those are returned: never padded with the other sign or with numerical zeros.
+    """
+    order = torch.argsort(eigenvalues, descending=True)
+    vals = eigenvalues[order]
+    pos = order[vals > zero_tol][:top_k]
+    neg = order[vals < -zero_tol]
+    neg = neg[max(neg.numel() - top_k, 0) :]
+    return torch.cat([pos, neg])
 
 
 def solve_features(
@@ -138,56 +183,72 @@ def solve_features(
     eta: float = 1.0,
     top_k: int | None = None,
     keep: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    noise: float = 0.0,
+    zero_tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Eigen-solve on the feature side.
 
     Args:
         xx, xy, yy: the streamed sums ``Phi_x^T Phi_x [Dx,Dx]``, ``Phi_x^T Phi_y [Dx,Dy]``, ``Phi_y^T Phi_y [Dy,Dy]``.
         n: number of samples summed.
         eta: weight of the y kernel (> 0).
-        top_k: if given, only the ``top_k`` strongest modes of each sign, by a block Krylov solver.
+        top_k: if given, at most ``top_k`` strongest modes of each sign (:func:`select_signed`), by a block
+            Krylov solver.
         keep: how many modes of largest magnitude to keep with the full solve (default ``min(n, D)``).
+        noise: absolute rounding error in ``C = A^T A`` (see :func:`sum_noise`); C's eigenvalues below it are
+            dropped before the square root (:func:`symmetric_factor`).
+        zero_tol: eigenvalues of L with ``|lambda| <= zero_tol`` are numerical zeros (only used with ``top_k``).
 
     Returns:
-        ``(eigenvalues [K], u [D, K])``: eigenvalues descending; ``u_k = J Z^T w_k`` so that the unit-norm
-        sample-space eigenvector is ``v_k = A u_k / |lambda_k|``.
+        ``(eigenvalues [K], u [D, K], solver)``: eigenvalues descending; ``u_k = J Z^T w_k`` so that the unit-norm
+        sample-space eigenvector is ``v_k = A u_k / |lambda_k|``; ``solver`` the branch that ran
+        (``"eigh"`` or ``"krylov"``).
     """
     dx = xx.shape[0]
     c = assemble_covariance(xx, xy, yy, n, eta)  # [D, D]
     jv = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)  # J = diag(I_Dx, -I_Dy)
     jv[dx:] = -1
-    s, jz_t = symmetric_form(c, jv)  # [r, r], [D, r]
-    if top_k is not None:
-        evals, w = _top_k_both_signs(s, top_k)
-        order = torch.argsort(evals, descending=True)
-        evals, w = evals[order], w[:, order]
-    else:
-        evals_all, w_all = torch.linalg.eigh(s)  # ascending
-        idx = select_modes(evals_all, keep if keep is not None else min(n, c.shape[0]))
-        evals, w = evals_all[idx], w_all[:, idx]
+    s, jz_t = symmetric_form(c, jv, noise / n)  # [r, r], [D, r]
+    evals, w, solver = _solve_symmetric(s, top_k, keep if keep is not None else min(n, c.shape[0]), zero_tol)
     u = jz_t @ w  # [D, r] @ [r, K] -> [D, K]
-    return evals, u
+    return evals, u, solver
 
 
-def solve_exact(l_matrix: torch.Tensor, top_k: int | None = None, keep: int | None = None):
-    """Eigen-solve of the dense ``L: [n, n]``: ``(eigenvalues [K] descending, v [n, K] unit columns)``."""
+def _solve_symmetric(
+    s: torch.Tensor, top_k: int | None, keep: int, zero_tol: float
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    if s.shape[0] == 0:  # C had no numerical range (all features zero to rounding level)
+        return s.new_zeros(0), s.new_zeros(0, 0), "eigh"
     if top_k is not None:
-        evals, v = _top_k_both_signs(l_matrix, top_k)
-        order = torch.argsort(evals, descending=True)
-        return evals[order], v[:, order]
-    evals_all, v_all = torch.linalg.eigh(l_matrix)
-    idx = select_modes(evals_all, keep if keep is not None else l_matrix.shape[0])
-    return evals_all[idx], v_all[:, idx]
+        evals, w, solver = _top_k_both_signs(s, top_k)
+        idx = select_signed(evals, top_k, zero_tol)
+        return evals[idx], w[:, idx], solver
+    evals_all, w_all = torch.linalg.eigh(s)  # ascending
+    idx = select_modes(evals_all, keep)
+    return evals_all[idx], w_all[:, idx], "eigh"
 
 
-def check_top_k(top_k: int | None, spectrum_size: int) -> None:
-    """``top_k`` modes of each sign must exist in a spectrum of ``spectrum_size`` eigenvalues."""
+def solve_exact(
+    l_matrix: torch.Tensor, top_k: int | None = None, keep: int | None = None, zero_tol: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Eigen-solve of the dense ``L: [n, n]``: ``(eigenvalues [K] descending, v [n, K] unit columns, solver)``."""
+    return _solve_symmetric(l_matrix, top_k, keep if keep is not None else l_matrix.shape[0], zero_tol)
+
+
+def check_top_k(top_k: Any, spectrum_size: int) -> int | None:
+    """``top_k``: None or a positive integer at most ``spectrum_size`` (= min(n, D)); returned as a Python int.
+
+    numpy and 0-d tensor integers are accepted. Fewer than ``top_k`` modes of a sign may exist; then only
+    those are returned (see :func:`select_signed`).
+    """
     if top_k is None:
-        return
+        return None
+    top_k = as_scalar(top_k, "top_k")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise SpecError(f"top_k: expected a positive integer or None, got {top_k!r}")
-    if 2 * top_k > spectrum_size:
+    if top_k > spectrum_size:
         raise SpecError(
-            f"top_k: asks for {top_k} modes of each sign ({2 * top_k} in all) but the spectrum has only "
-            f"{spectrum_size} eigenvalues (min(n, D)); use top_k <= {spectrum_size // 2} or top_k=None"
+            f"top_k: asks for {top_k} modes of each sign but the spectrum has only {spectrum_size} eigenvalues "
+            f"(min(n, D)); use top_k <= {spectrum_size} or top_k=None"
         )
+    return top_k

@@ -602,3 +602,33 @@ def test_missing_required_setting_is_named():
     cfg = compose_cfg(["experiment=imagenet_clip_vs_dinov2", "output_dir=/tmp"])
     with pytest.raises(SpecError, match=r"data\.root"):
         run(cfg)
+
+
+def test_route_rff_auto_center_and_uniformity_in_spec_json(work, feature_files):
+    """One route choice (api.choose_route) in the pipeline: rff_dim auto is the exact Gaussian on the exact
+    route; every mode entry carries its uniformity; center=true removes the uniform direction."""
+    base = [
+        "data=features",
+        f"data.x_path={feature_files['x']}",
+        f"data.y_path={feature_files['y']}",
+        "kernel@kernel_x=gaussian",
+        "kernel@kernel_y=cosine",
+        "report=false",
+        "top_k=2",
+        "samples_per_mode=5",
+        "progress=false",
+    ]
+    spec = run(compose_cfg([*base, f"output_dir={work / 'route_auto'}"]))
+    assert spec["method"] == "exact" and spec["kernel_x"]["rff_dim"] is None  # n = 90: exact is cheaper
+    x, y = np.load(feature_files["x"]), np.load(feature_files["y"])
+    res = st.spec(x, y, st.GaussianKernel(sigma=spec["kernel_x"]["sigma"]), "cosine", method="exact")
+    entries = spec["modes"]["x"] + spec["modes"]["y"]
+    assert entries and all(0 <= e["uniformity"] <= 1 for e in entries)
+    for e in entries:
+        assert e["uniformity"] == pytest.approx(float(res.uniformity[e["index"]]), abs=1e-9)
+    feat = run(compose_cfg([*base, "method=features", f"output_dir={work / 'route_dual'}"]))
+    assert feat["method"] == "features" and feat["solver"] == "dual"  # D = 2000 + 4 > n = 90
+    assert feat["kernel_x"]["rff_dim"] == st.kernels.AUTO_RFF_DIM
+    cen = run(compose_cfg([*base, "center=true", f"output_dir={work / 'route_center'}"]))
+    assert cen["settings"]["center"] is True and cen["center"] is True
+    assert all(e["uniformity"] < 1e-6 for e in cen["modes"]["x"] + cen["modes"]["y"])

@@ -166,15 +166,86 @@ def test_state_dict_roundtrip_resumes():
     assert full.n == resumed.n == 90
 
 
-def test_float32_default_and_float64_accumulation():
-    x, y = make_xy(n=500, dtype=torch.float32)
-    r32 = st.spec(x, y, method="features")
-    assert r32.eigenvalues.dtype == torch.float64  # the solve is always float64
-    acc = st.DiffCovariance("cosine", "cosine", accumulate_dtype=torch.float64).update(x, y)
-    assert acc.xx.dtype == torch.float64
-    r64 = st.spec(x.double(), y.double(), method="features")
-    assert torch.allclose(r32.eigenvalues, r64.eigenvalues, atol=TOL32 * r64.spec_diff, rtol=0)
-    assert torch.allclose(acc.compute().eigenvalues, r64.eigenvalues, atol=TOL32 * r64.spec_diff, rtol=0)
+def close_pair(n=600, p=64, noise=1e-4, seed=0):
+    """The hard case: y is x plus a tiny perturbation (a checkpoint and its fine-tuned copy), float32 input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g)
+    return x, x + noise * torch.randn(n, p, generator=g)
+
+
+def oracle_spec_diff(x, y, kx="cosine", ky="cosine", eta=1.0):
+    lmat = difference(x.double().numpy(), y.double().numpy(), kx, ky, eta)
+    return np.abs(np.linalg.eigvalsh(lmat)).max(), lmat
+
+
+# the float64 default on the close case: eigenvalue errors are eps_64 ||L|| ~ 1e-16 against an answer ~1e-7 of
+# ||L||, i.e. ~1e-8 relative; 1e-6 leaves margin yet fails at once for float32 sums (relative error ~0.5)
+TOL_CLOSE = 1e-6
+
+
+def test_float64_default_on_close_embeddings_matches_oracle():
+    x, y = close_pair()
+    ref, lmat = oracle_spec_diff(x, y)
+    res = st.spec(x, y, method="features")
+    assert res.method == "features" and res.solver == "eigh"
+    acc = st.DiffCovariance("cosine", "cosine")
+    assert acc.accumulate_dtype == torch.float64  # the default, for float32 input
+    assert res.spec_diff == pytest.approx(ref, rel=TOL_CLOSE)
+    ex = st.spec(x, y, method="exact")
+    assert ex.spec_diff == pytest.approx(ref, rel=TOL_CLOSE)
+    v = res.sample_scores(x, y, modes=[0]).numpy()
+    assert abs(np.linalg.norm(v) - 1) < 1e-6
+    assert np.abs(lmat @ v - v * float(res.eigenvalues[0])).max() < 1e-6 * ref
+
+
+def test_float32_accumulation_reports_noise_as_zero():
+    x, y = close_pair()
+    ref, _ = oracle_spec_diff(x, y)
+    r32 = st.spec(x, y, method="features", accumulate_dtype=torch.float32)
+    # float32 sums cannot resolve this difference: its eigenvalues fall below the reported noise level
+    assert r32.zero_tol > ref
+    assert r32.positive_modes(3) == [] and r32.negative_modes(3) == []
+    # on an easy case float32 sums agree with float64 to their own tolerance
+    x2, y2 = make_xy(n=500, dtype=torch.float32)
+    a = st.spec(x2, y2, method="features", accumulate_dtype=torch.float32)
+    b = st.spec(x2.double(), y2.double(), method="features")
+    assert torch.allclose(a.eigenvalues, b.eigenvalues, atol=TOL32 * b.spec_diff, rtol=0)
+    for bad in (torch.int64, torch.float16, "float64"):
+        with pytest.raises(st.SpecError, match="accumulate_dtype: expected torch.float32, torch.float64"):
+            st.DiffCovariance(accumulate_dtype=bad)
+
+
+@pytest.mark.slow
+def test_close_model_contract_n3000():
+    """Issue 8's case: n=3000, p=256, float32 input, defaults: within 1e-3 of the float64 oracle, unit vectors."""
+    x, y = close_pair(n=3000, p=256)
+    ref, lmat = oracle_spec_diff(x, y)
+    res = st.spec(x, y)
+    assert res.spec_diff == pytest.approx(ref, rel=1e-3)
+    v = res.sample_scores(x, y, modes=[0]).numpy()
+    assert abs(np.linalg.norm(v) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_rotation_gives_zero_difference(method):
+    """y = x Q with Q orthogonal: cosine kernels are equal up to float32 input rounding (oracle ~1e-10)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(800, 64, generator=g)
+    q = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+    y = (x.double() @ q).float()  # not bit-identical kernels: float32 rounding of the rotated rows
+    ref, _ = oracle_spec_diff(x, y)
+    res = st.spec(x, y, method=method)
+    assert res.method == method
+    assert res.spec_diff <= 1e-9  # the contract (absolute, cosine, eta = 1)
+    assert abs(res.spec_diff - ref) <= 1e-9
+    assert res.positive_modes(3) == [] and res.negative_modes(3) == []  # no noise modes for float32 input
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_single_sample_cosine_gives_zero(method):
+    x, y = close_pair(n=5, p=7)
+    res = st.spec(x[:1], y[:1], method=method)
+    assert res.spec_diff == 0.0 or res.spec_diff < 1e-15
 
 
 def test_numpy_input_accepted():
@@ -186,15 +257,45 @@ def test_numpy_input_accepted():
 
 @pytest.mark.parametrize("method", ["features", "exact"])
 def test_top_k_iterative_matches_full(method):
-    x, y = make_xy(n=400, p=30, q=25)
+    # D = 260 (features) and n = 400 (exact) are large enough for a Krylov basis (> 4 (k + 8)), and two planted
+    # groups on each side separate the spectrum's ends, so the converged Krylov branch must be the one that ran
+    x, _ = planted(n=400, d=150, seed=0)
+    y, _ = planted(n=400, d=110, seed=1)
+    y = np.roll(y, 200, axis=0)  # y's groups on other rows
     full = st.spec(x, y, method=method)
-    top = st.spec(x, y, method=method, top_k=4)
-    assert top.eigenvalues.numel() == 8
-    ref = torch.cat([full.eigenvalues[:4], full.eigenvalues[-4:]])
+    top = st.spec(x, y, method=method, top_k=2)
+    assert top.solver == "krylov" and full.solver == "eigh"
+    assert top.eigenvalues.numel() == 4
+    ref = torch.cat([full.eigenvalues[:2], full.eigenvalues[-2:]])
     assert torch.allclose(top.eigenvalues, ref, atol=1e-8 * full.spec_diff, rtol=0)
-    v_top = top.sample_scores(x, y, modes=[0, 7]).numpy()
+    v_top = top.sample_scores(x, y, modes=[0, 3]).numpy()
     v_full = full.sample_scores(x, y, modes=[0, full.eigenvalues.numel() - 1]).numpy()
     assert np.abs(v_top - v_full).max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_top_k_never_pads_with_the_other_sign(method):
+    """x holds groups y does not, and y is a rank-one copy: only a few negative modes exist."""
+    x, _ = planted(n=200, d=16)
+    y = np.repeat(x[:, :1], 3, axis=1)  # linear kernel of rank 1: at most one negative mode
+    res = st.spec(x, y, kernel_x="linear", kernel_y="linear", method=method, top_k=5)
+    full = st.spec(x, y, kernel_x="linear", kernel_y="linear", method=method)
+    lam = res.eigenvalues.numpy()
+    n_neg = int((full.eigenvalues < -full.zero_tol).sum())
+    assert n_neg < 5
+    assert int((lam < 0).sum()) == n_neg and int((lam > 0).sum()) == 5
+    assert bool((res.eigenvalues.abs() > res.zero_tol).all())  # no numerical zeros
+    assert np.allclose(lam[:5], full.eigenvalues.numpy()[:5], rtol=1e-9, atol=0)
+
+
+def test_top_k_accepts_numpy_and_tensor_scalars_and_bounds():
+    x, y = make_xy(n=60, p=4, q=3)
+    a = st.spec(x, y, top_k=np.int64(2), eta=np.float32(0.5))
+    b = st.spec(x, y, top_k=torch.tensor(2), eta=torch.tensor(0.5))
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+    st.spec(x, y, top_k=7, method="features")  # top_k <= min(n, D) = 7 is allowed
+    with pytest.raises(st.SpecError, match="top_k: asks for 8 modes"):
+        st.spec(x, y, top_k=8, method="features")
 
 
 @pytest.mark.parametrize("swap", [False, True])
@@ -228,14 +329,21 @@ def test_top_samples_streaming_equals_dense_scores_and_sign_is_deterministic():
         assert np.allclose(top.scores[j].numpy(), np.sort(col)[::-1][:8], atol=1e-12)
 
 
-def test_identical_embeddings_give_zero_spectrum():
-    x, _ = make_xy(n=100)
-    res = st.spec(x, x, method="features")
-    assert res.spec_diff < 1e-12
-    assert res.positive_modes(3) == [] and res.negative_modes(3) == []
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_identical_embeddings_give_zero_spectrum(method):
+    x, _ = make_xy(n=100, dtype=torch.float32)
+    y = x * 3.0  # not bit-identical: x scaled and rounded in float32 (cosine ignores the scale)
+    assert not torch.equal(y / 3.0, x) or not torch.equal(y, x)
+    ref, _ = oracle_spec_diff(x, y)
+    res = st.spec(x, y, method=method)
+    # exact route: eps_64 ||L||; features route on nearly identical kernels: C is singular to float32 rounding
+    # (its small eigenvalues ~1e-14 ||C||), so L's tiny eigenvalues are resolved to ~sqrt(eps_64) * 1e-1 only
+    assert abs(res.spec_diff - ref) < (1e-12 if method == "exact" else 1e-8)
+    assert res.positive_modes(3) == [] and res.negative_modes(3) == []  # float32 input: no noise modes
     # C is singular (rank p of D = 2p): the rank-revealing factor drops its null space, no sqrt(eps) leak
-    top = st.spec(x, x, method="features", top_k=2)
-    assert top.spec_diff < 1e-12
+    top = st.spec(x, y, method=method, top_k=2)
+    assert top.spec_diff < 1e-9
+    assert top.eigenvalues.numel() == 0 or bool((top.eigenvalues.abs() > top.zero_tol).all())
 
 
 @pytest.mark.gpu
@@ -248,3 +356,176 @@ def test_cuda_matches_cpu():
     top_c = cpu.top_samples((x, y), k=5, modes=[0])
     top_g = gpu.top_samples((x.cuda(), y.cuda()), k=5, modes=[0])
     assert top_c.indices.tolist() == top_g.indices.tolist()
+
+
+# ---------------------------------------------------------------- bandwidth fitted on the data, not a batch
+def class_sorted(n=4000, p=12, classes=4, seed=0):
+    """Rows sorted by class, classes far apart: a first batch holds one class only."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 8 * torch.randn(classes, p, generator=g)
+    labels = torch.arange(n) * classes // n  # [n], sorted
+    x = centres[labels] + torch.randn(n, p, generator=g)
+    y = x[:, : p // 2] + 0.5 * torch.randn(n, p // 2, generator=g)
+    return x, y
+
+
+def test_auto_sigma_independent_of_batch_size_on_class_sorted_rows():
+    x, y = class_sorted()
+    kern = st.GaussianKernel(sigma="auto", rff_dim=40, seed=0)
+    a = st.spec(x, y, kernel_x=kern, kernel_y=kern, method="features", batch_size=1000)
+    b = st.spec(x, y, kernel_x=kern, kernel_y=kern, method="features", batch_size=8192)
+    assert a.kernel_x.describe() == b.kernel_x.describe()  # the same sigma, exactly
+    assert torch.allclose(a.eigenvalues, b.eigenvalues, atol=1e-13, rtol=0)
+    # the fit sample is uniform over all rows: sigma spans the classes (a first batch of 1000 would not)
+    first = st.GaussianKernel(sigma="auto").fit(x[:1000]).sigma
+    assert a.kernel_x.sigma > 3 * first
+    # DiffCovariance: fit() on a sample of the whole data gives the same result; a first-batch fit warns
+    acc = st.DiffCovariance(kern, kern).fit(x, y)
+    for xb, yb in zip(x.split(1000), y.split(1000)):
+        acc.update(xb, yb)
+    assert torch.allclose(acc.compute().eigenvalues, a.eigenvalues, atol=1e-13, rtol=0)
+    with pytest.warns(UserWarning, match="first batch only.*Call acc.fit"):
+        st.DiffCovariance(kern, kern).update(x[:1000], y[:1000])
+
+
+# ------------------------------------------------------------------------- the uniform mode and centring
+def level_pair(n=300, seed=0):
+    """Cosine x against linear y with a large common offset: the kernels' average levels differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 5, generator=g, dtype=torch.float64) * 0.3 + 0.4
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_uniformity_matches_oracle_and_flags_the_level_mode(method):
+    x, y = level_pair()
+    res = st.spec(x, y, kernel_x="cosine", kernel_y="linear", method=method)
+    lmat = difference(x.numpy(), y.numpy(), "cosine", "linear")
+    ref, vecs = spectrum(lmat, keep=res.eigenvalues.numel())
+    expected = np.abs(vecs.sum(0)) / np.sqrt(len(x))  # |<v_k, 1>| / sqrt(n)
+    live = (res.eigenvalues.abs() > res.zero_tol).numpy()
+    assert res.uniformity.dtype == torch.float64 and res.uniformity.shape == res.eigenvalues.shape
+    assert np.abs(res.uniformity.numpy()[live] - expected[live]).max() < 1e-8
+    assert res.uniform_modes() == [int(np.argmin(ref))]  # y's common offset: the most negative mode
+    assert res.uniformity[res.uniform_modes()[0]] > st.result.UNIFORM_THRESHOLD
+    d = res.to_dict()
+    assert d["uniformity"] == pytest.approx(res.uniformity.tolist()) and d["center"] is False
+
+
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_center_matches_hlh_oracle_and_removes_the_uniform_mode(method):
+    x, y = level_pair()
+    res = st.spec(x, y, kernel_x="cosine", kernel_y="linear", method=method, center=True)
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+    lmat = h @ difference(x.numpy(), y.numpy(), "cosine", "linear") @ h
+    k = int((res.eigenvalues.abs() > res.zero_tol).sum())
+    ref, vecs = spectrum(lmat, keep=k)
+    top = res.eigenvalues[res.eigenvalues.abs() > res.zero_tol].numpy()
+    assert np.abs(np.sort(top) - np.sort(ref)).max() <= TOL64 * np.abs(ref).max()
+    assert res.uniform_modes() == [] and res.center
+    modes = [0, res.eigenvalues.numel() - 1]
+    v = res.sample_scores(x, y, modes=modes).numpy()  # scores of H L H's eigenvectors
+    assert np.abs(lmat @ v - v * res.eigenvalues.numpy()[modes]).max() <= TOL64 * np.abs(ref).max()
+    assert np.abs(v.sum(0)).max() < 1e-8
+
+
+# ----------------------------------------------------------------------- the route and the n x n dual
+def test_choose_route_weighs_costs():
+    from spec_torch.api import choose_route
+
+    auto = st.GaussianKernel(sigma=1.0, rff_dim="auto")
+    assert choose_route("auto", 1000, 384, 384, auto, auto) == "exact"
+    assert choose_route("auto", 200_000, 384, 384, auto, auto) == "features"
+    big = st.GaussianKernel(
+        sigma=1.0, rff_dim=2000
+    )  # D = 8000 > n: the features route would solve in the dual
+    assert choose_route("auto", 1000, 64, 64, big, big) == "exact"
+    cos = st.CosineKernel()
+    assert choose_route("auto", 100_000, 768, 512, cos, cos) == "features"
+    assert choose_route("auto", 1000, 64, 64, st.GaussianKernel(sigma=1.0), cos) == "exact"
+    assert auto.for_route("exact").rff_dim is None
+    assert auto.for_route("features").rff_dim == st.kernels.AUTO_RFF_DIM
+
+
+def test_features_route_solves_in_the_dual_when_d_exceeds_n():
+    x, y = make_xy(n=80, p=5, q=4)
+    kx = st.GaussianKernel(sigma=2.0, rff_dim=60, seed=0)  # D = 120 + 4 > n = 80
+    dual = st.spec(x, y, kernel_x=kx, kernel_y="linear", method="features")
+    assert dual.method == "features" and dual.solver == "dual"
+    primal = st.DiffCovariance(kx, "linear").update(x, y).compute()  # the D x D solve
+    assert primal.solver == "eigh"
+    k = min(dual.eigenvalues.numel(), primal.eigenvalues.numel())
+    assert torch.allclose(dual.eigenvalues[:k], primal.eigenvalues[:k], atol=TOL64 * dual.spec_diff, rtol=0)
+    phi = kx.fit(x).features(x).numpy()
+    lmat = (phi @ phi.T - y.numpy() @ y.numpy().T) / len(x)
+    ref, _ = spectrum(lmat, keep=dual.eigenvalues.numel())
+    assert np.abs(dual.eigenvalues.numpy() - ref).max() <= TOL64 * np.abs(ref).max()
+
+
+def test_rff_auto_is_exact_on_the_exact_route_and_rff_on_the_features_route():
+    x, y = make_xy(n=150, p=5, q=4)
+    auto = st.GaussianKernel(sigma=2.0, rff_dim="auto")
+    ex = st.spec(x, y, kernel_x=auto, kernel_y=auto)
+    assert ex.method == "exact" and ex.kernel_x.rff_dim is None
+    lmat = difference(x.numpy(), y.numpy(), "gaussian", "gaussian", sigma_x=2.0, sigma_y=2.0)
+    assert ex.spec_diff == pytest.approx(np.abs(np.linalg.eigvalsh(lmat)).max(), rel=TOL64)
+    acc = st.DiffCovariance(auto, "cosine")
+    assert acc.kernel_x.rff_dim == st.kernels.AUTO_RFF_DIM
+
+
+# ------------------------------------------------------------------------------ extreme inputs (item 7)
+def test_exact_gaussian_is_float64_and_offset_safe():
+    x, y = make_xy(n=120, p=5, q=4, dtype=torch.float32)
+    x = x + 1000.0  # an offset that costs cdist-in-float32 5e-4 relative error
+    kern = st.GaussianKernel(sigma=0.05)  # small sigma: a float32 diagonal would be 0.998
+    lmat = st.difference_matrix(x, y, kern, st.GaussianKernel(sigma=1.0), eta=1.0)
+    assert bool((torch.diagonal(kern.gram(x, x)) == 1).all())
+    assert bool((torch.diagonal(lmat) == 0).all())  # (1 - eta * 1) / n exactly
+    ref = difference(
+        x.double().numpy(), y.double().numpy(), "gaussian", "gaussian", sigma_x=0.05, sigma_y=1.0
+    )
+    assert np.abs(lmat.numpy() - ref).max() < 1e-12
+
+
+def test_cosine_extreme_row_norms():
+    x, y = make_xy(n=50, p=6, q=4)
+    x[3] *= 1e-200  # tiny but not zero
+    x[4] *= 1e200  # its squared norm overflows float64
+    res = st.spec(x, y, method="features")
+    xs = x.clone()
+    xs[3] /= 1e-200
+    xs[4] /= 1e200
+    assert torch.allclose(res.eigenvalues, st.spec(xs, y, method="features").eigenvalues, atol=1e-14, rtol=0)
+    x32 = make_xy(n=50, p=6, q=4, dtype=torch.float32)[0]
+    x32[0] = 1e-23  # a tiny float32 row is a valid direction
+    st.spec(x32, y.float())
+    x32[0] = 0.0
+    with pytest.raises(st.SpecError, match="x: the cosine kernel needs non-zero rows.*row 0"):
+        st.spec(x32, y.float())
+
+
+def test_linear_kernel_at_1e20_is_right_or_refused():
+    x, y = make_xy(n=60, p=4, q=3, dtype=torch.float32)
+    x = x * 1e20  # float32 squares overflow; the float64 default sums them right
+    res = st.spec(x, y, kernel_x="linear", kernel_y="linear", method="features")
+    ref, _ = spectrum(difference(x.double().numpy(), y.double().numpy(), "linear", "linear"))
+    assert res.spec_diff == pytest.approx(np.abs(ref).max(), rel=1e-9)
+    with pytest.raises(st.SpecError, match="overflowed in torch.float32.*accumulate_dtype=torch.float64"):
+        st.spec(x, y, kernel_x="linear", kernel_y="linear", method="features", accumulate_dtype=torch.float32)
+
+
+def test_extreme_eta_refused_and_difference_matrix_validates():
+    x, y = make_xy(n=30, p=4, q=3)
+    with pytest.raises(st.SpecError, match="eta: expected a positive number at most 1e\\+100"):
+        st.spec(x, y, eta=1e308)
+    kern = st.CosineKernel()
+    with pytest.raises(st.SpecError, match="x and y: expected the same samples"):
+        st.difference_matrix(x, y[:-1], kern, kern)
+    with pytest.raises(st.SpecError, match="eta: expected a positive number"):
+        st.difference_matrix(x, y, kern, kern, eta=-1.0)
+    with pytest.raises(st.SpecError, match="kernel_x: .* is not fitted"):
+        st.difference_matrix(x, y, st.GaussianKernel(sigma="auto"), kern)
+    with pytest.raises(st.SpecError, match="x: contains NaN"):
+        st.difference_matrix(x.index_fill(0, torch.tensor([1]), float("nan")), y, kern, kern)

@@ -95,8 +95,8 @@ def test_bad_options():
 
 def test_top_k_larger_than_spectrum():
     x, y = xy(n=20, p=4, q=3)  # spectrum: min(20, 7) = 7 eigenvalues
-    with pytest.raises(SpecError, match=r"top_k: asks for 4 modes of each sign .* only 7 eigenvalues"):
-        st.spec(x, y, top_k=4, method="features")
+    with pytest.raises(SpecError, match=r"top_k: asks for 8 modes of each sign .* only 7 eigenvalues"):
+        st.spec(x, y, top_k=8, method="features")
     with pytest.raises(SpecError, match="top_k: expected a positive integer"):
         st.spec(x, y, top_k=0)
     res = st.spec(x, y)

@@ -124,6 +124,8 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SpecError(f"eta: expected a positive number, got {eta!r}")
     if cfg.get("accumulate_dtype", "float64") not in _ACCUMULATE:
         raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
+    if not isinstance(cfg.get("center", False), bool):
+        raise SpecError(f"center: expected true or false, got {cfg.center!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
 
@@ -273,16 +275,26 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
 FIT_ROWS = 2000
 
 
-def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
-    """Both kernels fitted on the same seeded random subset of at most ``FIT_ROWS`` paired rows."""
-    kx = resolve_kernel(instantiate_target(_container(cfg.kernel_x), "kernel_x"), "kernel_x")
-    ky = resolve_kernel(instantiate_target(_container(cfg.kernel_y), "kernel_y"), "kernel_y")
-    if kx.is_fitted and ky.is_fitted:
-        return kx, ky
+def _kernel(cfg: DictConfig, which: str):
+    """The ``kernel_x``/``kernel_y`` setting as a Kernel (a name, settings, or a user class via ``_target_``)."""
+    return resolve_kernel(instantiate_target(_container(cfg[which]), which), which)
+
+
+def _fit_sample(cfg: DictConfig, paired: PairedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same seeded random subset of at most ``FIT_ROWS`` paired rows of both sides: ``([m, p], [m, q])``."""
     rows = np.arange(paired.n)
     if paired.n > FIT_ROWS:
         rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=FIT_ROWS, replace=False))
-    xs, ys = paired.gather(rows)  # [m, p], [m, q]
+    return paired.gather(rows)
+
+
+def _fit_kernels(cfg: DictConfig, paired: PairedFeatures, route: str = "exact"):
+    """Both kernels resolved for ``route`` (``rff_dim: auto``) and fitted on :func:`_fit_sample`."""
+    kx = _kernel(cfg, "kernel_x").for_route(route)
+    ky = _kernel(cfg, "kernel_y").for_route(route)
+    if kx.is_fitted and ky.is_fitted:
+        return kx, ky
+    xs, ys = _fit_sample(cfg, paired)
     return kx.fit(xs), ky.fit(ys)
 
 
@@ -300,26 +312,38 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     from .. import api
     from .report import metrics
 
-    kx, ky = _fit_kernels(cfg, paired)
     cka = metrics.LinearCKA()
     solve_top_k = cfg.get("solve_top_k")
-    method = cfg.get("method", "auto")
-    if method == "exact" or (method == "auto" and not (kx.has_features and ky.has_features)):
-        # exact route: the n x n kernel matrices; st.spec checks they fit in memory
+    center = bool(cfg.get("center", False))
+    dtype = _ACCUMULATE[cfg.get("accumulate_dtype", "float64")]
+    # one route choice for library and pipeline: the cheaper in multiply-adds; the rows are at hand unless
+    # they are sharded over torchrun ranks
+    at_hand = not distributed.is_distributed()
+    p, q = int(paired.x.shape[1]), int(paired.y.shape[1])
+    kx0, ky0 = _kernel(cfg, "kernel_x"), _kernel(cfg, "kernel_y")
+    route = api.choose_route(cfg.get("method", "auto"), paired.n, p, q, kx0, ky0, rows_at_hand=at_hand)
+    kx, ky = kx0.for_route(route), ky0.for_route(route)  # rff_dim: auto -> exact, or AUTO_RFF_DIM features
+    d = kx.feature_dim(p) + ky.feature_dim(q) if route == "features" else None
+    if route == "exact" or (at_hand and d > paired.n):
+        # the n x n route (exact kernels, or the features route's dual when D > n); st.spec checks memory
+        if not (kx.is_fitted and ky.is_fitted):
+            kx, ky = _fit_kernels(cfg, paired, route)
         x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
         cka.update(x, y)
-        res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
+        res = api.spec(
+            x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=center
+        )
         return res, cka.compute()
-    acc = DiffCovariance(
-        kx, ky, accumulate_dtype=_ACCUMULATE[cfg.get("accumulate_dtype", "float64")], device=device
-    )
+    acc = DiffCovariance(kx, ky, accumulate_dtype=dtype, device=device)
+    if not (kx.is_fitted and ky.is_fitted):
+        acc.fit(*_fit_sample(cfg, paired))  # sigma="auto" from a seeded sample of all rows, not a batch
     for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
         acc.update(xb, yb)
         cka.update(xb, yb)
     if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
-    return acc.compute(eta=float(cfg.eta), top_k=solve_top_k), cka.compute()
+    return acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center), cka.compute()
 
 
 def _my_rows(paired: PairedFeatures) -> range:
@@ -373,6 +397,7 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
     tight_x, tight_y = metrics.mode_tightness(res.kernel_x, res.kernel_y, xs, ys)
     entry: dict[str, Any] = {
         "eigenvalue": float(res.eigenvalues[m]),
+        "uniformity": float(res.uniformity[m]),  # |<v, 1>| / sqrt(n); near 1: average levels differ
         "top_ids": [paired.ids[i] for i in idx],
         "top_scores": [float(s) for s in scores],
         "tightness_x": float(tight_x),
@@ -513,6 +538,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
             "batch_size": int(cfg.batch_size),
             "stream_batch_size": _stream_batch(cfg),
             "accumulate_dtype": str(cfg.get("accumulate_dtype", "float64")),
+            "center": bool(cfg.get("center", False)),
         },
         encoders=enc_info,
         dataset=data_info,
