@@ -74,6 +74,9 @@ _SIDES = ("student", "teacher")
 _OVERSAMPLE = 4  # extra columns (random probes + spare warm vectors) of the iterative solver's block
 _PROBES = 2  # fresh random columns of every iterative solve, for modes the warm start misses
 _KRYLOV_STEPS = 10  # at most this many block Krylov steps of the iterative solver before falling back to eigh
+#: the iterative solver accepts only when every Ritz pair of its block at least this fraction as strong as the
+#: weakest selected mode has converged (not only the selected ones): see SpecAlignLoss._solve_iterative
+_GUARD = 0.8
 #: cosine features are ``x / max(||x||, floor)`` with ``floor = _COSINE_FLOOR * (largest row norm of the batch)``:
 #: a row 1e-20 times smaller than the others gets a near-zero feature and a bounded gradient (<= ~1e6 / norm)
 #: instead of a 1e20 one. Rows of norm exactly 0 are refused.
@@ -592,12 +595,15 @@ class SpecAlignLoss(nn.Module):
         phi_t = self._features("teacher", t, floors["teacher"])  # [B, Dt] or None
         if phi_s is None or phi_t is None:
             return self._forward_kernel_rows(s, t, sizes, offset, distributed, floors)
-        if self.center:  # Phi H on both sides: one all-reduce of both sums of features
+        raw = None  # uncentred traces, to tell a centred trace of 0 from rounding
+        if self.center:  # Phi H on both sides: one all-reduce of both sums of features (and of their squares)
             ds = phi_s.shape[1]
-            mean = _reduce(torch.cat([phi_s.sum(0), phi_t.sum(0)]), distributed) / n  # [Ds + Dt]
+            squares = torch.stack([phi_s.detach().square().sum(), phi_t.square().sum()])
+            both = _reduce(torch.cat([phi_s.sum(0), phi_t.sum(0), squares]), distributed)
+            mean, raw = both[:-2] / n, both[-2:].tolist()  # [Ds + Dt], uncentred traces of K_s, K_t
             phi_s, phi_t = phi_s - mean[:ds], phi_t - mean[ds:]  # [B, Ds], [B, Dt]
         sums = _reduce(torch.stack([phi_s.detach().square().sum(), phi_t.square().sum()]), distributed)
-        scale = self._check_scale(sums.tolist(), n)
+        scale = self._check_scale(sums.tolist(), n, raw)
         if self.norm == "fro" and not self.one_sided:
             return self._frobenius(phi_s, phi_t, n, route, distributed)
         lam, v, w = self._solve(phi_s, phi_t, sizes, offset, route, distributed, scale)
@@ -609,18 +615,20 @@ class SpecAlignLoss(nn.Module):
         quad = (gs.square().sum(0) - self.eta * gt.square().sum(0)) / n  # [M] v^T L v
         return (w * quad).sum()  # an empty selection (one-sided, nothing negative) gives 0, zero gradient
 
-    def _check_scale(self, sums: list[float], n: int) -> float:
-        """``trace(C) = (trace K_s + eta trace K_t) / n`` from the summed squared features of both sides.
+    def _check_scale(self, sums: list[float], n: int, raw: list[float] | None = None) -> float:
+        """``trace(C) = (trace K_s + eta trace K_t) / n`` from the traces ``sums`` of both kernel matrices.
 
-        A side whose kernel matrix is 0 (all-zero features, or constant features with ``center=True``) or whose
-        features overflow makes SPEC meaningless: :class:`SpecError` (the sums are global, so all ranks agree).
+        A side whose kernel matrix is 0 (all-zero features; with ``center=True`` constant features, i.e. a
+        centred trace at the rounding level of the uncentred one, ``raw``) or whose features overflow makes SPEC
+        meaningless: :class:`SpecError` (the sums are global, so all ranks agree).
         """
-        for side, total in zip(_SIDES, sums):
-            if not math.isfinite(total):
+        eps = torch.finfo(self.dtype).eps
+        for i, (side, total) in enumerate(zip(_SIDES, sums)):
+            if not (math.isfinite(total) and (raw is None or math.isfinite(raw[i]))):
                 raise SpecError(
                     f"{side}: the kernel features overflow (sum of squares {total}); rescale the input"
                 )
-            if total == 0:
+            if total <= (0.0 if raw is None else 16 * n * eps * eps * raw[i]):
                 what = "constant (the centred features are 0)" if self.center else "all zero"
                 raise SpecError(
                     f"{side}: the kernel matrix is 0: its features are {what}; check the embeddings"
@@ -644,10 +652,13 @@ class SpecAlignLoss(nn.Module):
         kt = self._cross_gram("teacher", t, t_all, floors["teacher"])  # [B, n]
         rows = (ks - self.eta * kt) / n  # [B, n] this rank's rows of L
         diag = torch.arange(b, device=s.device)
-        traces = _reduce(
-            torch.stack([ks.detach()[diag, offset + diag].sum(), kt[diag, offset + diag].sum()]), distributed
-        )
-        scale = self._check_scale(traces.tolist(), n)
+        parts = [ks.detach()[diag, offset + diag].sum(), kt[diag, offset + diag].sum()]  # traces of K_s, K_t
+        parts += [ks.detach().sum(), kt.sum()]  # sums of this rank's rows
+        traces = _reduce(torch.stack(parts), distributed).tolist()  # [4], global
+        raw = None
+        if self.center:  # trace(H K H) = trace K - 1^T K 1 / n
+            raw, traces = traces[:2], [traces[0] - traces[2] / n, traces[1] - traces[3] / n]
+        scale = self._check_scale(traces[:2], n, raw)
         if self.norm == "fro" and not self.one_sided and not self.center:
             part = rows.square().sum()
             return _safe_sqrt(_reduce(2 * part - part.detach(), distributed))
@@ -748,12 +759,14 @@ class SpecAlignLoss(nn.Module):
         matrix is formed. ``X0`` = the previous call's eigenvectors (the ``warm_u`` buffer, at most
         ``m - _PROBES`` of them) plus fresh random probes.
 
-        Acceptance: every one of the ``m`` most wanted Ritz pairs (the whole block, not only the selected modes)
-        must have a relative residual below ``solver_tol``. At most ``m - _PROBES`` of them can come from the warm
-        vectors, so at least ``_PROBES`` converged pairs come from the Krylov space of the random probes, whose
-        extreme Ritz values converge first to the extreme eigenvalues outside the warm span. A warm vector that
-        is still an exact eigenvector (residual 0) therefore cannot be accepted while a larger mode it does not
-        contain is still converging; that mode is selected once it has converged, or eigh runs.
+        Acceptance: not only the selected Ritz pairs but every pair of the block (the ``m`` most wanted) that is at
+        least ``_GUARD`` (0.8) as strong as the weakest selected mode must have a relative residual below
+        ``solver_tol``. At most ``m - _PROBES`` of the block's pairs come from the warm vectors; the others come
+        from the Krylov space of the random probes, whose extreme Ritz values move toward the extreme
+        eigenvalues outside the warm span. A larger mode that the warm vectors miss shows there as a strong but
+        unconverged Ritz pair, so a warm vector that is still an exact eigenvector (residual 0) is not accepted
+        while such a mode is converging: the mode is selected once it has converged, or eigh runs. (A heuristic,
+        not a certificate: a mode whose Ritz value is still below 0.8 of the selected one is not waited for.)
         """
         d, m = a.shape[1], self._block_size()
         warm = self.warm_u if self.warm_u.dim() == 2 and self.warm_u.shape[0] == d else a.new_zeros(d, 0)
@@ -773,9 +786,13 @@ class SpecAlignLoss(nn.Module):
                 continue
             theta, u, cu = _rayleigh_ritz(torch.cat(xs, 1), torch.cat(hs, 1), jv)
             idx, w = _objective_weights(theta, self.norm, self.k, self.one_sided, zero)
-            block = _wanted_order(theta, self.one_sided)[:m]  # the whole block's Ritz pairs (idx among them)
-            resid = jv[:, None] * cu[:, block] - u[:, block] * theta[block]  # [D, m]: A r = L v - theta v
-            res2 = _reduce((a @ resid).square().sum(0), distributed)  # [m] ||L v - theta v||^2
+            block = _wanted_order(theta, self.one_sided)[:m]  # the block's Ritz pairs, most wanted first
+            strength = -theta if self.one_sided else theta.abs()  # how much a mode counts for the objective
+            weakest = float(strength[idx].min())
+            guarded = block[strength[block] >= _GUARD * weakest] if weakest > zero else block
+            check = torch.unique(torch.cat([idx, guarded]))  # the selected pairs and the guarded block
+            resid = jv[:, None] * cu[:, check] - u[:, check] * theta[check]  # [D, c]: A r = L v - theta v
+            res2 = _reduce((a @ resid).square().sum(0), distributed)  # [c] ||L v - theta v||^2
             self.last_krylov_steps = step
             if float(res2.max().sqrt()) <= max(self.solver_tol * float(theta.abs().max()), zero):
                 self._store_warm(u[:, block])
