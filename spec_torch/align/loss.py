@@ -81,6 +81,10 @@ _GUARD = 0.8
 #: a row 1e-20 times smaller than the others gets a near-zero feature and a bounded gradient (<= ~1e6 / norm)
 #: instead of a 1e20 one. Rows of norm exactly 0 are refused.
 _COSINE_FLOOR = 1e-6
+#: the float32 features route re-solves in float64 when the first-order bound on a selected eigenvalue's relative
+#: error exceeds this. The bound is pessimistic: measured errors were 40-2000 times below it (B=256, p=32, close
+#: and independent embeddings), so 1e-2 keeps the realised error well under 1e-3
+_F32_RTOL = 1e-2
 #: bytes of dense work per matrix entry: the features route holds about 6 D x D matrices (C, its eigenvectors,
 #: the factor, S, its eigenvectors, J Z^T w), the exact route about 4 n x n (L, its symmetrised copy, the
 #: eigenvectors, the kernel rows)
@@ -365,6 +369,8 @@ class SpecAlignLoss(nn.Module):
         #: ``"exact"`` (B x B) or ``"features"`` (D x D): the route of the last forward.
         self.last_route: str | None = None
         self.last_krylov_steps = 0  # Krylov steps the iterative solver ran in the last call
+        #: dtype of the last eigen-solve: ``dtype``, or float64 when the float32 features route was not accurate
+        self.last_solve_dtype: torch.dtype | None = None
         #: eigenvalues of the modes the last forward used (detached), for logging; ``None`` for two-sided "fro".
         self.last_eigenvalues: torch.Tensor | None = None
 
@@ -591,6 +597,7 @@ class SpecAlignLoss(nn.Module):
         if self._dims is None:
             self._fit(s, t, distributed)
         self.last_route, self.last_solver, self.last_eigenvalues = route, None, None
+        self.last_solve_dtype = self.dtype
         phi_s = self._features("student", s, floors["student"])  # [B, Ds] or None
         phi_t = self._features("teacher", t, floors["teacher"])  # [B, Dt] or None
         if phi_s is None or phi_t is None:
@@ -613,7 +620,9 @@ class SpecAlignLoss(nn.Module):
         g = _reduce(torch.cat([gs, gt]), distributed)  # sum of per-rank partial sums
         gs, gt = g[: gs.shape[0]], g[gs.shape[0] :]
         quad = (gs.square().sum(0) - self.eta * gt.square().sum(0)) / n  # [M] v^T L v
-        return (w * quad).sum()  # an empty selection (one-sided, nothing negative) gives 0, zero gradient
+        # value: the solved eigenvalues (v^T L v equals them, but in float32 it is a difference of O(1) terms);
+        # gradient: that of v^T L v. A selection with all weights 0 (one-sided, nothing negative) gives 0.
+        return (w * (lam + quad - quad.detach())).sum()
 
     def _check_scale(self, sums: list[float], n: int, raw: list[float] | None = None) -> float:
         """``trace(C) = (trace K_s + eta trace K_t) / n`` from the traces ``sums`` of both kernel matrices.
@@ -681,7 +690,7 @@ class SpecAlignLoss(nn.Module):
             v_all = v_all - v_all.mean(0, keepdim=True)  # exactly in the range of H
         part = (v_all[offset : offset + b] * (rows @ v_all)).sum(0)  # [M] this rank's part of v^T L v
         quad = _reduce(2 * part - part.detach(), distributed)  # [M] v^T L v
-        return (w * quad).sum()
+        return (w * (lam[idx] + quad - quad.detach())).sum()  # value: the eigenvalues; gradient: v^T L v
 
     def _route(self, n: int, d: int | None) -> str:
         """``"exact"`` (B x B) or ``"features"`` (D x D; ``d=None``: no feature map, exact only)."""
@@ -716,7 +725,8 @@ class SpecAlignLoss(nn.Module):
         jv = torch.ones(d, dtype=a.dtype, device=a.device)
         jv[ds:] = -1  # the diagonal of J
         if self.solver == "iterative":
-            out = self._solve_iterative(a, jv, _rounding_level("features", a.dtype, n, d, scale), distributed)
+            zero = _rounding_level("features", a.dtype, n, d, scale)
+            out = self._solve_iterative(a, jv, zero, distributed, (n, scale))
             if out is not None:
                 return out
         zero = _rounding_level(route, a.dtype, n, d, scale)
@@ -732,16 +742,43 @@ class SpecAlignLoss(nn.Module):
                 self._store_warm(u)
         else:
             c = _reduce(a.T @ a, distributed)  # C = A^T A  [D, D], summed over ranks
-            noise = torch.finfo(a.dtype).eps * math.sqrt(n) * scale  # rounding error of C's entries
-            lam, u = _solve_covariance((c + c.T) / 2, jv, noise)
-            if lam.numel() == 0:  # C is at rounding level: L = 0 to working precision
-                lam, u = lam.new_zeros(1), u.new_zeros(d, 1)
-            idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
+            lam, u, idx, w = self._solve_features(c, jv, n, scale, zero)
+            if self.dtype == torch.float32 and self._needs_float64(lam, u, idx, w, (n, scale)):
+                c = _reduce(a.double().T @ a.double(), distributed)  # [D, D] again, summed in float64
+                zero64 = _rounding_level(route, torch.float64, n, d, scale)
+                lam, u, idx, w = self._solve_features(c, jv.double(), n, scale, zero64)
+                lam, u, w = lam.float(), u.float(), w.float()
+                self.last_solve_dtype = torch.float64
             v = (a @ u[:, idx]) / lam[idx].abs().clamp_min(max(zero, torch.finfo(a.dtype).tiny))  # [B, M]
             if self.solver == "iterative":
                 self._store_warm(u[:, _wanted_order(lam, self.one_sided)[: self._block_size()]])
         self.last_solver = "eigh"
         return lam[idx], v, w
+
+    def _solve_features(self, c, jv, n, scale, zero):
+        """``eigh`` on the D x D side: ``(lam [r], u [D, r], idx [M], w [M])``, C's rounding noise dropped."""
+        noise = torch.finfo(c.dtype).eps * math.sqrt(n) * scale  # rounding error of C's entries
+        lam, u = _solve_covariance((c + c.T) / 2, jv, noise)
+        if lam.numel() == 0:  # C is at rounding level: L = 0 to working precision
+            lam, u = lam.new_zeros(1), u.new_zeros(c.shape[0], 1)
+        idx, w = _objective_weights(lam, self.norm, self.k, self.one_sided, zero)
+        return lam, u, idx, w
+
+    def _needs_float64(self, lam, u, idx, w, scale_n: tuple[int, float]) -> bool:
+        """Could the float32 features route's selected eigenvalues be off by more than ``_F32_RTOL`` (relative)?
+
+        A perturbation ``dC`` of ``C`` moves an eigenvalue of ``J C`` by ``u^T dC u / lambda`` (left eigenvector
+        ``C u``, and ``u^T C u = lambda^2``), so with C's rounding noise ``eps sqrt(n) scale`` the error is about
+        ``noise ||u||^2 / |lambda|``: large for close embeddings (small lambda, and u nearly in C's null space).
+        Also when no selected mode is above the float32 zero level: a tiny SPEC-diff float64 can still resolve.
+        """
+        live = w != 0
+        if not bool(live.any()):
+            return True
+        n, scale = scale_n
+        noise = torch.finfo(torch.float32).eps * math.sqrt(n) * scale
+        sel, norms2 = lam[idx][live].abs(), u[:, idx][:, live].square().sum(0)  # [M'], ||u_m||^2
+        return bool((noise * norms2 > _F32_RTOL * sel.square()).any())
 
     def _store_warm(self, u: torch.Tensor) -> None:
         """Keep feature-space directions ``u: [D, m]`` (most relevant first) as the next call's start block."""
@@ -751,7 +788,7 @@ class SpecAlignLoss(nn.Module):
     def _block_size(self) -> int:
         return (1 if self.norm == "op" else self.k) + _OVERSAMPLE
 
-    def _solve_iterative(self, a, jv, zero, distributed):
+    def _solve_iterative(self, a, jv, zero, distributed, scale_n):
         """Warm-started block Krylov with Rayleigh-Ritz after every step; ``None`` if not converged.
 
         The sample-space Krylov basis is ``A X`` with ``X = [X0, J C X0, (J C)^2 X0, ...]`` (since
@@ -795,6 +832,8 @@ class SpecAlignLoss(nn.Module):
             res2 = _reduce((a @ resid).square().sum(0), distributed)  # [c] ||L v - theta v||^2
             self.last_krylov_steps = step
             if float(res2.max().sqrt()) <= max(self.solver_tol * float(theta.abs().max()), zero):
+                if a.dtype == torch.float32 and self._needs_float64(theta, u * theta.abs(), idx, w, scale_n):
+                    return None  # float32 cannot resolve these modes: eigh, re-solved in float64 there
                 self._store_warm(u[:, block])
                 self.last_solver = "iterative"
                 return (
