@@ -30,8 +30,10 @@ for the gradient: ``Phi_s^T v`` is O(n D).
 Numerics: all internal math is float64 by default (``dtype``), whatever the input dtype; the loss is returned in
 the student's dtype (float32 for half-precision students). Close embeddings make L a small difference of O(1)
 kernels, and the features route's eigenvalues carry errors of order ``eps ||u||^2 / |lambda|``: in float32 a
-SPEC-diff of 1e-4 is off by tens of percent there, in float64 it is exact to ~1e-9 relative. Eigenvalues below
-the rounding level of the computation (:func:`_rounding_level`) count as zero.
+SPEC-diff of 1e-4 is off by tens of percent there, in float64 by ~1e-8. The float32 fast path guards itself: when
+that bound exceeds ``_F32_RTOL`` for a selected mode it solves again in float64 (``last_solve_dtype``). The value
+returned is the solved eigenvalue (``v^T L v`` only carries the gradient). Eigenvalues below the rounding level of
+the computation (:func:`_rounding_level`) count as zero.
 
 The eigenproblem is solved, detached, in the cheaper space: the ``n x n`` matrix L (``method="exact"``) or
 the ``D x D`` covariance ``C = A^T A`` (``method="features"``, symmetric form ``Z J Z^T`` with C's eigenvalues at
