@@ -1,10 +1,11 @@
 """Benchmark of SpecAlignLoss: overhead on a student's training step, cost vs batch size and feature dimension,
-exact eigh vs the warm-started iterative solver. Times are medians of interleaved repetitions, measured side by
+exact eigh vs the warm-started iterative solver, float64 (default) vs float32 internal math. Times are medians of interleaved repetitions, measured side by
 side in one run (the machine is shared and noisy); ratios are what to read.
 
     python bench/bench_loss.py            # full
     python bench/bench_loss.py --quick    # a smaller, faster run
     python bench/bench_loss.py --threads 1
+    python bench/bench_loss.py --quick --only dtype solver   # some sections only
 
 On CUDA the student is open_clip ViT-B-32 (random init) at batch 256 under bf16 autocast; on CPU a small ViT
 (timm vit_tiny_patch16_224 at 64x64 input) at batch 64. The teacher's features are random, 768-d (DINOv2-B).
@@ -183,11 +184,78 @@ def bench_solver(device: torch.device, reps: int, b: int, ds: int, dt: int, step
             )
 
 
+def _close(b: int, p: int, delta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 student = teacher + delta noise (a SPEC-diff of about 0.054 delta at B=256, p=32)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(b, p, generator=g, dtype=torch.float64)
+    s = t + delta * torch.randn(b, p, generator=g, dtype=torch.float64)
+    return s.float().to(device), t.float().to(device)
+
+
+def bench_dtype(device: torch.device, reps: int, sizes: list[int], ds: int, dt: int) -> None:
+    """float64 internals (the default) vs the float32 fast path: step time side by side, and accuracy."""
+    print(
+        f"\n## float64 (default) vs float32 internal math: fwd+bwd on float32 features (ds={ds}, dt={dt}, "
+        "norm='op', median ms)"
+    )
+    print(f"{'B':>6} {'route':>9} {'float64':>9} {'float32':>9} {'float64/float32':>16}")
+    for b in sizes:
+        for method in ("exact", "features"):
+            fns = {
+                name: _loss_call(SpecAlignLoss(method=method, dtype=dtype), b, ds, dt, device)
+                for name, dtype in (("float64", torch.float64), ("float32", torch.float32))
+            }
+            med = interleaved(fns, reps, device)
+            print(
+                f"{b:>6} {method:>9} {1e3 * med['float64']:>9.2f} {1e3 * med['float32']:>9.2f} "
+                f"{med['float64'] / med['float32']:>16.2f}"
+            )
+    print("\nAccuracy on close models (B=256, p=32, float32 inputs; relative error vs numpy float64 eigh):")
+    print(
+        f"{'SPEC-diff':>10} {'f64 auto':>9} {'f64 exact':>10} {'f32 exact':>10} {'f32 features':>13} "
+        f"{'f32 features, no guard':>23}"
+    )
+    import numpy as np
+
+    def unguarded(s: torch.Tensor, t: torch.Tensor) -> float:
+        """The float32 features route without its float64 re-solve."""
+        fn = SpecAlignLoss(method="features", dtype=torch.float32)
+        fn._needs_float64 = lambda *args: False  # type: ignore[method-assign]
+        return float(fn(s, t))
+
+    for delta in (1.85e-4, 4.4e-4, 2.05e-3, 2e-2):
+        s, t = _close(256, 32, delta, device)
+        a = torch.nn.functional.normalize(s.double(), dim=1).cpu().numpy()
+        b = torch.nn.functional.normalize(t.double(), dim=1).cpu().numpy()
+        ref = float(np.abs(np.linalg.eigvalsh((a @ a.T - b @ b.T) / 256)).max())
+        values = [
+            float(SpecAlignLoss(method=m, dtype=d)(s, t))
+            for m, d in (
+                ("auto", torch.float64),
+                ("exact", torch.float64),
+                ("exact", torch.float32),
+                ("features", torch.float32),
+            )
+        ] + [unguarded(s, t)]
+        errs = [abs(v - ref) / ref for v in values]
+        print(f"{ref:>10.2e} " + " ".join(f"{e:>{w}.1e}" for e, w in zip(errs, (9, 10, 10, 13, 23))))
+
+
+_SECTIONS = ("overhead", "dtype", "batch", "dim", "solver")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=_SECTIONS,
+        default=list(_SECTIONS),
+        help="run only these sections (default: all)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,15 +264,28 @@ def main() -> None:
     print(
         f"# SpecAlignLoss benchmark on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
-    bench_overhead(device, reps)
-    if args.quick:
-        bench_batch_size(device, reps, [64, 256, 1024], 192, 384)
-        bench_feature_dim(device, reps, [32, 128, 512], 256)
-        bench_solver(device, reps, 512, 192, 256, steps=12)
-    else:
-        bench_batch_size(device, reps, [64, 128, 256, 512, 1024, 2048], 512, 768)
-        bench_feature_dim(device, reps, [32, 128, 256, 512, 1024], 256)
-        bench_solver(device, reps, 1024, 512, 768, steps=40)
+    quick = args.quick
+    runs = {
+        "overhead": lambda: bench_overhead(device, reps),
+        "dtype": lambda: bench_dtype(
+            device, reps, [256, 1024] if quick else [256, 1024, 4096], *((192, 384) if quick else (512, 768))
+        ),
+        "batch": lambda: bench_batch_size(
+            device,
+            reps,
+            [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048],
+            *((192, 384) if quick else (512, 768)),
+        ),
+        "dim": lambda: bench_feature_dim(
+            device, reps, [32, 128, 512] if quick else [32, 128, 256, 512, 1024], 256
+        ),
+        "solver": lambda: bench_solver(
+            device, reps, *((512, 192, 256) if quick else (1024, 512, 768)), steps=12 if quick else 40
+        ),
+    }
+    for name in _SECTIONS:
+        if name in args.only:
+            runs[name]()
 
 
 if __name__ == "__main__":
