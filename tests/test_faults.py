@@ -8,11 +8,16 @@ is monkeypatched, and unwritable paths sit under a regular file (ENOTDIR).
 from __future__ import annotations
 
 import io
+import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import spec_torch as st
+from spec_torch.data import build_dataset
+from spec_torch.data.base import open_image
 from spec_torch.errors import SpecError
 from spec_torch.kernels import GaussianKernel, kernel_from_state
 
@@ -116,3 +121,61 @@ def test_kernel_state_roundtrip_every_kernel():
     ):
         back = kernel_from_state(_roundtrip(k.state_dict()))
         assert back == k and torch.allclose(back.gram(x, x), k.gram(x, x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- data: COCO, bit depth
+def _coco(tmp_path, names=("000000000042.jpg", "000000000007.jpg")):
+    images = tmp_path / "val2017"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if "/" not in name:
+            Image.new("RGB", (8, 8), (200, 10, 10)).save(images / name)
+    doc = {
+        "images": [{"id": 42, "file_name": names[0]}, {"id": 7, "file_name": names[1]}],
+        "annotations": [{"id": 1, "image_id": 42, "caption": "a"}, {"id": 2, "image_id": 7, "caption": "b"}],
+    }
+    ann = tmp_path / "captions_val2017.json"
+    ann.write_text(json.dumps(doc))
+    return images, ann
+
+
+def test_coco_file_names_outside_the_root_are_refused(tmp_path):
+    images, ann = _coco(tmp_path, names=("000000000042.jpg", "../../etc/passwd"))
+    with pytest.raises(
+        SpecError, match=r"data.annotations: .* point outside data.root .*\.\./\.\./etc/passwd"
+    ):
+        build_dataset("mscoco", root=str(images), annotations=str(ann))
+    images, ann = _coco(tmp_path / "abs", names=("000000000042.jpg", "/etc/passwd"))
+    with pytest.raises(SpecError, match="outside data.root"):
+        build_dataset("mscoco", root=str(images), annotations=str(ann))
+    # text samples never open the images: file names are not used, not refused
+    assert len(build_dataset("mscoco", annotations=str(ann), modality="text")) == 2
+
+
+def test_coco_cache_key_covers_the_image_listing(tmp_path):
+    images, ann = _coco(tmp_path)
+    key = build_dataset("mscoco", root=str(images), annotations=str(ann)).fingerprint()
+    moved = tmp_path / "moved.jpg"
+    (images / "000000000042.jpg").rename(moved)
+    gone = build_dataset("mscoco", root=str(images), annotations=str(ann)).fingerprint()
+    moved.rename(images / "000000000042.jpg")  # restored: the key of a listing with the file comes back
+    back = build_dataset("mscoco", root=str(images), annotations=str(ann)).fingerprint()
+    assert gone != key and back == key
+    Image.new("RGB", (9, 9), (0, 0, 0)).save(images / "000000000007.jpg")  # replaced: another key
+    assert build_dataset("mscoco", root=str(images), annotations=str(ann)).fingerprint() != key
+
+
+def test_16_bit_and_float_images_convert_by_bit_depth(tmp_path):
+    """A 16-bit copy (8-bit value x 257) and a float copy (value / 255) read as the 8-bit original, never
+    stretched per image (a dim image stays dim)."""
+    gen = np.random.default_rng(0)
+    v8 = gen.integers(0, 60, size=(16, 16), dtype=np.uint8)  # a dark image: a min-max stretch would show
+    Image.fromarray(v8, mode="L").save(tmp_path / "a8.png")
+    Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / "a16.png")
+    Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / "a16.tiff")
+    Image.fromarray(v8.astype(np.float32) / 255).save(tmp_path / "af.tiff")
+    ref = np.asarray(open_image(tmp_path / "a8.png", "a8"))
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")  # really a 16-bit file
+    for name in ("a16.png", "a16.tiff", "af.tiff"):
+        np.testing.assert_array_equal(np.asarray(open_image(tmp_path / name, name)), ref, err_msg=name)
+    # pixel-identical RGB, so every encoder gives the same features as for the 8-bit original
