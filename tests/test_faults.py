@@ -7,8 +7,11 @@ is monkeypatched, and unwritable paths sit under a regular file (ENOTDIR).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +21,9 @@ from PIL import Image
 import spec_torch as st
 from spec_torch.data import build_dataset
 from spec_torch.data.base import open_image
+from spec_torch.encoders import Encoder, build_encoder
 from spec_torch.errors import SpecError
+from spec_torch.extract import cache_folder, extract_features
 from spec_torch.kernels import GaussianKernel, kernel_from_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,3 +184,160 @@ def test_16_bit_and_float_images_convert_by_bit_depth(tmp_path):
     for name in ("a16.png", "a16.tiff", "af.tiff"):
         np.testing.assert_array_equal(np.asarray(open_image(tmp_path / name, name)), ref, err_msg=name)
     # pixel-identical RGB, so every encoder gives the same features as for the 8-bit original
+
+
+# --------------------------------------------------------------------- caches that verify themselves
+class _Counting(Encoder):
+    """The offline colour encoder (same cache key), counting the rows it embeds."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.rows = build_encoder("offline_colour", image_size=16), 0
+        self.family, self.modality, self.embed_dim = self.inner.family, "image", self.inner.embed_dim
+
+    def preprocess(self, raw):
+        return self.inner.preprocess(raw)
+
+    def collate(self, items):
+        return self.inner.collate(items)
+
+    def forward(self, batch):
+        self.rows += batch.shape[0]
+        return self.inner(batch)
+
+    def cache_key(self):
+        return self.inner.cache_key()
+
+
+def _extract(tmp_path, enc=None, **kw):
+    ds = build_dataset("synthetic", n=24, image_size=32)
+    enc = enc or _Counting()
+    kw = {"batch_size": 4, "chunk_rows": 8, "progress": False, **kw}
+    return ds, enc, extract_features(ds, enc, tmp_path / "c", **kw)
+
+
+def _interrupted(tmp_path, after_rows: int):
+    """An extraction killed after ``after_rows`` rows (the manifest holds the chunks before)."""
+    ds = build_dataset("synthetic", n=24, image_size=32)
+    enc = _Counting()
+    forward = enc.forward
+
+    def dying(batch):
+        if enc.rows >= after_rows:
+            raise KeyboardInterrupt
+        return forward(batch)
+
+    enc.forward = dying
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(ds, enc, tmp_path / "c", batch_size=4, chunk_rows=8, progress=False)
+    return ds, cache_folder(ds, enc, tmp_path / "c")
+
+
+def test_cache_with_overwritten_rows_is_refused_on_reuse(tmp_path):
+    ds, enc, cache = _extract(tmp_path)
+    feats = np.load(cache.path / "features.npy", mmap_mode="r+")
+    feats[5] += 0.01  # a silent edit of one row
+    feats.flush()
+    del feats
+    with pytest.raises(SpecError, match=rf"{cache.path.name} was changed after it was written.*rows 0\.\.23"):
+        _extract(tmp_path)
+
+
+def test_cache_resume_re_extracts_a_truncated_or_changed_partial(tmp_path):
+    ds, folder = _interrupted(tmp_path, after_rows=20)  # chunks [0, 8), [8, 16) checkpointed
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rows_done"] == 16 and len(manifest["chunks"]) == 2
+    partial = folder / "partial.npy"
+    with open(partial, "r+b") as fh:  # cut the file inside the second chunk
+        fh.truncate(partial.stat().st_size - (24 - 12) * 36 * 4)
+    enc = _Counting()
+    cache = extract_features(ds, enc, tmp_path / "c", batch_size=4, chunk_rows=8, progress=False)
+    assert enc.rows == 16  # rows 8..23 again: the cut chunk and the rest; chunk [0, 8) kept
+    ref = _Counting()
+    np.testing.assert_array_equal(cache.features, _extract(tmp_path / "ref", ref)[2].features)
+    assert np.abs(cache.features[8:16]).sum(axis=1).min() > 0  # no zero-padded rows
+
+
+def test_cache_resume_re_extracts_a_chunk_changed_on_disk(tmp_path):
+    ds, folder = _interrupted(tmp_path, after_rows=20)
+    src = np.load(folder / "partial.npy", mmap_mode="r+")
+    src[2] = 0  # first chunk damaged
+    src.flush()
+    del src
+    enc = _Counting()
+    cache = extract_features(ds, enc, tmp_path / "c", batch_size=4, chunk_rows=8, progress=False)
+    assert enc.rows == 24
+    assert np.abs(cache.features[2]).sum() > 0
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("features_empty", "missing, empty or truncated features.npy"),
+        ("features_cut", "missing, empty or truncated features.npy"),
+        ("complete_json", "broken complete.json"),
+        ("ids_missing", "missing or unreadable ids.txt"),
+        ("ids_latin1", "missing or unreadable ids.txt"),
+    ],
+)
+def test_broken_cache_files_are_one_error_naming_the_folder(tmp_path, damage, match):
+    ds, enc, cache = _extract(tmp_path)
+    folder = cache.path
+    if damage == "features_empty":
+        (folder / "features.npy").write_bytes(b"")
+    elif damage == "features_cut":
+        data = (folder / "features.npy").read_bytes()
+        (folder / "features.npy").write_bytes(data[: len(data) // 2])
+    elif damage == "complete_json":
+        (folder / "complete.json").write_text("{not json")
+    elif damage == "ids_missing":
+        (folder / "ids.txt").unlink()
+    elif damage == "ids_latin1":
+        (folder / "ids.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match=rf"cache_dir: the feature cache .*{folder.name}.*{match}.*delete"):
+        _extract(tmp_path)
+
+
+def test_broken_manifest_is_one_error_naming_the_folder(tmp_path):
+    ds, folder = _interrupted(tmp_path, after_rows=12)
+    (folder / "manifest.json").write_text("[1, 2")
+    with pytest.raises(SpecError, match=rf"{folder.name} has a broken manifest.json"):
+        _extract(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- full disk
+def test_full_disk_is_refused_before_extracting(tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(SpecError, match=r"cache_dir: .* GiB free, the 24 x 36 float32 features need"):
+        _extract(tmp_path)
+
+
+def test_disk_full_while_writing_is_one_error_and_stays_resumable(tmp_path, monkeypatch):
+    """ENOSPC on a write (what a sparse memory map turned into SIGBUS) -> SpecError; a rerun resumes."""
+    real, calls = os.pwrite, {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 3:  # 3 batches of 4 rows written: the chunk [0, 8) is checkpointed
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(
+        SpecError, match=r"writing the feature cache .* failed \(No space left on device\); the 8 of 24"
+    ):
+        _extract(tmp_path)
+    monkeypatch.setattr(os, "pwrite", real)
+    enc = _Counting()
+    _, _, cache = _extract(tmp_path, enc)
+    assert enc.rows == 16 and cache.n == 24  # the checkpointed chunk was kept
+
+
+def test_fallocate_enospc_is_one_error(tmp_path, monkeypatch):
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(SpecError, match=r"cannot reserve .* GiB for the feature cache .*No space left"):
+        _extract(tmp_path)
