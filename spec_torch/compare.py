@@ -211,6 +211,7 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
             progress=bool(cfg.get("progress", True)),
             chunk_rows=int(cfg.get("chunk_rows", 4096)),
             amp=bool(cfg.get("amp", True)),
+            lock_timeout=float(cfg.get("cache_lock_timeout", 86400)),
         )
         enc_info[w] = {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
         del enc

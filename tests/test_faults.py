@@ -12,13 +12,18 @@ import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import spec_torch as st
+from spec_torch import cli
+from spec_torch._io import atomic_torch_save, atomic_write_text
+from spec_torch.cli import run_guarded
 from spec_torch.data import build_dataset
 from spec_torch.data.base import open_image
 from spec_torch.encoders import Encoder, build_encoder
@@ -341,3 +346,88 @@ def test_fallocate_enospc_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(SpecError, match=r"cannot reserve .* GiB for the feature cache .*No space left"):
         _extract(tmp_path)
+
+
+# ---------------------------------------------------------------------------- run folders and atomic writes
+def _guarded(cfg, run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(run, OmegaConf.create(cfg))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_failed_rerun_leaves_no_result_of_the_previous_run(tmp_path, capsys):
+    (tmp_path / "spec.json").write_text("{}")
+    (tmp_path / "report.html").write_text("old")
+
+    def invalid(cfg):
+        raise SpecError("eta: expected a positive number, got -1")
+
+    err = _guarded({"output_dir": str(tmp_path), "seed": 0}, invalid, capsys)
+    assert "eta" in err and not (tmp_path / "spec.json").exists() and not (tmp_path / "report.html").exists()
+
+
+def test_seed_abc_is_one_error_line(tmp_path, capsys):
+    err = _guarded({"output_dir": str(tmp_path), "seed": "abc"}, lambda cfg: None, capsys)
+    assert "seed: expected an integer, got 'abc'" in err
+
+
+def test_full_output_disk_is_one_error_line_naming_the_file(tmp_path, capsys):
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.html"))
+
+    err = _guarded({"output_dir": str(tmp_path), "seed": 0}, full, capsys)
+    assert "report.html: No space left on device" in err
+    with pytest.raises(ValueError):  # a bug stays a traceback
+        run_guarded(lambda cfg: int("x"), OmegaConf.create({"output_dir": str(tmp_path), "seed": 0}))
+
+
+def test_unwritable_hydra_run_dir_is_one_error_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli._check_run_dir([f"hydra.run.dir={blocker / 'run'}"])  # ENOTDIR: what root cannot bypass
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: hydra.run.dir: cannot create")
+    cli._check_run_dir([f"hydra.run.dir={tmp_path / 'ok' / 'run'}"])  # a writable one passes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "b.pt")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == want
+    assert (tmp_path / "b.pt").stat().st_mode & 0o777 == want
+
+
+def test_stale_temporaries_of_the_target_are_cleaned(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().replace(".", "_")
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout
+    )
+    killed = tmp_path / f".last.pt.{host}.{dead}.abc123.tmp"  # a writer killed mid-write
+    killed.write_bytes(b"\0" * 1024)
+    live = tmp_path / f".last.pt.{host}.{os.getpid()}.zzz.tmp"  # this process: still writing
+    live.write_bytes(b"")
+    foreign = tmp_path / ".last.pt.otherhost.1.q.tmp"  # another host, recent: maybe still writing
+    foreign.write_bytes(b"")
+    legacy = tmp_path / ".last.pt.k3j4l5.tmp"  # an old-layout temporary, two hours old
+    legacy.write_bytes(b"")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    other = tmp_path / f".other.pt.{host}.{dead}.x.tmp"  # another target: not ours to clean
+    other.write_bytes(b"")
+    atomic_torch_save({"step": 1}, tmp_path / "last.pt")
+    assert not killed.exists() and not legacy.exists()
+    assert live.exists() and foreign.exists() and other.exists()

@@ -125,6 +125,7 @@ def _teacher_cache(cfg: DictConfig, dataset, device: torch.device):
         device=device,
         progress=bool(cfg.progress),
         amp=bool(cfg.train.amp),
+        lock_timeout=float(cfg.get("cache_lock_timeout", 86400)),
     )
     return cache, teacher.describe()
 
