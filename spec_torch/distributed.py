@@ -71,6 +71,8 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "fit_on_main",
+    "agree",
+    "collective_timeout_s",
     "all_reduce_state",
     "all_gather_topk",
     "all_gather_with_grad",
@@ -99,17 +101,48 @@ def torchrun_env() -> dict[str, int] | None:
         ) from None
 
 
-#: collective timeout: long, because ranks meet after extraction, and after a crash a rerun's other ranks reuse
-#: their finished caches at once and wait for the rank that resumes its block
-DEFAULT_TIMEOUT_S = 6 * 3600.0
+#: collective timeout of the default process group (seconds): how long a rank waits in a collective that
+#: another rank never reaches. Checks that can fail on one rank are agreed on by every rank first (:func:`agree`),
+#: so a failed library call raises at once; this bounds what is left (a rank that crashes hard). Environment
+#: variable ``SPEC_TORCH_DIST_TIMEOUT_S`` overrides it.
+DEFAULT_TIMEOUT_S = 1800.0
+#: how long ranks wait for each other's feature extraction in :func:`extract_sharded` (seconds; a rerun's
+#: other ranks reuse their finished caches at once and wait for the rank that resumes its block). On a side
+#: Gloo group of its own, so the short collective timeout above does not cut a long extraction. Environment
+#: variable ``SPEC_TORCH_EXTRACT_WAIT_S`` overrides it.
+EXTRACT_WAIT_S = 24 * 3600.0
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def _seconds(env_key: str, default: float) -> float:
+    value = os.environ.get(env_key)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SpecError(f"{env_key}: expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def collective_timeout_s() -> float:
+    """The collective timeout :func:`init_distributed` uses by default (``SPEC_TORCH_DIST_TIMEOUT_S`` or 1800)."""
+    return _seconds("SPEC_TORCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Start the default process group from torchrun's environment; True when one is initialised.
 
     A no-op returning False outside torchrun, and returning True when a group already exists. The backend
     defaults to NCCL when CUDA is available (each process takes the GPU ``LOCAL_RANK``) and Gloo otherwise.
+    ``timeout_s``: the collective timeout; default :func:`collective_timeout_s` (30 minutes, or the
+    environment variable ``SPEC_TORCH_DIST_TIMEOUT_S``).
     """
+    if timeout_s is None:
+        timeout_s = collective_timeout_s()
+    elif isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise SpecError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
     if dist.is_available() and dist.is_initialized():
         return True
     env = torchrun_env()
@@ -243,7 +276,10 @@ def extract_sharded(dataset: SampleDataset, encoder: Any, cache_dir: Any, **kwar
     except Exception as exc:  # told to every rank below, so that none waits for the others forever
         failed = exc
         error = f"{type(exc).__name__}: {exc}"
-    reports = all_gather_object((str(mine.path) if mine is not None else None, error))
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        reports, (str(mine.path) if mine is not None else None, error), group=_wait_group()
+    )
     if error is not None:
         raise failed
     errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(reports) if e is not None]
@@ -257,6 +293,18 @@ def extract_sharded(dataset: SampleDataset, encoder: Any, cache_dir: Any, **kwar
         features=RowConcat([c.features for c in parts]),  # [n, d], read block by block
         meta={**parts[0].meta, "n": sum(c.n for c in parts), "shards": [str(c.path) for c in parts]},
     )
+
+
+_WAIT_GROUP: Any = None
+
+
+def _wait_group() -> Any:
+    """A Gloo group over every rank with the long :data:`EXTRACT_WAIT_S` timeout (made once, by all ranks)."""
+    global _WAIT_GROUP
+    if _WAIT_GROUP is None or _WAIT_GROUP[0] is not dist.group.WORLD:
+        wait = datetime.timedelta(seconds=_seconds("SPEC_TORCH_EXTRACT_WAIT_S", EXTRACT_WAIT_S))
+        _WAIT_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=wait))
+    return _WAIT_GROUP[1]
 
 
 class RowConcat:
@@ -326,6 +374,32 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def agree(error: BaseException | str | None) -> None:
+    """Every rank says whether its local check failed; if any did, every rank raises the same
+    :class:`SpecError` (naming the ranks), so none goes on alone into a collective the others never reach.
+
+    Call it on every rank, right after the local checks and before the next collective (a no-op raising
+    ``error`` itself without a process group).
+    """
+    mine = None if error is None else (str(error) or type(error).__name__)
+    if not is_distributed():
+        if isinstance(error, BaseException):
+            raise error
+        if error is not None:
+            raise SpecError(mine)
+        return
+    flag = torch.tensor([0 if mine is None else 1], dtype=torch.int64, device=_device())
+    dist.all_reduce(flag)  # cheap when nobody failed: one integer
+    if int(flag) == 0:
+        return
+    reports = all_gather_object(mine)
+    failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if len({m for _, m in failed}) == 1:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise SpecError(f"{failed[0][1]} (on rank {ranks})")
+    raise SpecError("; ".join(f"rank {r}: {m}" for r, m in failed))
+
+
 def fit_on_main(kernel: Any, x: torch.Tensor) -> Any:
     """``kernel.fit(x)`` computed on rank 0 (from rank 0's ``x``) and the fitted kernel sent to every rank.
 
@@ -336,7 +410,7 @@ def fit_on_main(kernel: Any, x: torch.Tensor) -> Any:
     from .kernels import resolve_kernel
 
     kernel = resolve_kernel(kernel, "kernel")
-    return broadcast_object(kernel.fit(x) if is_main_process() else None)
+    return run_on_main(lambda: kernel.fit(x))  # rank 0's error (e.g. sigma='auto' on < 2 rows) on every rank
 
 
 def all_reduce_state(state: dict[str, Any]) -> dict[str, Any]:

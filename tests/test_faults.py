@@ -7,21 +7,26 @@ is monkeypatched, and unwritable paths sit under a regular file (ENOTDIR).
 
 from __future__ import annotations
 
+import datetime
 import errno
 import io
 import json
 import os
+import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import spawn_gloo
 from omegaconf import OmegaConf
 from PIL import Image
 
 import spec_torch as st
 from spec_torch import cli
+from spec_torch import distributed as sd
 from spec_torch._io import atomic_torch_save, atomic_write_text
 from spec_torch.cli import run_guarded
 from spec_torch.data import build_dataset
@@ -431,3 +436,90 @@ def test_stale_temporaries_of_the_target_are_cleaned(tmp_path):
     atomic_torch_save({"step": 1}, tmp_path / "last.pt")
     assert not killed.exists() and not legacy.exists()
     assert live.exists() and foreign.exists() and other.exists()
+
+
+# ----------------------------------------------------------- distributed: errors agreed by every rank
+DIST_TIMEOUT_S = 60  # the whole 2-process run; each case finishes in seconds when the ranks agree
+
+
+def _gloo(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S),
+    )
+
+
+def _expect_same_error(rank: int, case: str, fn, pattern: str, out: str) -> None:
+    try:
+        fn()
+    except SpecError as exc:
+        assert re.search(pattern, str(exc)), str(exc)
+        Path(out, f"{case}.rank{rank}").write_text(str(exc))
+    else:
+        raise AssertionError(f"rank {rank}: no SpecError in {case}")
+
+
+def _w_one_rank_fails(rank: int, port: int, out: str) -> None:
+    """Each case: a check fails on one rank only; every rank must raise the same SpecError (no hang)."""
+    _gloo(rank, port)
+    sd.agree(None)  # nobody failed: returns on every rank
+    _expect_same_error(
+        rank,
+        "agree",
+        lambda: sd.agree(SpecError("x: bad") if rank == 1 else None),
+        r"x: bad \(on rank 1\)",
+        out,
+    )
+    x = torch.randn(1 if rank == 0 else 50, 3)  # rank 0 has one row: sigma='auto' cannot be chosen
+    _expect_same_error(
+        rank,
+        "fit_on_main",
+        lambda: sd.fit_on_main(GaussianKernel(rff_dim=4), x),
+        r"sigma='auto': needs at least 2",
+        out,
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(20, 4, generator=g, dtype=torch.float64),
+        torch.randn(20, 3, generator=g, dtype=torch.float64),
+    )
+    res = st.spec(x, y, kernel_x="linear", kernel_y="linear", method="features")
+    mine = (x[:10], y[:10]) if rank == 0 else (x[10:, :2], y[10:])  # rank 1: wrong width
+    _expect_same_error(
+        rank,
+        "top_samples",
+        lambda: res.top_samples(mine, k=3, offset=10 * rank, sync_dist=True),
+        r"\(on rank 1\)",
+        out,
+    )
+    top = res.top_samples(
+        (x[10 * rank : 10 * rank + 10], y[10 * rank : 10 * rank + 10]), k=3, offset=10 * rank, sync_dist=True
+    )
+    assert top.indices.shape[1] == 3  # the group still works after the agreed errors
+
+
+def test_a_check_failing_on_one_rank_raises_on_every_rank(tmp_path):
+    """agree(), fit_on_main (sigma='auto' on rank 0's single row), top_samples(sync_dist=True) with a bad
+    batch on rank 1: the same SpecError on both ranks, within seconds of the failure (one 2-process run)."""
+    spawn_gloo(_w_one_rank_fails, str(tmp_path), world=2, timeout_s=DIST_TIMEOUT_S)
+    for case in ("agree", "fit_on_main", "top_samples"):
+        msgs = [(tmp_path / f"{case}.rank{r}").read_text() for r in (0, 1)]
+        assert msgs[0] == msgs[1], case
+
+
+def test_collective_timeout_is_configurable(monkeypatch):
+    assert sd.collective_timeout_s() == 1800.0
+    monkeypatch.setenv("SPEC_TORCH_DIST_TIMEOUT_S", "90")
+    assert sd.collective_timeout_s() == 90.0
+    monkeypatch.setenv("SPEC_TORCH_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(SpecError, match="SPEC_TORCH_DIST_TIMEOUT_S: expected a positive number"):
+        sd.collective_timeout_s()
+    with pytest.raises(SpecError, match="timeout_s: expected a positive number"):
+        monkeypatch.setattr(sd, "torchrun_env", lambda: {"rank": 0, "world_size": 1, "local_rank": 0})
+        sd.init_distributed(timeout_s=0)
