@@ -93,6 +93,7 @@ def spec(
     y = as_matrix(y, "y", device=x.device)
     check_pair(x, y)
     check_positive(eta, "eta")
+    check_positive(batch_size, "batch_size", integer=True)
     kx = resolve_kernel(kernel_x, "kernel_x")
     ky = resolve_kernel(kernel_y, "kernel_y")
     kx.check_input(x, "x")

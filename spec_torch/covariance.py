@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_fits, check_pair, check_positive
+from ._validate import as_matrix, check_fits, check_pair, check_positive, resolve_device
 from .errors import SpecError
 from .kernels import Kernel, kernel_from_state, resolve_kernel
 from .result import SpecResult
@@ -76,7 +76,7 @@ class DiffCovariance:
                     "streaming route, or use spec(..., method='exact') for small n"
                 )
         self.accumulate_dtype = accumulate_dtype
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device) if device is not None else None  # cuda without CUDA: SpecError
         self.dims: tuple[int, int] | None = None  # input dims (p, q), fixed by the first batch
         self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         self.count = 0

@@ -523,3 +523,82 @@ def test_collective_timeout_is_configurable(monkeypatch):
     with pytest.raises(SpecError, match="timeout_s: expected a positive number"):
         monkeypatch.setattr(sd, "torchrun_env", lambda: {"rank": 0, "world_size": 1, "local_rank": 0})
         sd.init_distributed(timeout_s=0)
+
+
+# ------------------------------------------------------------------ bad input: SpecError naming the argument
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (
+            np.ones((4, 3), dtype=np.longdouble),
+            r"x: numpy dtype float128 has no torch equivalent|x: numpy dtype",
+        ),
+        (torch.empty(4, 3, device="meta"), r"x: expected a dense tensor with data, got a meta tensor"),
+        (torch.eye(4).to_sparse(), r"x: expected a dense tensor with data, got a torch.sparse_coo tensor"),
+    ],
+    ids=["longdouble", "meta", "sparse"],
+)
+def test_unusable_arrays_are_refused_naming_the_argument(value, match):
+    with pytest.raises(SpecError, match=match):
+        st.spec(value, np.ones((4, 2)))
+
+
+def test_batch_size_zero_and_cuda_without_cuda_are_refused():
+    x = torch.randn(8, 3)
+    with pytest.raises(SpecError, match="batch_size: expected a positive integer, got 0"):
+        st.spec(x, x, method="features", batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="device: 'cuda' was asked for but CUDA is not available"):
+            st.DiffCovariance(device="cuda")
+
+
+# --------------------------------------------------------------------------------- messages of compare
+def _compare(tmp_path, x, y, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.compare import run
+
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    (tmp_path / "ids.txt").write_text("".join(f"img{i:03d}\n" for i in range(len(x))))
+    overrides = [
+        "data=features",
+        f"data.x_path={tmp_path / 'x.npy'}",
+        f"data.y_path={tmp_path / 'y.npy'}",
+        f"data.ids_path={tmp_path / 'ids.txt'}",
+        "report=false",
+        "progress=false",
+        "top_k=1",
+        "samples_per_mode=3",
+        f"output_dir={tmp_path / 'out'}",
+        *extra,
+    ]
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"
+    ):
+        cfg = compose(config_name="compare", overrides=overrides)
+    return run(cfg)
+
+
+def test_compare_errors_name_the_config_key_and_the_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)).astype(np.float32), rng.normal(size=(40, 4)).astype(np.float32)
+    with pytest.raises(SpecError, match=r"^solve_top_k: asks for 30 modes"):
+        _compare(tmp_path, x, y, "solve_top_k=30", "stream_batch_size=16")
+    with pytest.raises(SpecError, match=r"^metrics.mutual_knn_k: expected an integer >= 1, got 0"):
+        _compare(tmp_path, x, y, "metrics.mutual_knn_k=0")
+    x[37] = 0  # a zero row in the third streamed batch (rows 32..39): named by its sample id
+    with pytest.raises(SpecError, match=r"first: sample 'img037', paired row 37"):
+        _compare(tmp_path, x, y, "stream_batch_size=16", "method=features")
+
+
+def test_a_nan_written_into_a_cache_names_the_cache(tmp_path):
+    _, _, cache = _extract(tmp_path)
+    feats = np.load(cache.path / "features.npy", mmap_mode="r+")
+    feats[3, 0] = np.nan
+    feats.flush()
+    del feats
+    with pytest.raises(
+        SpecError, match=rf"feature cache .*{cache.path.name} was changed after it was written"
+    ):
+        _extract(tmp_path)
