@@ -398,7 +398,7 @@ def test_unwritable_hydra_run_dir_is_one_error_line(tmp_path, capsys):
     cli._check_run_dir([f"hydra.run.dir={tmp_path / 'ok' / 'run'}"])  # a writable one passes
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
 def test_atomic_writes_honour_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
