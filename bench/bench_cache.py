@@ -76,6 +76,7 @@ def bench_extraction(n: int, reps: int) -> float:
     print(
         f"  reuse, load + verify              {t_verify * 1e3:9.1f} ms   = {t_verify / t_ex:.2%} of extraction"
     )
+    return t_ex / n
 
 
 def bench_throughput(mb: int, reps: int, per_image_s: float) -> None:
