@@ -19,16 +19,15 @@ fsynced before the manifest that counts them, and the marker is renamed into pla
 vouches for.
 
 Locking: one process at a time writes a cache folder. The lock is an OS lock (``flock`` via the
-``filelock`` package) on ``.lock`` inside the folder: the kernel releases it when
-its holder dies, so a crashed run never blocks the next one, whatever the lock file contains. The holder
+``filelock`` package) on ``.lock`` inside the folder: the kernel releases it when its holder dies, so a crashed run never blocks the next one, whatever the lock file contains. The holder
 writes ``host pid`` to ``.lock.holder`` so that a waiting process can say who it waits for; after
 ``lock_timeout`` seconds (config ``cache_lock_timeout``) it fails naming that holder. On network
 filesystems the lock is only as good as the filesystem's ``flock``: NFSv4 and Lustre/GPFS (mounted with
 ``flock``) honour it across hosts; NFSv3 without ``lockd``, or a ``local_lock`` mount, lock per host only,
 so give concurrent runs on several hosts a cache_dir on a filesystem that locks, or separate cache_dirs.
 
-Disk space: before extracting, the free space must hold ``N x d x 4`` bytes (twice that when rows are
-skipped and compacted) plus a margin; ``partial.npy`` is preallocated (``posix_fallocate``) and written
+Disk space: before extracting, the free space must hold ``N x d x 4`` bytes plus a margin (and, before
+compacting away skipped rows at the end, the kept rows' size again); ``partial.npy`` is preallocated (``posix_fallocate``) and written
 with ``pwrite``, so a full disk is an ``error:`` line, never a SIGBUS, and the chunks already written stay
 resumable.
 
