@@ -35,7 +35,14 @@ __all__ = [
 
 
 class Kernel:
-    """Base class. Subclasses set ``name`` and implement :meth:`features` (and :meth:`gram` if exact-only)."""
+    """Base class. Subclasses set ``name`` and implement :meth:`features` (and :meth:`gram` if exact-only).
+
+    Saved state (:meth:`state_dict` / :meth:`load_state_dict` / :func:`kernel_from_state`): the settings are
+    :meth:`describe` (plain values), the fitted values are tensors. A kernel whose :meth:`fit` makes tensors
+    (random frequencies, landmarks) overrides :meth:`_fitted_tensors` (name -> tensor), :meth:`_with_fitted`
+    (a fitted copy from saved settings and tensors, checking their shapes), and, when an unfitted setting
+    differs from its fitted value (``sigma="auto"``), :meth:`_accepts` and :meth:`_constructor_args`.
+    """
 
     name: str = "kernel"
     #: True when the kernel has a finite feature map (the linear-in-n route can use it).
