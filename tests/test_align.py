@@ -360,7 +360,9 @@ def test_resume_refuses_other_settings_and_unrequested_overwrite(work, mini_imag
     with pytest.raises(SpecError, match=r"lr: 0.001 -> 0.002"):
         run(_lr(base, work))
     with caplog.at_level(logging.WARNING, logger="spec_torch.align.train"):
-        res = run(tiny(compose_align([*base, "loss.eta=3", "train.resume_force=true"]), work, "refuse", steps=2))
+        res = run(
+            tiny(compose_align([*base, "loss.eta=3", "train.resume_force=true"]), work, "refuse", steps=2)
+        )
     assert res["resumed"] and "RESUMING from" in caplog.text and "FORCED" in caplog.text
     assert "0 steps to train" in caplog.text
     # before/after are computed under this run's settings (eta=3), never the checkpoint's
