@@ -23,7 +23,7 @@ _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
-    """``run(cfg)``; a :class:`SpecError`, or an environment error while writing (full disk, read-only or
+    """``run(cfg)``; a :class:`SpecError`, or an environment error on a file (full disk, read-only or
     missing folder, no permission), becomes one ``error: ...`` line on stderr and exit status 2.
 
     Before running, the result files (:data:`RESULT_FILES`) of an earlier run in the same output folder are
@@ -41,7 +41,7 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
             raise
         where = f" {exc.filename}" if exc.filename else ""
         _fail(
-            f"cannot write{where}: {exc.strerror or exc} (free space or choose another output_dir/cache_dir)"
+            f"cannot access{where}: {exc.strerror or exc} (free space, fix the permissions, or choose another path)"
         )
 
 
