@@ -28,9 +28,19 @@ def as_matrix(
     if isinstance(value, np.ndarray):
         if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
             raise SpecError(f"{name}: expected a numeric array, got dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        try:
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError:  # np.longdouble, ...: no torch dtype
+            raise SpecError(
+                f"{name}: numpy dtype {value.dtype} has no torch equivalent; cast it with .astype(np.float64)"
+            ) from None
     elif not isinstance(value, torch.Tensor):
         raise SpecError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if value.is_meta or value.layout != torch.strided:
+        what = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
+        raise SpecError(
+            f"{name}: expected a dense tensor with data, got {what}; use .to_dense() or real data"
+        )
     if value.dim() != 2:
         raise SpecError(f"{name}: expected a 2-D array [N, D], got shape {tuple(value.shape)}")
     if value.shape[0] == 0 or value.shape[1] == 0:

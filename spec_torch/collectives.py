@@ -18,6 +18,7 @@ Every function that communicates must be called by all ranks, in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,8 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "all_gather_object",
+    "agree",
+    "run_on_main",
     "fit_on_main",
     "all_reduce_state",
     "all_gather_topk",
@@ -90,6 +93,56 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def agree(error: BaseException | str | None) -> None:
+    """Every rank says whether its local check failed; if any did, every rank raises the same
+    :class:`SpecError` (naming the ranks), so none goes on alone into a collective the others never reach.
+
+    Call it on every rank, right after the local checks and before the next collective (a no-op raising
+    ``error`` itself without a process group).
+    """
+    mine = None if error is None else (str(error) or type(error).__name__)
+    if not is_distributed():
+        if isinstance(error, BaseException):
+            raise error
+        if error is not None:
+            raise SpecError(mine)
+        return
+    flag = torch.tensor([0 if mine is None else 1], dtype=torch.int64, device=_device())
+    dist.all_reduce(flag)  # cheap when nobody failed: one integer
+    if int(flag) == 0:
+        return
+    reports = all_gather_object(mine)
+    failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if len({m for _, m in failed}) == 1:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise SpecError(f"{failed[0][1]} (on rank {ranks})")
+    raise SpecError("; ".join(f"rank {r}: {m}" for r, m in failed))
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its (picklable) result returned on every rank.
+
+    An exception on rank 0 is raised on every rank as :class:`SpecError` with the same message (so no rank
+    goes on alone into a collective that the others never reach).
+    """
+    outcome: tuple[str, Any] | None = None
+    if is_main_process():
+        try:
+            outcome = ("ok", fn())
+        except SpecError as exc:
+            if not is_distributed():
+                raise
+            outcome = ("error", str(exc))
+        except Exception as exc:
+            if not is_distributed():
+                raise
+            outcome = ("error", f"rank 0 failed: {type(exc).__name__}: {exc}")
+    status, value = broadcast_object(outcome)
+    if status == "error":
+        raise SpecError(value)
+    return value
+
+
 def fit_on_main(kernel: Any, x: torch.Tensor) -> Any:
     """``kernel.fit(x)`` computed on rank 0 (from rank 0's ``x``) and the fitted kernel sent to every rank.
 
@@ -100,7 +153,7 @@ def fit_on_main(kernel: Any, x: torch.Tensor) -> Any:
     from .kernels import resolve_kernel
 
     kernel = resolve_kernel(kernel, "kernel")
-    return broadcast_object(kernel.fit(x) if is_main_process() else None)
+    return run_on_main(lambda: kernel.fit(x))  # rank 0's error (e.g. sigma='auto' on < 2 rows) on every rank
 
 
 def all_reduce_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive
+from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive, resolve_device
 from .errors import SpecError
-from .kernels import Kernel, resolve_kernel
+from .kernels import Kernel, kernel_from_state, resolve_kernel
 from .result import SpecResult
 from .solver import check_top_k, solve_features, sum_noise
 
@@ -30,6 +30,7 @@ MAX_ETA = 1e100
 __all__ = ["DiffCovariance", "distributed_ready"]
 
 _STATE = ("xx", "xy", "yy", "sum_x", "sum_y", "count")
+_FORMAT = "spec_torch.DiffCovariance/1"  # tag of state_dict(); bump when the saved entries change
 
 
 def distributed_ready() -> bool:
@@ -87,7 +88,7 @@ class DiffCovariance:
         self.kernel_y = self.kernel_y.for_route("features")
         self.accumulate_dtype = check_accumulate_dtype(accumulate_dtype) or torch.float64
         self.input_dtype: torch.dtype | None = None  # widest input dtype seen (sets the zero cut-off)
-        self.device = torch.device(device) if device is not None else None
+        self.device = resolve_device(device) if device is not None else None  # cuda without CUDA: SpecError
         self.dims: tuple[int, int] | None = None  # input dims (p, q), fixed by the first batch
         self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         self.count = 0
@@ -211,21 +212,79 @@ class DiffCovariance:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """The sums, count and resolved kernels, for checkpoints (``torch.save``) and resumed runs."""
-        if self.xx is None:
-            return {"count": 0}
-        out = {key: getattr(self, key) for key in _STATE}
-        out.update(dims=self.dims, kernel_x=self.kernel_x, kernel_y=self.kernel_y)
+        """The sums, count, input dims and kernels (settings + fitted tensors), for checkpoints.
+
+        Only tensors and plain values (``format``, ``count``, ``dims``, ``accumulate_dtype`` as a string, each
+        kernel as :meth:`Kernel.state_dict`), so ``torch.load(path)`` with the default ``weights_only=True``
+        reads a saved state. Before the first batch only the settings are saved (``count = 0``).
+        """
+        out: dict[str, Any] = {
+            "format": _FORMAT,
+            "count": int(self.count),
+            "dims": None if self.dims is None else list(self.dims),
+            "accumulate_dtype": None if self.accumulate_dtype is None else str(self.accumulate_dtype),
+            "kernel_x": self.kernel_x.state_dict(),
+            "kernel_y": self.kernel_y.state_dict(),
+        }
+        if self.xx is not None:
+            out.update({key: getattr(self, key) for key in _STATE[:-1]})
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> DiffCovariance:
-        if int(state.get("count", 0)) == 0:
-            return self
-        self.kernel_x, self.kernel_y, self.dims = state["kernel_x"], state["kernel_y"], tuple(state["dims"])
-        for key in _STATE[:-1]:
-            setattr(self, key, state[key].clone())
-        self.device = self.xx.device
-        self.count = int(state["count"])
+    def load_state_dict(self, state: dict[str, Any], adopt_kernels: bool = False) -> DiffCovariance:
+        """Restore a :meth:`state_dict`.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+            adopt_kernels: ``False`` (default): the saved kernels must match the kernels this accumulator was
+                constructed with (an unfitted ``sigma="auto"`` matches its fitted value; the fitted values are
+                taken from the state), otherwise :class:`SpecError`. ``True``: take the saved kernels whatever
+                they are.
+        """
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SpecError(
+                f"state: expected a DiffCovariance.state_dict() (format {_FORMAT!r}), got {got!r}"
+            )
+        missing = [k for k in ("count", "dims", "kernel_x", "kernel_y") if k not in state]
+        if missing:
+            raise SpecError(f"state: missing entries {missing}")
+        count = state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise SpecError(f"state: 'count' must be an integer >= 0, got {count!r}")
+        if adopt_kernels:
+            kx = kernel_from_state(state["kernel_x"], "state.kernel_x")
+            ky = kernel_from_state(state["kernel_y"], "state.kernel_y")
+        else:
+            kx = self.kernel_x.load_state_dict(state["kernel_x"], "state.kernel_x")
+            ky = self.kernel_y.load_state_dict(state["kernel_y"], "state.kernel_y")
+        dims = state["dims"]
+        sums: dict[str, torch.Tensor] = {}
+        if dims is not None:
+            if not (
+                isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, int) for d in dims)
+            ):
+                raise SpecError(f"state: 'dims' must be two integers [p, q], got {dims!r}")
+            dx, dy = kx.feature_dim(dims[0]), ky.feature_dim(dims[1])
+            shapes = {"xx": (dx, dx), "xy": (dx, dy), "yy": (dy, dy), "sum_x": (dx,), "sum_y": (dy,)}
+            for key, shape in shapes.items():
+                t = state.get(key)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+                    got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise SpecError(
+                        f"state: {key!r} must be a floating tensor of shape {list(shape)}, got {got}"
+                    )
+                sums[key] = t
+            if len({t.dtype for t in sums.values()}) != 1:
+                raise SpecError("state: the saved sums must share one dtype")
+        self.kernel_x, self.kernel_y = kx, ky
+        self.dims = None if dims is None else (dims[0], dims[1])
+        self.count = count
+        if sums:
+            for key, t in sums.items():
+                setattr(self, key, t.detach().clone())
+            self.device = self.xx.device
+        else:
+            self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         return self
 
     def synced(self) -> DiffCovariance:

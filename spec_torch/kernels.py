@@ -31,11 +31,19 @@ __all__ = [
     "median_sigma",
     "rff_frequencies",
     "AUTO_RFF_DIM",
+    "kernel_from_state",
 ]
 
 
 class Kernel:
-    """Base class. Subclasses set ``name`` and implement :meth:`features` (and :meth:`gram` if exact-only)."""
+    """Base class. Subclasses set ``name`` and implement :meth:`features` (and :meth:`gram` if exact-only).
+
+    Saved state (:meth:`state_dict` / :meth:`load_state_dict` / :func:`kernel_from_state`): the settings are
+    :meth:`describe` (plain values), the fitted values are tensors. A kernel whose :meth:`fit` makes tensors
+    (random frequencies, landmarks) overrides :meth:`_fitted_tensors` (name -> tensor), :meth:`_with_fitted`
+    (a fitted copy from saved settings and tensors, checking their shapes), and, when an unfitted setting
+    differs from its fitted value (``sigma="auto"``), :meth:`_accepts` and :meth:`_constructor_args`.
+    """
 
     name: str = "kernel"
     #: True when the kernel has a finite feature map (the linear-in-n route can use it).
@@ -84,6 +92,49 @@ class Kernel:
     def describe(self) -> dict[str, Any]:
         """The resolved settings, JSON-serialisable."""
         return {"name": self.name}
+
+    # ------------------------------------------------------------ saved state
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and fitted tensors, safe to save: ``{"settings": describe(), "tensors": {name: tensor}}``.
+
+        Only plain values (str, int, float, bool, None) and tensors, so ``torch.load(path)`` (the default
+        ``weights_only=True``) reads it back. Subclasses with fitted tensors override :meth:`_fitted_tensors`.
+        """
+        return {"settings": self.describe(), "tensors": self._fitted_tensors()}
+
+    def load_state_dict(self, state: Any, name: str = "kernel") -> Kernel:
+        """Return this kernel carrying the fitted values of ``state`` (from :meth:`state_dict`).
+
+        The settings in ``state`` must be this kernel's: an unfitted setting (``sigma="auto"``) matches the
+        value it was fitted to, anything else that differs raises :class:`SpecError` naming ``name``. To take
+        the saved kernel whatever it is, use :func:`kernel_from_state` instead.
+        """
+        settings, tensors = _split_state(state, name)
+        if settings.get("name") != self.name or not self._accepts(settings):
+            raise SpecError(
+                f"{name}: the saved kernel {settings} does not match the constructed {self!r}; construct the "
+                "same kernel, or adopt the saved one (kernel_from_state / load_state_dict(adopt_kernels=True))"
+            )
+        return self._with_fitted(settings, tensors, name)
+
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors resolved by :meth:`fit` (none for a kernel without data-dependent settings)."""
+        return {}
+
+    def _accepts(self, settings: dict[str, Any]) -> bool:
+        """True when ``settings`` (a saved ``describe()``) is this kernel, fitted or not."""
+        return settings == self.describe()
+
+    def _with_fitted(self, settings: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> Kernel:
+        """A copy of this kernel with the fitted values of a matching saved state."""
+        if tensors:
+            raise SpecError(f"{name}: unexpected tensors {sorted(tensors)} in a saved {self.name} kernel")
+        return self
+
+    @classmethod
+    def _constructor_args(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments that construct the (unfitted) kernel a saved ``describe()`` came from."""
+        return {k: v for k, v in settings.items() if k != "name"}
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.describe() == other.describe()  # type: ignore[union-attr]
@@ -303,6 +354,45 @@ class GaussianKernel(Kernel):
             "seed": self.seed,
         }
 
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self._omega is None else {"omega": self._omega}
+
+    def _accepts(self, settings: dict[str, Any]) -> bool:
+        mine = self.describe()
+        same = all(settings.get(k) == mine[k] for k in ("rff_dim", "seed", "sigma_auto"))
+        return same and (self.sigma_auto or settings.get("sigma") == mine["sigma"])
+
+    def _with_fitted(
+        self, settings: dict[str, Any], tensors: dict[str, torch.Tensor], name: str
+    ) -> GaussianKernel:
+        extra = sorted(set(tensors) - {"omega"})
+        if extra:
+            raise SpecError(f"{name}: unexpected tensors {extra} in a saved gaussian kernel")
+        out = copy.copy(self)
+        out._cache = {}
+        sigma = settings.get("sigma")
+        if sigma != "auto":
+            check_positive(sigma, f"{name}.sigma")
+            out.sigma = float(sigma)
+        omega = tensors.get("omega")
+        if omega is not None:
+            if omega.dtype != torch.float64 or omega.ndim != 2 or omega.shape[1] != self.rff_dim:
+                raise SpecError(
+                    f"{name}: saved frequencies must be float64 [p, {self.rff_dim}], got {omega.dtype} "
+                    f"{list(omega.shape)}"
+                )
+            if self._omega is not None and not torch.equal(self._omega, omega.cpu()):
+                raise SpecError(f"{name}: the saved frequencies differ from the constructed kernel's")
+            out._omega = omega.detach().to("cpu").clone()
+        return out
+
+    @classmethod
+    def _constructor_args(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        args = {k: v for k, v in settings.items() if k not in ("name", "sigma_auto")}
+        if settings.get("sigma_auto"):
+            args["sigma"] = "auto"
+        return args
+
 
 _BY_NAME = {"cosine": CosineKernel, "linear": LinearKernel, "gaussian": GaussianKernel, "rbf": GaussianKernel}
 
@@ -333,3 +423,39 @@ def resolve_kernel(kernel: str | Kernel | dict[str, Any], name: str = "kernel") 
     raise SpecError(
         f"{name}: expected a kernel name, a dict or a spec_torch Kernel, got {type(kernel).__name__}"
     )
+
+
+def _split_state(state: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Check the shape of a saved kernel state and return its ``(settings, tensors)``."""
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+        raise SpecError(
+            f"{name}: expected a saved kernel state {{'settings': {{...}}, 'tensors': {{...}}}}, "
+            f"got {type(state).__name__}"
+        )
+    tensors = state.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise SpecError(f"{name}: 'tensors' of a saved kernel state must map names to tensors")
+    return state["settings"], tensors
+
+
+def kernel_from_state(state: Any, name: str = "kernel") -> Kernel:
+    """Rebuild the kernel a :meth:`Kernel.state_dict` came from, fitted values included.
+
+    Example:
+        >>> import torch
+        >>> k = GaussianKernel(rff_dim=4).fit(torch.randn(10, 3))
+        >>> kernel_from_state(k.state_dict()) == k
+        True
+    """
+    settings, _ = _split_state(state, name)
+    kind = str(settings.get("name", "")).lower()
+    if kind not in _BY_NAME:
+        raise SpecError(
+            f"{name}: unknown saved kernel {kind!r}; expected one of {sorted(set(_BY_NAME) - {'rbf'})}"
+        )
+    cls = _BY_NAME[kind]
+    try:
+        fresh = cls(**cls._constructor_args(settings))
+    except (TypeError, SpecError) as exc:
+        raise SpecError(f"{name}: bad settings in the saved {kind} kernel: {exc}") from None
+    return fresh.load_state_dict(state, name)

@@ -263,28 +263,36 @@ class SpecResult:
                 shard, with its ``offset``) into the global top ``k``; the same result on every rank.
                 A rank may then hold no samples.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SpecError(f"k: expected a positive integer, got {k!r}")
-        modes = self._check_modes(modes)
-        if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
-            data = [data]
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise SpecError(f"offset: expected a non-negative integer, got {offset!r}")
-        hi_val = hi_idx = lo_val = lo_idx = None
-        for xb, yb in data:
-            xb, yb = self._prepare(xb, yb)
-            s = self._batch_scores(xb, yb, modes)  # [B, M]
-            idx = torch.arange(offset, offset + s.shape[0], device=s.device).unsqueeze(1).expand_as(s)
-            offset += s.shape[0]
-            if hi_val is not None:
-                s_hi, idx_hi = torch.cat([hi_val, s]), torch.cat([hi_idx, idx])
-                s_lo, idx_lo = torch.cat([lo_val, s]), torch.cat([lo_idx, idx])
-            else:
-                s_hi, idx_hi, s_lo, idx_lo = s, idx, s, idx
-            hi_val, hi_idx = top_rows(s_hi, idx_hi, k, largest=True)  # running top-k largest, [kk, M]
-            lo_val, lo_idx = top_rows(s_lo, idx_lo, k, largest=False)  # running top-k smallest
-        if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.apps.sharding)
-            from .collectives import all_gather_topk
+        error, hi_val = None, None
+        try:  # the local pass; under sync_dist its errors are agreed on by every rank before the merge
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise SpecError(f"k: expected a positive integer, got {k!r}")
+            modes = self._check_modes(modes)
+            if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
+                data = [data]
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise SpecError(f"offset: expected a non-negative integer, got {offset!r}")
+            hi_val = hi_idx = lo_val = lo_idx = None
+            for xb, yb in data:
+                xb, yb = self._prepare(xb, yb)
+                s = self._batch_scores(xb, yb, modes)  # [B, M]
+                idx = torch.arange(offset, offset + s.shape[0], device=s.device).unsqueeze(1).expand_as(s)
+                offset += s.shape[0]
+                if hi_val is not None:
+                    s_hi, idx_hi = torch.cat([hi_val, s]), torch.cat([hi_idx, idx])
+                    s_lo, idx_lo = torch.cat([lo_val, s]), torch.cat([lo_idx, idx])
+                else:
+                    s_hi, idx_hi, s_lo, idx_lo = s, idx, s, idx
+                hi_val, hi_idx = top_rows(s_hi, idx_hi, k, largest=True)  # running top-k largest, [kk, M]
+                lo_val, lo_idx = top_rows(s_lo, idx_lo, k, largest=False)  # running top-k smallest
+        except SpecError as exc:
+            if not sync_dist:
+                raise
+            error = exc
+        if sync_dist:  # merge the ranks' candidates (torch.distributed; see spec_torch.collectives)
+            from .collectives import agree, all_gather_topk
+
+            agree(error)  # one rank's bad batch raises on every rank, not a hang in the merge
 
             if hi_val is None:  # this rank's shard is empty
                 ref = self._u if self._u is not None else self._v

@@ -5,6 +5,7 @@ under shuffling, the presets, fail-fast pretrained weights, and the metrics agai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from spec_torch.apps.align.data import (
 )
 from spec_torch.apps.align.evaluate import knn_accuracy, retrieval_recall
 from spec_torch.apps.align.pipeline import run
-from spec_torch.apps.align.train import prompt_contrastive_loss, warmup_cosine
+from spec_torch.apps.align.runtime import Runtime
+from spec_torch.apps.align.train import AlignTrainer, prompt_contrastive_loss, warmup_cosine
 from spec_torch.apps.data import build_dataset
 from spec_torch.apps.encoders import build_encoder
 from spec_torch.apps.extract import extract_features
@@ -342,7 +344,7 @@ def test_imagenet_preset_trains_with_class_prompts(work, mini_imagenet):
     assert torch.equal(sd["logit_scale"], init["logit_scale"])
 
 
-def test_resume_refuses_other_settings_and_unrequested_overwrite(work, mini_imagenet):
+def test_resume_refuses_other_settings_and_unrequested_overwrite(work, mini_imagenet, caplog):
     base = [f"data.root={mini_imagenet}", "experiment=align_imagenet_clip_to_dinov2", "heldout=6"]
     base += [f"eval.imagenet_root={mini_imagenet}", "data.max_per_class=null"]
     run(tiny(compose_align(base), work, "refuse", steps=2))
@@ -352,6 +354,44 @@ def test_resume_refuses_other_settings_and_unrequested_overwrite(work, mini_imag
         run(tiny(compose_align([*base, "train.resume=false"]), work, "refuse", steps=2))
     with pytest.raises(SpecError, match="no such checkpoint"):
         run(tiny(compose_align([*base, f"train.resume={work / 'none.pt'}"]), work, "refuse2", steps=2))
+    # settings that change the run's meaning are refused, unless forced (and then logged loudly)
+    with pytest.raises(SpecError, match=r"other settings that change .*loss: .*eta.*resume_force=true"):
+        run(tiny(compose_align([*base, "loss.eta=3"]), work, "refuse", steps=2))
+    with pytest.raises(SpecError, match=r"lr: 0.001 -> 0.002"):
+        run(_lr(base, work))
+    with caplog.at_level(logging.WARNING, logger="spec_torch.apps.align.train"):
+        res = run(
+            tiny(compose_align([*base, "loss.eta=3", "train.resume_force=true"]), work, "refuse", steps=2)
+        )
+    assert res["resumed"] and "RESUMING from" in caplog.text and "FORCED" in caplog.text
+    assert "0 steps to train" in caplog.text
+    # before/after are computed under this run's settings (eta=3), never the checkpoint's
+    saved = json.loads((work / "refuse" / "eval_before.json").read_text())
+    assert saved["run_settings"]["loss"]["eta"] == 3
+
+
+def _lr(base, work):
+    cfg = tiny(compose_align(base), work, "refuse", steps=2)
+    with open_dict(cfg):
+        cfg.optim.lr = 2e-3
+    return cfg
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(work, tmp_path):
+    """A crafted ``train.resume=<file>`` whose unpickling would call a function is refused, not run."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = tmp_path / "evil.pt"
+    torch.save({"step": 1, "model": Payload()}, crafted)
+    trainer = AlignTrainer.__new__(AlignTrainer)  # only resume() is exercised
+    trainer.ckpt_path, trainer.rt = tmp_path / "last.pt", Runtime.detect("cpu")
+    with pytest.raises(SpecError, match=r"train.resume: refused the checkpoint .*evil.pt.*could run code"):
+        trainer.resume(crafted)
+    assert not marker.exists()
 
 
 def test_demo_lowers_heldout_spec_diff(work):

@@ -755,9 +755,7 @@ def test_torchrun_align_script_one_run_dir_written_by_rank_zero(ranks, tmp_path)
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [
-        p for p in (tmp_path / "outputs").iterdir() if p.is_dir()
-    ]  # align_tiny's outputs/align_tiny
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("results.json")]  # outputs/align_tiny/<time>
     assert (run_dir / "results.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in run_dir.glob("*.log")) == ["align.log"]
     assert [r["step"] for r in _csv(run_dir / "logs" / "train.csv")] == ["1", "2", "3", "4"]

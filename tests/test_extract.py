@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -217,7 +218,10 @@ def test_crash_while_finishing_leaves_no_complete_cache_and_rerun_finishes(tmp_p
         real_write(path, text)
 
     monkeypatch.setattr(ex, "atomic_write_text", dying_write)
-    with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="disk full"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(SpecError, match=r"writing the feature cache .* failed \(disk full\)"),
+    ):
         extract_features(ds, enc, tmp_path / "c", batch_size=4, progress=False)
     folder = cache_folder(ds, enc, tmp_path / "c")
     assert (folder / "features.npy").exists() and not (folder / "complete.json").exists()
@@ -239,7 +243,10 @@ def test_encoder_with_wrong_width_is_reported(tmp_path):
         extract_features(ds, enc, tmp_path, progress=False)
 
 
-def test_cache_lock_waits_times_out_and_takes_over_stale_locks(tmp_path):
+def test_cache_lock_names_its_holder_times_out_and_dies_with_it(tmp_path):
+    """The cache lock is an OS lock: a live holder makes others wait ``lock_timeout`` and then fail naming it
+    (host, pid); killed with -9, the kernel releases it; garbage or a live unrelated pid in the lock files
+    blocks nobody."""
     import socket
     import subprocess
     import sys
@@ -248,14 +255,31 @@ def test_cache_lock_waits_times_out_and_takes_over_stale_locks(tmp_path):
     enc = build_encoder("offline_colour")
     folder = cache_folder(ds, enc, tmp_path)
     folder.mkdir(parents=True)
-    lock = folder / ".lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # held by a live process (this one)
-    with pytest.raises(SpecError, match=rf"process {os.getpid()} .* has been extracting into"):
-        extract_features(ds, enc, tmp_path, progress=False, lock_timeout=0.2)
-    assert not (folder / "complete.json").exists()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # left by a process that is gone
+    lock, holder = folder / ".lock", folder / ".lock.holder"
+    lock.write_text("garbage \x00")  # content does not matter
+    holder.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live pid that does not hold the lock
     cache = extract_features(ds, enc, tmp_path, progress=False, lock_timeout=0.2)
-    assert cache.n == 6 and not lock.exists()
+    assert cache.n == 6 and not holder.exists()
+    shutil.rmtree(folder)
+    folder.mkdir()
+    code = (
+        "import os, socket, sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
+        "open(sys.argv[2], 'w').write(f'{socket.gethostname()} {os.getpid()}'); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock), str(holder)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        pattern = (
+            rf"process {proc.pid} on host {socket.gethostname()} has held the lock .* cache_lock_timeout"
+        )
+        with pytest.raises(SpecError, match=pattern):
+            extract_features(ds, enc, tmp_path, progress=False, lock_timeout=0.2)
+        assert not (folder / "complete.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    cache = extract_features(ds, enc, tmp_path, progress=False, lock_timeout=5)  # the kernel released it
+    assert cache.n == 6

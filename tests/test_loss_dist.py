@@ -152,7 +152,7 @@ def _error_cases(rank: int) -> dict:
 
 
 def _error_worker(rank: int, port: int, out_dir: str) -> None:
-    import spec_torch.align.loss as loss_module
+    import spec_torch.loss as loss_module
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)

@@ -7,9 +7,12 @@ when writing succeeded; on any error the temporary file is removed and the targe
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,19 +20,78 @@ from typing import Any
 
 from ..errors import SpecError
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "prepare_output_dir"]
+__all__ = [
+    "atomic_path",
+    "clean_stale_temporaries",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "prepare_output_dir",
+]
+
+
+_STALE_FOREIGN_S = 24 * 3600.0  # a temporary of another host (shared filesystem) older than this is stale
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` (``.<name>.<host>.<pid>.*.tmp``) left by killed writers.
+
+    A temporary is stale when its writer was on this host and is no longer running, or was on another host
+    and the file is older than a day; a temporary without a writer in its name (older layout) is stale after
+    an hour. Returns the removed paths.
+    """
+    path = Path(path)
+    host, now, removed = socket.gethostname().replace(".", "_"), time.time(), []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")  # [host, pid, random, "tmp"] or [random, "tmp"]
+        try:
+            age = now - tmp.stat().st_mtime
+        except OSError:
+            continue
+        if len(parts) >= 4 and parts[1].isdigit():
+            pid = int(parts[1])
+            stale = (pid != os.getpid() and not _alive(pid)) if parts[0] == host else age > _STALE_FOREIGN_S
+        else:
+            stale = age > 3600
+        if stale:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
+
+    The file gets the permissions of a normal write (``0o666`` minus the umask), not ``mkstemp``'s 0600.
+    Temporaries of the same target left by killed writers are removed first (:func:`clean_stale_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temporaries(path)
+    host = socket.gethostname().replace(".", "_")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{host}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,7 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
             progress=bool(cfg.get("progress", True)),
             chunk_rows=int(cfg.get("chunk_rows", 4096)),
             amp=bool(cfg.get("amp", True)),
+            lock_timeout=float(cfg.get("cache_lock_timeout", 86400)),
         )
         enc_info[w] = {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
         del enc
@@ -330,20 +333,54 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
             kx, ky = _fit_kernels(cfg, paired, route)
         x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
         cka.update(x, y)
-        res = api.spec(
-            x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=center
-        )
+        with _named("top_k", "solve_top_k"), _sample_ids(paired, 0):
+            res = api.spec(
+                x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=center
+            )
         return res, cka.compute()
     acc = DiffCovariance(kx, ky, accumulate_dtype=dtype, device=device)
     if not (kx.is_fitted and ky.is_fitted):
         acc.fit(*_fit_sample(cfg, paired))  # sigma="auto" from a seeded sample of all rows, not a batch
+    start = _my_rows(paired).start
     for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
-        acc.update(xb, yb)
+        with _sample_ids(paired, start):  # "row 3" of a batch -> the sample id
+            acc.update(xb, yb)
         cka.update(xb, yb)
+        start += xb.shape[0]
     if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
-    return acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center), cka.compute()
+    with _named("top_k", "solve_top_k"):
+        res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
+    return res, cka.compute()
+
+
+@contextmanager
+def _named(arg: str, key: str) -> Iterator[None]:
+    """A library error about argument ``arg`` renamed after the config key ``key`` that set it."""
+    try:
+        yield
+    except SpecError as exc:
+        text = str(exc)
+        if text.startswith(f"{arg}:"):
+            raise SpecError(f"{key}:{text[len(arg) + 1 :]}") from None
+        raise
+
+
+@contextmanager
+def _sample_ids(paired: PairedFeatures, start: int) -> Iterator[None]:
+    """Errors naming a row of a streamed batch (``row 3``) name the sample instead."""
+    try:
+        yield
+    except SpecError as exc:
+        text = str(exc)
+        match = re.search(r"\(first at row (\d+)\)", text)
+        if match is None:
+            raise
+        row = start + int(match.group(1))
+        raise SpecError(
+            f"{text[: match.start()]}(first: sample {paired.ids[row]!r}, paired row {row}){text[match.end() :]}"
+        ) from None
 
 
 def _my_rows(paired: PairedFeatures) -> range:
@@ -471,6 +508,10 @@ def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: 
 def _mutual_knn(cfg, paired: PairedFeatures) -> dict[str, Any]:
     from .report import metrics
 
+    for key, low in (("mutual_knn_subsample", 2), ("mutual_knn_k", 1)):
+        value = cfg.metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SpecError(f"metrics.{key}: expected an integer >= {low}, got {value!r}")
     m = min(int(cfg.metrics.mutual_knn_subsample), paired.n)
     k = min(int(cfg.metrics.mutual_knn_k), m - 1)
     rng = np.random.default_rng(int(cfg.seed))

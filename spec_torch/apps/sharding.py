@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives import (  # the library's collectives, re-exported for the pipelines
+    agree,
     all_gather_object,
     all_gather_topk,
     all_gather_with_grad,
@@ -59,6 +60,7 @@ from ..collectives import (  # the library's collectives, re-exported for the pi
     get_world_size,
     is_distributed,
     is_main_process,
+    run_on_main,
 )
 from ..errors import SpecError
 from ._io import atomic_path
@@ -80,6 +82,8 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "fit_on_main",
+    "agree",
+    "collective_timeout_s",
     "all_reduce_state",
     "all_gather_topk",
     "all_gather_with_grad",
@@ -108,17 +112,48 @@ def torchrun_env() -> dict[str, int] | None:
         ) from None
 
 
-#: collective timeout: long, because ranks meet after extraction, and after a crash a rerun's other ranks reuse
-#: their finished caches at once and wait for the rank that resumes its block
-DEFAULT_TIMEOUT_S = 6 * 3600.0
+#: collective timeout of the default process group (seconds): how long a rank waits in a collective that
+#: another rank never reaches. Checks that can fail on one rank are agreed on by every rank first (:func:`agree`),
+#: so a failed library call raises at once; this bounds what is left (a rank that crashes hard). Environment
+#: variable ``SPEC_TORCH_DIST_TIMEOUT_S`` overrides it.
+DEFAULT_TIMEOUT_S = 1800.0
+#: how long ranks wait for each other's feature extraction in :func:`extract_sharded` (seconds; a rerun's
+#: other ranks reuse their finished caches at once and wait for the rank that resumes its block). On a side
+#: Gloo group of its own, so the short collective timeout above does not cut a long extraction. Environment
+#: variable ``SPEC_TORCH_EXTRACT_WAIT_S`` overrides it.
+EXTRACT_WAIT_S = 24 * 3600.0
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def _seconds(env_key: str, default: float) -> float:
+    value = os.environ.get(env_key)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SpecError(f"{env_key}: expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def collective_timeout_s() -> float:
+    """The collective timeout :func:`init_distributed` uses by default (``SPEC_TORCH_DIST_TIMEOUT_S`` or 1800)."""
+    return _seconds("SPEC_TORCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Start the default process group from torchrun's environment; True when one is initialised.
 
     A no-op returning False outside torchrun, and returning True when a group already exists. The backend
     defaults to NCCL when CUDA is available (each process takes the GPU ``LOCAL_RANK``) and Gloo otherwise.
+    ``timeout_s``: the collective timeout; default :func:`collective_timeout_s` (30 minutes, or the
+    environment variable ``SPEC_TORCH_DIST_TIMEOUT_S``).
     """
+    if timeout_s is None:
+        timeout_s = collective_timeout_s()
+    elif isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise SpecError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
     if dist.is_available() and dist.is_initialized():
         return True
     env = torchrun_env()
@@ -224,13 +259,17 @@ def extract_sharded(dataset: SampleDataset, encoder: Any, cache_dir: Any, **kwar
     except Exception as exc:  # told to every rank below, so that none waits for the others forever
         failed = exc
         error = f"{type(exc).__name__}: {exc}"
-    reports = all_gather_object((str(mine.path) if mine is not None else None, error))
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        reports, (str(mine.path) if mine is not None else None, error), group=_wait_group()
+    )
     if error is not None:
         raise failed
     errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(reports) if e is not None]
     if errors:
         raise SpecError(f"cache_dir: feature extraction failed on another rank: {'; '.join(errors)}")
-    parts = [FeatureCache.load(p) for p, _ in reports if p is not None]  # every block, in rank order
+    # every block, in rank order; each was verified against its checksums by the rank that extracted it
+    parts = [FeatureCache.load(p, verify=False) for p, _ in reports if p is not None]
     return FeatureCache(
         path=parts[0].path,
         ids=[i for c in parts for i in c.ids],
@@ -238,6 +277,18 @@ def extract_sharded(dataset: SampleDataset, encoder: Any, cache_dir: Any, **kwar
         features=RowConcat([c.features for c in parts]),  # [n, d], read block by block
         meta={**parts[0].meta, "n": sum(c.n for c in parts), "shards": [str(c.path) for c in parts]},
     )
+
+
+_WAIT_GROUP: Any = None
+
+
+def _wait_group() -> Any:
+    """A Gloo group over every rank with the long :data:`EXTRACT_WAIT_S` timeout (made once, by all ranks)."""
+    global _WAIT_GROUP
+    if _WAIT_GROUP is None or _WAIT_GROUP[0] is not dist.group.WORLD:
+        wait = datetime.timedelta(seconds=_seconds("SPEC_TORCH_EXTRACT_WAIT_S", EXTRACT_WAIT_S))
+        _WAIT_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=wait))
+    return _WAIT_GROUP[1]
 
 
 class RowConcat:
@@ -340,30 +391,6 @@ def share_config(cfg: Any = None) -> Any:
     else:
         resolved = None
     return OmegaConf.create(broadcast_object(resolved))
-
-
-def run_on_main(fn: Callable[[], Any]) -> Any:
-    """``fn()`` run on rank 0 only, its (picklable) result returned on every rank.
-
-    An exception on rank 0 is raised on every rank as :class:`SpecError` with the same message (so no rank
-    goes on alone into a collective that the others never reach).
-    """
-    outcome: tuple[str, Any] | None = None
-    if is_main_process():
-        try:
-            outcome = ("ok", fn())
-        except SpecError as exc:
-            if not is_distributed():
-                raise
-            outcome = ("error", str(exc))
-        except Exception as exc:
-            if not is_distributed():
-                raise
-            outcome = ("error", f"rank 0 failed: {type(exc).__name__}: {exc}")
-    status, value = broadcast_object(outcome)
-    if status == "error":
-        raise SpecError(value)
-    return value
 
 
 def write_on_main(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -129,6 +129,7 @@ def _teacher_cache(cfg: DictConfig, dataset, device: torch.device):
         device=device,
         progress=bool(cfg.progress),
         amp=bool(cfg.train.amp),
+        lock_timeout=float(cfg.get("cache_lock_timeout", 86400)),
     )
     return cache, teacher.describe()
 
@@ -263,15 +264,16 @@ def run(
             m, sets[0], transform, **{k: eval_kwargs[k] for k in _SPEC_KEYS}
         ),
     )
+    trainer.run_settings = run_settings(cfg)
     checkpoint = _checkpoint_to_resume(cfg.train.resume, trainer.ckpt_path)
-    before_path = out / BEFORE_JSON
-    if checkpoint is not None and before_path.is_file():
-        before = json.loads(before_path.read_text())["metrics"]
-    else:  # the model is still the untrained student here, also when a checkpoint is loaded next
+    before = _saved_before(out / BEFORE_JSON, trainer.run_settings) if checkpoint is not None else None
+    fresh_before = before is None
+    if fresh_before:  # the model is still the untrained student here, also when a checkpoint is loaded next
         before = evaluate(model, tokenizer, transform, sets, **eval_kwargs)
-        if rt.is_main:
-            atomic_write_json(before_path, {"metrics": before})
-    resumed = trainer.resume(checkpoint) if checkpoint is not None else False
+    force = bool(cfg.train.get("resume_force", False))
+    resumed = trainer.resume(checkpoint, force=force) if checkpoint is not None else False
+    if fresh_before and rt.is_main:  # after a refused resume the old run's evaluation stays
+        atomic_write_json(out / BEFORE_JSON, {"metrics": before, "run_settings": trainer.run_settings})
     if rt.is_main:
         _print_table("before", before)
 
@@ -302,6 +304,37 @@ def run(
         _print_change(before, after, out)
     rt.barrier()
     return results
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The config sections that give a training run its meaning (compared on resume): models, data, loss,
+    optimiser, kernels, held-out split and seed."""
+    keys = (
+        "student",
+        "teacher",
+        "data",
+        "loss",
+        "optim",
+        "kernel_student",
+        "kernel_teacher",
+        "heldout",
+        "seed",
+    )
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps({k: plain.get(k) for k in keys}, sort_keys=True, default=str))
+
+
+def _saved_before(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The untrained student's metrics saved by the run being resumed, or None (absent, broken, other run)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or "metrics" not in saved:
+        return None
+    if "run_settings" in saved and saved["run_settings"] != settings:
+        return None
+    return saved["metrics"]
 
 
 def _checkpoint_to_resume(resume: Any, default: Path) -> Path | None:

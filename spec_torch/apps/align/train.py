@@ -19,7 +19,10 @@ scheduler, grad scaler, the loss's buffers, the data position (epoch, batch) and
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -43,6 +46,8 @@ from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_
 from .runtime import Runtime
 
 __all__ = ["TrainSettings", "AlignTrainer", "StudentForward", "prompt_contrastive_loss", "warmup_cosine"]
+
+log = logging.getLogger(__name__)
 
 CONTRASTIVE = ("pairs", "prompts", "off")
 CSV_FIELDS = (
@@ -186,6 +191,9 @@ class AlignTrainer:
         self.samples, self.teacher, self.heldout_fn = samples, teacher, heldout_fn
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
+        #: the pipeline's settings that give the run its meaning (models, data, loss, optimiser); saved in
+        #: checkpoints and compared on resume
+        self.run_settings: dict[str, Any] = {}
         self.use_text = settings.contrastive != "off" and settings.w_clip > 0
         self._set_trainable()
         self.forward_module: nn.Module = StudentForward(model)  # DDP wraps this one
@@ -404,7 +412,8 @@ class AlignTrainer:
             "scaler": self.scaler.state_dict(),
             "spec_loss": self.spec_loss.state_dict(),
             "rng": _rng_state(),
-            "settings": asdict(self.s),
+            "settings": {k: _plain_setting(v) for k, v in asdict(self.s).items()},
+            "run_settings": json.dumps(self.run_settings, sort_keys=True, default=str),
             "world_size": self.rt.world_size,
         }
 
@@ -424,41 +433,117 @@ class AlignTrainer:
             atomic_torch_save(self.state_dict(), self.ckpt_path)
         self.rt.barrier()
 
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path`` (default ``checkpoints/last.pt``) if it exists; True when a checkpoint was loaded."""
+    def resume(self, path: str | Path | None = None, force: bool = False) -> bool:
+        """Load ``path`` (default ``checkpoints/last.pt``) if it exists; True when a checkpoint was loaded.
+
+        The checkpoint is read with ``torch.load(weights_only=True)`` (a file that needs arbitrary pickled
+        objects is refused: loading it could run code). Settings that change what the run means (the
+        ``run_settings`` given by the pipeline: models, data, loss, optimiser; and the loop settings below)
+        must equal the checkpoint's, unless ``force`` (``train.resume_force=true``). What is resumed is
+        logged (path, step).
+        """
         path = Path(path) if path is not None else self.ckpt_path
         if not path.is_file():
             if path != self.ckpt_path:
                 raise SpecError(f"train.resume: no such checkpoint: {path}")
             return False
         try:
-            state = torch.load(path, map_location=self.rt.device, weights_only=False)
+            state = torch.load(path, map_location=self.rt.device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpecError(
+                f"train.resume: refused the checkpoint {path}: it holds objects that are not plain tensors and "
+                f"settings (loading it could run code: {first[:200]})"
+            ) from None
         except Exception as exc:
             raise SpecError(f"train.resume: cannot read the checkpoint {path}: {exc}") from None
+        if not isinstance(state, dict) or not {"step", "model", "settings", "rng"} <= set(state):
+            raise SpecError(f"train.resume: {path} is not an alignment checkpoint (checkpoints/last.pt)")
         saved = dict(state.get("settings", {}))
         for key in ("steps", "batch_size", "seed", "contrastive", "train_text"):
             mine = getattr(self.s, key)
-            if key in saved and saved[key] != mine:
+            if key in saved and saved[key] != _plain_setting(mine):
                 raise SpecError(
                     f"train.resume: the checkpoint {path} was written with {key}={saved[key]!r}, this run has "
                     f"{key}={mine!r}; an exact resume needs the same settings (or start a new output_dir)"
                 )
+        changed = _changed(_json_or_empty(state.get("run_settings")), self.run_settings)
+        changed += [
+            f"{k}: {saved[k]!r} -> {_plain_setting(getattr(self.s, k))!r}"
+            for k in _MEANING_KEYS
+            if k in saved and saved[k] != _plain_setting(getattr(self.s, k))
+        ]
+        if changed and not force:
+            raise SpecError(
+                f"train.resume: the checkpoint {path} was trained with other settings that change the run's "
+                f"meaning ({'; '.join(changed[:6])}); use a new output_dir, or train.resume_force=true to "
+                "continue anyway"
+            )
         if int(state.get("world_size", 1)) != self.rt.world_size:  # DDP: the data shards depend on it
             raise SpecError(
                 f"train.resume: the checkpoint {path} was written by {state.get('world_size', 1)} process(es), "
                 f"this run has {self.rt.world_size}; an exact resume needs the same number (--nproc_per_node)"
             )
         self.load_state_dict(state)
+        if self.rt.is_main:
+            note = " (the run is already finished: 0 steps to train)" if self.step >= self.s.steps else ""
+            forced = f"; FORCED over changed settings: {'; '.join(changed)}" if changed else ""
+            log.warning("RESUMING from %s at step %d of %d%s%s", path, self.step, self.s.steps, note, forced)
         return True
+
+
+_MEANING_KEYS = (
+    "lr",
+    "weight_decay",
+    "betas",
+    "eps",
+    "warmup_steps",
+    "min_lr_ratio",
+    "grad_clip",
+    "w_clip",
+    "w_spec",
+)
+
+
+def _plain_setting(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _json_or_empty(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        value = {}
+    return value if isinstance(value, dict) else {}
+
+
+def _changed(saved: dict[str, Any], mine: dict[str, Any] | None) -> list[str]:
+    """``"key: old -> new"`` for each top-level setting that differs (none when either side is unknown)."""
+    if not saved or not mine:
+        return []
+    return [
+        f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+        for k in sorted(set(saved) | set(mine))
+        if saved.get(k) != mine.get(k)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict[str, Any]:
+    """The RNG states as tensors and plain values (a checkpoint must load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
     }
 
 
@@ -466,8 +551,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy = state["numpy"]
+    keys = npy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
 
 
 # ------------------------------------------------------------------------------------------------ logs

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -113,12 +115,40 @@ class SampleDataset(Dataset):
         return f"{type(self).__name__}(n={len(self)}, modality={self.modality!r})"
 
 
+def file_stamps(root: Path, names: list[str]) -> str:
+    """``size:mtime_ns`` (or ``missing``) of each file ``root / name``, one line each: what a cache key needs
+    so that files added, restored or replaced later change it."""
+    parts = []
+    for name in names:
+        try:
+            st = os.stat(root / name)
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append("missing")
+    return "\n".join(parts)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB by bit depth, never by a per-image stretch.
+
+    16-bit modes (``I;16*``, and ``I`` which PIL uses for 16-bit PNG/TIFF) map 0..65535 to 0..255 (x 255/65535);
+    float images (``F``) are taken as intensities in [0, 1], clipped, x 255. Other modes go through
+    PIL's ``convert("RGB")``.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I" or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a, 0.0, 1.0) * 255.0 if im.mode == "F" else np.clip(a, 0, 65535) * (255.0 / 65535.0)
+        gray = Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    return im.convert("RGB")
+
+
 def open_image(path: Path, sample_id: str) -> Image.Image:
-    """Decode the image at ``path`` fully, as RGB; :class:`CorruptSample` when it cannot be read."""
+    """Decode the image at ``path`` fully, as RGB (:func:`to_rgb`); :class:`CorruptSample` when unreadable."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise CorruptSample(sample_id, f"file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

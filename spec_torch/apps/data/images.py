@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ...errors import SpecError
-from .base import IMAGE_EXTENSIONS, SampleDataset, existing_path, limit_rows, open_image
+from .base import IMAGE_EXTENSIONS, SampleDataset, existing_path, file_stamps, limit_rows, open_image
 
 __all__ = ["ImageFolderDataset", "ImageNetDataset", "imagenet_class_names"]
 
@@ -72,14 +72,7 @@ class ImageFolderDataset(SampleDataset):
         return {"name": self.name, "root": str(self.root), "max_samples": self.max_samples}
 
     def content_stamp(self) -> str:
-        parts = []
-        for s in self._ids:
-            try:
-                st = (self.root / s).stat()
-                parts.append(f"{st.st_size}:{st.st_mtime_ns}")
-            except OSError:
-                parts.append("missing")
-        return "\n".join(parts)
+        return file_stamps(self.root, self._ids)
 
 
 @cache
