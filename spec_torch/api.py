@@ -64,6 +64,10 @@ def spec(
     top_k: int | None = None,
     batch_size: int = 8192,
     accumulate_dtype: torch.dtype | None = None,
+    replicates: int | None = None,
+    seed: int = 0,
+    level: float = 0.9,
+    groups: int | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -77,6 +81,12 @@ def spec(
         top_k: ``None`` for the whole spectrum, or the number of strongest modes of each sign (iterative solver).
         batch_size: rows per streamed batch on the feature route.
         accumulate_dtype: e.g. ``torch.float64`` for float64 sums from float32 features.
+        replicates: R >= 2 bootstrap replicates for ``eigenvalue_ci``, ``spec_diff_ci``, ``heldout_eigenvalues``
+            and ``stability`` (docs/uncertainty.md); ``None``/``0`` skips them. Needs the feature route.
+        seed: seeds the group assignment's hash and the resampling (deterministic for a seed).
+        level: interval level (default 0.9).
+        groups: number of groups the samples are split into for the replicates (default 32 when
+            ``replicates`` is given; at most n // 2).
 
     Returns:
         A :class:`SpecResult`.
@@ -98,6 +108,10 @@ def spec(
     kx.check_input(x, "x")
     ky.check_input(y, "y")
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    if replicates:
+        return _spec_with_uncertainty(
+            x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+        )
     route = _choose(method, n, p, q, kx, ky)
     if route == "features":
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
@@ -131,3 +145,34 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
     tx = sum(float(torch.diagonal(kx.gram(b, b)).sum()) for b in x.split(1024))
     ty = sum(float(torch.diagonal(ky.gram(b, b)).sum()) for b in y.split(1024))
     return (tx + eta * ty) / n
+
+
+#: groups of the bootstrap when ``spec(..., replicates=R)`` does not name them
+DEFAULT_GROUPS = 32
+
+
+def _spec_with_uncertainty(
+    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+) -> SpecResult:
+    """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
+    for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
+        if not k.has_features:
+            raise SpecError(
+                f"{name}: {k!r} has no finite feature map, so replicates (intervals, held-out eigenvalues, "
+                "stability) cannot be computed from group sums; use Nystrom features or random Fourier "
+                "features (GaussianKernel(rff_dim=...)), or replicates=None"
+            )
+    if method == "exact":
+        raise SpecError("method: replicates need the feature route; use method='features' or 'auto'")
+    if method not in _METHODS:
+        raise SpecError(f"method: expected one of {_METHODS}, got {method!r}")
+    n = x.shape[0]
+    if groups is None:
+        groups = min(DEFAULT_GROUPS, n // 2)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
+    acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype, groups=groups, group_seed=seed)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
+    return acc.compute(eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed)

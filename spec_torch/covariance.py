@@ -46,6 +46,10 @@ class DiffCovariance:
         accumulate_dtype: dtype of the sums; default the input dtype (float32, or float64 for float64 input).
             ``torch.float64`` gives float64 accumulation for float32 features.
         device: where the state lives; default the device of the first batch.
+        groups: keep G >= 2 group-wise partial sums beside the totals (float64, G x the memory), for
+            ``compute(replicates=R)``: intervals, held-out eigenvalues and stability (spec_torch.uncertainty).
+            Each sample's group is a seeded hash of its global index (``update(..., index=)``).
+        group_seed: seed of that hash.
 
     Example:
         >>> import torch, spec_torch as st
@@ -65,6 +69,8 @@ class DiffCovariance:
         kernel_y: str | Kernel = "cosine",
         accumulate_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        groups: int | None = None,
+        group_seed: int = 0,
     ) -> None:
         self.kernel_x = resolve_kernel(kernel_x, "kernel_x")
         self.kernel_y = resolve_kernel(kernel_y, "kernel_y")
@@ -79,6 +85,12 @@ class DiffCovariance:
         self.dims: tuple[int, int] | None = None  # input dims (p, q), fixed by the first batch
         self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         self.count = 0
+        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 2):
+            raise SpecError(f"groups: expected an integer >= 2 or None, got {groups!r}")
+        if isinstance(group_seed, bool) or not isinstance(group_seed, int) or group_seed < 0:
+            raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
+        self.groups, self.group_seed = groups, group_seed
+        self.group_state: dict[str, torch.Tensor] | None = None  # spec_torch.uncertainty.accumulate_groups
 
     # ------------------------------------------------------------------ state
     @property
@@ -108,6 +120,26 @@ class DiffCovariance:
         self.yy = torch.zeros(dy, dy, dtype=dtype, device=device)
         self.sum_x = torch.zeros(dx, dtype=dtype, device=device)
         self.sum_y = torch.zeros(dy, dtype=dtype, device=device)
+        if self.groups is not None:
+            self._init_groups(dx, dy, device)
+
+    def _init_groups(self, dx: int, dy: int, device: torch.device) -> None:
+        """Zero group sums (float64): ``xx [G, Dx, Dx]``, ``xy``, ``yy``, ``sum_x [G, Dx]``, ``sum_y``, ``count [G]``."""
+        g, f64 = self.groups, torch.float64
+        check_fits(
+            g * (dx * dx + dx * dy + dy * dy) * 8 + 12 * (dx + dy) ** 2 * 8,
+            device,
+            f"groups = {g} group-wise sums of D = {dx} + {dy} features (G x D x D matrices)",
+            "groups",
+        )
+        self.group_state = {
+            "xx": torch.zeros(g, dx, dx, dtype=f64, device=device),
+            "xy": torch.zeros(g, dx, dy, dtype=f64, device=device),
+            "yy": torch.zeros(g, dy, dy, dtype=f64, device=device),
+            "sum_x": torch.zeros(g, dx, dtype=f64, device=device),
+            "sum_y": torch.zeros(g, dy, dtype=f64, device=device),
+            "count": torch.zeros(g, dtype=f64, device=device),
+        }
 
     def features(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate a batch and map it to features ``([B, Dx], [B, Dy])`` with the fitted kernels."""
@@ -129,15 +161,46 @@ class DiffCovariance:
         return px, py
 
     @torch.no_grad()
-    def update(self, x: Any, y: Any) -> DiffCovariance:
-        """Add a batch: ``x: [B, p]``, ``y: [B, q]`` (tensors or numpy arrays, same samples in the same order)."""
+    def update(self, x: Any, y: Any, index: Any = None) -> DiffCovariance:
+        """Add a batch: ``x: [B, p]``, ``y: [B, q]`` (tensors or numpy arrays, same samples in the same order).
+
+        ``index: [B]`` global sample indices (dataset row numbers), used only with ``groups``: they decide each
+        sample's group; default the running count of this accumulator (``n, n+1, ...``), which is global only on
+        a single process reading the data in order.
+        """
         px, py = self.features(x, y)
+        if self.groups is not None:
+            return self._update_groups(px, py, index)
         self.xx.addmm_(px.T, px)  # [Dx, B] @ [B, Dx] -> [Dx, Dx]
         self.xy.addmm_(px.T, py)  # [Dx, B] @ [B, Dy] -> [Dx, Dy]
         self.yy.addmm_(py.T, py)  # [Dy, B] @ [B, Dy] -> [Dy, Dy]
         self.sum_x.add_(px.sum(0))
         self.sum_y.add_(py.sum(0))
         self.count += px.shape[0]
+        return self
+
+    def _update_groups(self, px: torch.Tensor, py: torch.Tensor, index: Any) -> DiffCovariance:
+        """Group-wise update: one sub-GEMM per group and block; the totals get the sum of the group parts."""
+        from .uncertainty import accumulate_groups, assign_groups
+
+        b = px.shape[0]
+        if index is None:
+            index = torch.arange(self.count, self.count + b)
+        index = torch.as_tensor(index)
+        if index.shape != (b,) or index.is_floating_point() or index.dtype == torch.bool:
+            raise SpecError(
+                f"index: expected {b} integer sample indices [B], got {index.dtype} {tuple(index.shape)}"
+            )
+        if b and int(index.min()) < 0:
+            raise SpecError(f"index: expected non-negative sample indices, got minimum {int(index.min())}")
+        gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
+        dxx, dxy, dyy = accumulate_groups(self.group_state, px, py, gid)
+        self.xx.add_(dxx.to(self.xx.dtype))
+        self.xy.add_(dxy.to(self.xy.dtype))
+        self.yy.add_(dyy.to(self.yy.dtype))
+        self.sum_x.add_(px.sum(0))
+        self.sum_y.add_(py.sum(0))
+        self.count += b
         return self
 
     def merge(self, other: DiffCovariance) -> DiffCovariance:
@@ -156,16 +219,32 @@ class DiffCovariance:
             for key in _STATE[:-1]:
                 setattr(self, key, getattr(other, key).clone())
             self.count = other.count
+            self._merge_groups(other, first=True)
             return self
         if self.kernel_x != other.kernel_x or self.kernel_y != other.kernel_y or self.dims != other.dims:
             raise SpecError(
                 "other: cannot merge accumulators with different kernels or input dimensions: "
                 f"{self.kernel_x!r}/{self.kernel_y!r} {self.dims} vs {other.kernel_x!r}/{other.kernel_y!r} {other.dims}"
             )
+        self._merge_groups(other, first=False)
         for key in _STATE[:-1]:
             getattr(self, key).add_(getattr(other, key).to(getattr(self, key)))
         self.count += other.count
         return self
+
+    def _merge_groups(self, other: DiffCovariance, first: bool) -> None:
+        if (self.groups, self.group_seed) != (other.groups, other.group_seed):
+            raise SpecError(
+                f"other: cannot merge groups={other.groups} (group_seed={other.group_seed}) into "
+                f"groups={self.groups} (group_seed={self.group_seed})"
+            )
+        if other.group_state is None:
+            return
+        if first:
+            self.group_state = {k: v.clone() for k, v in other.group_state.items()}
+        else:
+            for k, v in other.group_state.items():
+                self.group_state[k].add_(v.to(self.group_state[k]))
 
     def state_dict(self) -> dict[str, Any]:
         """The sums, count and resolved kernels, for checkpoints (``torch.save``) and resumed runs."""
@@ -216,7 +295,9 @@ class DiffCovariance:
             self.kernel_x, self.kernel_y, self.device = kx, ky, dev
             zx = torch.zeros(1, dims[0], dtype=dtype, device=dev)
             self._init_state(zx, torch.zeros(1, dims[1], dtype=dtype, device=dev))
-        out = DiffCovariance(self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device)
+        out = DiffCovariance(
+            self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device, self.groups, self.group_seed
+        )
         out.kernel_x, out.kernel_y, out.dims, out.device = (
             self.kernel_x,
             self.kernel_y,
@@ -230,6 +311,13 @@ class DiffCovariance:
             t = getattr(self, key)
             setattr(out, key, flat[offset : offset + t.numel()].view_as(t).clone())
             offset += t.numel()
+        if self.group_state is not None:  # the group sums travel with the totals (float64, one all-reduce)
+            gflat = torch.cat([t.reshape(-1) for t in self.group_state.values()])
+            dist.all_reduce(gflat)
+            out.group_state, offset = {}, 0
+            for key, t in self.group_state.items():
+                out.group_state[key] = gflat[offset : offset + t.numel()].view_as(t).clone()
+                offset += t.numel()
         count = torch.tensor([self.count], dtype=torch.int64, device=self.xx.device)
         dist.all_reduce(count)
         out.count = int(count)
@@ -237,7 +325,14 @@ class DiffCovariance:
 
     # ---------------------------------------------------------------- compute
     def compute(
-        self, eta: float = 1.0, top_k: int | None = None, sync_dist: bool | None = None
+        self,
+        eta: float = 1.0,
+        top_k: int | None = None,
+        sync_dist: bool | None = None,
+        replicates: int | None = None,
+        level: float = 0.9,
+        seed: int = 0,
+        interval: str = "percentile",
     ) -> SpecResult:
         """Solve for the spectrum of ``(K_x - eta K_y) / n``.
 
@@ -247,6 +342,11 @@ class DiffCovariance:
                 of strongest modes of each sign, found with a block Krylov solver (cheaper for large D).
             sync_dist: all-reduce the sums over the ranks of ``torch.distributed`` first. ``None`` (default):
                 when a process group with more than one rank is initialised.
+            replicates: with ``groups``, R >= 2 bootstrap replicates over the groups give ``eigenvalue_ci``,
+                ``spec_diff_ci``, ``heldout_eigenvalues`` and ``stability`` (see spec_torch.uncertainty);
+                ``0``/``None`` skips them.
+            level: level of the intervals (default 0.9). seed: seeds the resampling (deterministic).
+            interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
         """
         check_positive(eta, "eta")
         sync = sync_dist if sync_dist is not None else distributed_ready()
@@ -260,7 +360,7 @@ class DiffCovariance:
         evals, u = solve_features(
             state.xx.to(f64), state.xy.to(f64), state.yy.to(f64), n, float(eta), top_k=top_k
         )
-        return SpecResult.from_features(
+        result = SpecResult.from_features(
             evals,
             u,
             n=n,
@@ -270,3 +370,37 @@ class DiffCovariance:
             dims=state.dims,
             scale=float(state.xx.diagonal().sum() + eta * state.yy.diagonal().sum()) / n,
         )
+        if replicates:
+            state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval)
+        return result
+
+    def _attach_uncertainty(self, result: SpecResult, eta, top_k, replicates, level, seed, interval) -> None:
+        """Bootstrap / held-out / stability from the group sums into ``result`` (spec_torch.uncertainty)."""
+        from .solver import assemble_covariance
+        from .uncertainty import estimate
+
+        if self.group_state is None:
+            raise SpecError(
+                f"replicates: {replicates} replicates need group-wise sums; create DiffCovariance(..., groups=G)"
+            )
+        f64 = torch.float64
+        c_full = assemble_covariance(self.xx.to(f64), self.xy.to(f64), self.yy.to(f64), self.n, eta)
+        out = estimate(
+            self.group_state,
+            c_full,
+            result.eigenvalues,
+            result._u,
+            eta=eta,
+            dx=self.xx.shape[0],
+            zero_tol=result._zero_tol(),
+            replicates=replicates,
+            level=level,
+            seed=seed,
+            top_k=top_k,
+            interval=interval,
+        )
+        result.eigenvalue_ci = out["eigenvalue_ci"]
+        result.spec_diff_ci = out["spec_diff_ci"]
+        result.heldout_eigenvalues = out["heldout_eigenvalues"]
+        result.stability = out["stability"]
+        result.uncertainty = out["settings"]

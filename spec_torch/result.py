@@ -63,6 +63,9 @@ class SpecResult:
         spec_diff: ``max |eigenvalue|`` = ``||L||_op``.
         n, eta, method ("features" or "exact"), kernel_x, kernel_y (fitted kernels).
         scale: ``(tr K_x + eta tr K_y) / n``, an upper bound on SPEC-diff (``1 + eta`` for cosine kernels).
+        eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
+            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used.
+            ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
     """
 
     def __init__(
@@ -91,6 +94,12 @@ class SpecResult:
         self._u = u  # feature route: [D, K] feature-space directions u_k = J Z^T w_k
         self._v = v  # exact route: [n, K] sample-space eigenvectors
         self._data = data  # exact route: the (x, y) the kernel matrices were built from (Nystrom scoring)
+        # uncertainty (spec_torch.uncertainty), set by DiffCovariance.compute(replicates=R)
+        self.eigenvalue_ci: torch.Tensor | None = None  # [K, 2]
+        self.spec_diff_ci: tuple[float, float] | None = None
+        self.heldout_eigenvalues: torch.Tensor | None = None  # [K]
+        self.stability: torch.Tensor | None = None  # [K]
+        self.uncertainty: dict[str, Any] | None = None
 
     @classmethod
     def from_features(cls, eigenvalues, u, **kw) -> SpecResult:
@@ -129,6 +138,22 @@ class SpecResult:
             "method": self.method,
             "kernel_x": self.kernel_x.describe(),
             "kernel_y": self.kernel_y.describe(),
+            **self._uncertainty_dict(),
+        }
+
+    def _uncertainty_dict(self) -> dict[str, Any]:
+        """The uncertainty fields of :meth:`to_dict` (``None`` when not computed; NaN -> ``None``)."""
+
+        def plain(t: torch.Tensor | None) -> list | None:
+            return None if t is None else [None if v != v else float(v) for v in t.reshape(-1).tolist()]
+
+        ci = plain(self.eigenvalue_ci)
+        return {
+            "eigenvalue_ci": None if ci is None else [ci[i : i + 2] for i in range(0, len(ci), 2)],
+            "spec_diff_ci": None if self.spec_diff_ci is None else list(self.spec_diff_ci),
+            "heldout_eigenvalues": plain(self.heldout_eigenvalues),
+            "stability": plain(self.stability),
+            "uncertainty": self.uncertainty,
         }
 
     def __repr__(self) -> str:
