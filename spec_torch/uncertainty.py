@@ -37,6 +37,7 @@ __all__ = [
     "assign_groups",
     "accumulate_groups",
     "estimate",
+    "heldout_quotient",
     "mode_support",
 ]
 
@@ -217,6 +218,21 @@ def _match(
     return out_val, out_ov, out_dir
 
 
+def heldout_quotient(c_b: torch.Tensor, u: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+    """Rayleigh quotient of ``L_B = A_B J A_B^T`` along ``A_B u``: ``u^T C_B J C_B u / u^T C_B u``.
+
+    Args:
+        c_b: ``[..., D, D]`` held-out covariance; u: ``[..., D, K]`` directions; jv: ``[D]`` diagonal of J.
+
+    Returns:
+        ``[..., K]``; 0 where ``A_B u = 0``.
+    """
+    cb_u = c_b @ u  # [..., D, K]: C_B u
+    num = (cb_u * (jv[:, None] * cb_u)).sum(-2)  # u^T C_B J C_B u
+    den = (u * cb_u).sum(-2)  # u^T C_B u = ||A_B u||^2
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
 def _interval(reps: torch.Tensor, point: torch.Tensor, level: float, method: str) -> torch.Tensor:
     """``[K, 2]`` intervals from replicates ``[R, K]`` (NaNs ignored) around ``point: [K]``."""
     lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
@@ -317,10 +333,7 @@ def estimate(
     c_eval = c_halves[other]  # [2S, D, D]
     jv = torch.ones(c_full.shape[0], dtype=f64, device=c_full.device)
     jv[dx:] = -1
-    cb_u = c_eval @ fitted  # [2S, D, K]: C_B u
-    num = (cb_u * (jv[None, :, None] * cb_u)).sum(1)  # [2S, K]: u^T C_B J C_B u
-    den = (fitted * cb_u).sum(1)  # [2S, K]: u^T C_B u
-    heldout = (num / den.clamp_min(1e-300)).mean(0).cpu()  # [K]
+    heldout = heldout_quotient(c_eval, fitted, jv).mean(0).cpu()  # [2S, K] -> [K]
     heldout[~live.cpu()] = float("nan")
     return {
         "eigenvalue_ci": ci,
