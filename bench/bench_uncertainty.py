@@ -67,7 +67,7 @@ def coverage(
     bottom eigenvalue, per interval method: ``{"percentile": (top, bottom), "bc": (top, bottom)}``."""
     top, bottom = population_extremes(n_pop)
     gen = torch.Generator().manual_seed(seed)
-    hits = {"percentile": [0, 0], "bc": [0, 0]}
+    hits = {"percentile": [0, 0], "bc": [0, 0], "basic": [0, 0]}
     for d in range(draws):
         x, y = planted_population(n, gen)
         acc = st.DiffCovariance("cosine", "cosine", groups=groups, group_seed=d).update(x, y)

@@ -147,10 +147,6 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
     return (tx + eta * ty) / n
 
 
-#: groups of the bootstrap when ``spec(..., replicates=R)`` does not name them
-DEFAULT_GROUPS = 32
-
-
 def _spec_with_uncertainty(
     x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
 ) -> SpecResult:
@@ -166,6 +162,8 @@ def _spec_with_uncertainty(
         raise SpecError("method: replicates need the feature route; use method='features' or 'auto'")
     if method not in _METHODS:
         raise SpecError(f"method: expected one of {_METHODS}, got {method!r}")
+    from .uncertainty import DEFAULT_GROUPS
+
     n = x.shape[0]
     if groups is None:
         groups = min(DEFAULT_GROUPS, n // 2)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,8 +271,12 @@ def _stream_batch(cfg: DictConfig) -> int:
     return int(cfg.get("stream_batch_size") or cfg.batch_size)
 
 
-def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
-    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka)."""
+def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_start: float | None = None):
+    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka).
+
+    With ``uncertainty`` on (see :func:`_uncertainty_plan`) the accumulator keeps group sums, each sample's
+    group hashed from its dataset row, and the result gets intervals, held-out eigenvalues and stability.
+    """
     from . import api
     from .report import metrics
 
@@ -284,17 +289,143 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
         x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
         cka.update(x, y)
         res = api.spec(x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method="exact", top_k=solve_top_k)
+        res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
         return res, cka.compute()
+    plan = _uncertainty_plan(cfg, kx, ky, paired, device)
     acc = DiffCovariance(
-        kx, ky, accumulate_dtype=_ACCUMULATE[cfg.get("accumulate_dtype", "float64")], device=device
+        kx,
+        ky,
+        accumulate_dtype=_ACCUMULATE[cfg.get("accumulate_dtype", "float64")],
+        device=device,
+        groups=plan["groups"] or None,
+        group_seed=int(cfg.seed),
     )
-    for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
+    mine = _my_rows(paired)
+    for (xb, yb), idx in zip(  # torchrun: this rank's block
+        paired.batches(_stream_batch(cfg), rows=mine), _batch_rows(paired, _stream_batch(cfg), mine)
+    ):
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
-        acc.update(xb, yb)
+        acc.update(xb, yb, index=idx)  # idx: dataset rows, the groups' hash key (ignored without groups)
         cka.update(xb, yb)
     if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
-    return acc.compute(eta=float(cfg.eta), top_k=solve_top_k), cka.compute()
+    t_solve = time.perf_counter()
+    res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k)
+    if plan["groups"]:
+        res = _with_uncertainty(cfg, acc, res, plan, t_start, time.perf_counter() - t_solve)
+    else:
+        res.uncertainty = plan
+    return res, cka.compute()
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterator[torch.Tensor]:
+    """The sample index of every row of :meth:`PairedFeatures.batches`: dataset rows when known, else paired
+    positions; ``[B]`` long per batch. The same sample has the same index on any rank and batch size."""
+    for start in range(rows.start, rows.stop, batch_size):
+        pos = np.arange(start, min(start + batch_size, rows.stop))
+        idx = pos if paired.dataset_index is None else paired.dataset_index[pos]
+        yield torch.from_numpy(np.asarray(idx, dtype=np.int64))
+
+
+def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False) -> dict[str, Any]:
+    """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
+    from ._validate import memory_available
+    from .uncertainty import DEFAULT_GROUPS, plan_groups
+
+    ucfg = dict(_container(cfg.get("uncertainty")) or {})
+    replicates = ucfg.get("replicates", "auto")
+    level = ucfg.get("level", 0.9)
+    cap = ucfg.get("max_overhead", 1.5)
+    wanted = ucfg.get("groups", "auto")
+    if replicates != "auto" and (
+        isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0
+    ):
+        raise SpecError(
+            f"uncertainty.replicates: expected 'auto', 0 (off) or an integer >= 2, got {replicates!r}"
+        )
+    if replicates == 1:
+        raise SpecError("uncertainty.replicates: expected 'auto', 0 (off) or an integer >= 2, got 1")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise SpecError(f"uncertainty.level: expected a number in (0, 1), got {level!r}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
+        raise SpecError(f"uncertainty.max_overhead: expected a number > 1, got {cap!r}")
+    if wanted != "auto" and (isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 2):
+        raise SpecError(f"uncertainty.groups: expected 'auto' or an integer >= 2, got {wanted!r}")
+    plan = {
+        "enabled": False,
+        "replicates": replicates,
+        "level": float(level),
+        "groups": 0,
+        "max_overhead": float(cap),
+        "note": "",
+    }
+    if replicates == 0:
+        plan["note"] = "off (uncertainty.replicates = 0)"
+        return plan
+    missing = [name for k, name in ((kx, "kernel_x"), (ky, "kernel_y")) if not k.has_features]
+    if exact or missing:
+        why = f"{', '.join(missing)} has no feature map" if missing else "method=exact"
+        if replicates != "auto":
+            raise SpecError(
+                f"{(missing or ['method'])[0]}: uncertainty.replicates needs the feature route but {why}; use "
+                "Nystrom or random Fourier features (GaussianKernel rff_dim), or uncertainty.replicates=0"
+            )
+        plan["note"] = f"off: {why} (intervals need the feature route; use Nystrom or random features)"
+        return plan
+    p, q = (int(paired.x.shape[1]), int(paired.y.shape[1]))
+    dx, dy = kx.feature_dim(p), ky.feature_dim(q)
+    groups = plan_groups(
+        paired.n, dx, dy, memory_available(device), DEFAULT_GROUPS if wanted == "auto" else int(wanted)
+    )
+    if not groups:
+        plan["note"] = (
+            f"off: too few samples ({paired.n}) or too little memory for group sums of D = {dx + dy}"
+        )
+        return plan
+    plan["groups"] = groups
+    return plan
+
+
+def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_start, solve_s: float):
+    """Choose R under the cap (``replicates: auto``) and recompute with replicates; record the choice.
+
+    ``solve_s``: the plain solve's time (the plain compare time when ``t_start`` is unknown)."""
+    from .uncertainty import plan_replicates, solves_needed
+
+    replicates = plan["replicates"]
+    if replicates == "auto":
+        # the time so far (extraction, streaming, solve) stands for the plain compare time: replicates may add
+        # (max_overhead - 1) of it (the top-samples pass and the report come on top, so the cap is conservative).
+        # A probe of 2 replicates (and their held-out splits) measures the cost of one solve on this machine.
+        plain_s = time.perf_counter() - t_start if t_start is not None else solve_s
+        t_probe = time.perf_counter()
+        acc.compute(eta=float(cfg.eta), top_k=cfg.get("solve_top_k"), replicates=2, seed=int(cfg.seed))
+        probe_s = time.perf_counter() - t_probe
+        per_solve = probe_s / (solves_needed(2) + 1)
+        budget = (plan["max_overhead"] - 1) * plain_s - probe_s
+        replicates = distributed.broadcast_object(plan_replicates(budget, per_solve))
+        if not replicates:
+            plan.update(
+                groups=0,
+                note=f"off: fewer than 20 replicates fit under {plan['max_overhead']}x the plain compare time "
+                f"({plain_s:.2g} s; one solve {per_solve:.2g} s); set uncertainty.replicates to force them",
+            )
+            res.uncertainty = plan
+            return res
+        plan["estimated_overhead"] = 1 + (probe_s + solves_needed(replicates) * 1.5 * per_solve) / plain_s
+    t0 = time.perf_counter()
+    out = acc.compute(
+        eta=float(cfg.eta),
+        top_k=cfg.get("solve_top_k"),
+        replicates=int(replicates),
+        level=plan["level"],
+        seed=int(cfg.seed),
+    )
+    plan.update(out.uncertainty, enabled=True, replicates=int(replicates), seconds=time.perf_counter() - t0)
+    plan["note"] = plan["note"] or f"{replicates} bootstrap replicates over {plan['groups']} groups"
+    out.uncertainty = plan
+    return out
 
 
 def _my_rows(paired: PairedFeatures) -> range:
@@ -352,6 +483,7 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         "top_scores": [float(s) for s in scores],
         "tightness_x": float(tight_x),
         "tightness_y": float(tight_y),
+        **_mode_uncertainty(res, m),
     }
     labels = attributes = images = texts = composition = majority = None
     if dataset is not None:
@@ -379,8 +511,29 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         tightness_y=entry["tightness_y"],
         labels=composition,
         purity=majority,
+        ci=entry.get("ci"),
+        heldout_eigenvalue=entry.get("heldout_eigenvalue"),
+        stability=entry.get("stability"),
+        support=entry.get("support"),
     )
     return entry, view
+
+
+def _mode_uncertainty(res, m: int) -> dict[str, Any]:
+    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``stability`` and the plain-words
+    ``support`` (:func:`spec_torch.uncertainty.mode_support`); empty without replicates."""
+    from .uncertainty import mode_support
+
+    if res.eigenvalue_ci is None:
+        return {}
+    lo, hi = (float(v) for v in res.eigenvalue_ci[m].tolist())
+    held, stab = float(res.heldout_eigenvalues[m]), float(res.stability[m])
+    return {
+        "ci": [lo, hi],
+        "heldout_eigenvalue": held,
+        "stability": stab,
+        "support": mode_support(float(res.eigenvalues[m]), held, stab),
+    }
 
 
 def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: int) -> dict | None:
@@ -419,6 +572,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Writes into ``cfg.output_dir`` (default: the Hydra run dir): ``plots/``, ``report.html`` (if
     ``cfg.report``) and, last, ``spec.json``.
     """
+    t_start = time.perf_counter()  # the plain compare time the uncertainty cap is measured against
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg)
@@ -438,7 +592,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         paired, dataset, data_info, enc_info = _extract_pair(cfg, device)
     log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
 
-    res, cka = _solve(cfg, paired, device)
+    res, cka = _solve(cfg, paired, device, t_start=t_start)
     modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
     knn = _mutual_knn(cfg, paired)
 
@@ -478,8 +632,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
     m = summary["metrics"]
+    ci = summary.get("spec_diff_ci")
     print(
-        f"SPEC-diff = {summary['spec_diff']:.4g}  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
+        f"SPEC-diff = {summary['spec_diff']:.4g}"
+        + (f" ({summary['uncertainty']['level']:.0%} CI {ci[0]:.4g} .. {ci[1]:.4g})" if ci else "")
+        + f"  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
         f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
     )
     for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):
@@ -496,5 +653,13 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                 line += f"  top label {lab} ({frac:.0%})"
             else:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
+            if "support" in e:
+                line += (
+                    f"  CI {e['ci'][0]:+.4g} .. {e['ci'][1]:+.4g}  held-out {e['heldout_eigenvalue']:+.4g}  "
+                    f"stability {e['stability']:.2f}: {e['support']}"
+                )
             print(line)
+    note = (summary.get("uncertainty") or {}).get("note")
+    if note:
+        print(f"uncertainty: {note}")
     print(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))

@@ -39,6 +39,9 @@ __all__ = [
     "estimate",
     "heldout_quotient",
     "mode_support",
+    "plan_groups",
+    "plan_replicates",
+    "solves_needed",
 ]
 
 #: two modes are "the same mode" when their unit sample-score vectors overlap by at least this
@@ -50,6 +53,8 @@ STABLE_FRACTION = 0.5
 HELDOUT_FRACTION = 0.25
 #: bytes of float64 D x D replicate matrices solved at once
 _CHUNK_BYTES = 256 * 2**20
+#: interval methods: percentile, bias-corrected percentile (Efron), basic (reflected about the point estimate)
+INTERVALS = ("percentile", "bc", "basic")
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -248,7 +253,10 @@ def _interval(reps: torch.Tensor, point: torch.Tensor, level: float, method: str
             below = min(max(below, 1 / (col.numel() + 1)), col.numel() / (col.numel() + 1))
             z0 = torch.special.ndtri(torch.tensor(below, dtype=torch.float64))
             qs = torch.special.ndtr(2 * z0 + torch.special.ndtri(qs))
-        out[k] = torch.quantile(col, qs)
+        if method == "basic":  # reflect the replicates about the point: removes the bootstrap's own bias
+            out[k] = 2 * point[k] - torch.quantile(col, qs).flip(0)
+        else:
+            out[k] = torch.quantile(col, qs)
     return out
 
 
@@ -288,8 +296,8 @@ def estimate(
         raise SpecError(f"replicates: expected an integer >= 2 (or 0/None to skip), got {replicates!r}")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise SpecError(f"level: expected a number in (0, 1), got {level!r}")
-    if interval not in ("percentile", "bc"):
-        raise SpecError(f"interval: expected 'percentile' or 'bc', got {interval!r}")
+    if interval not in INTERVALS:
+        raise SpecError(f"interval: expected one of {INTERVALS}, got {interval!r}")
     groups = state["count"].shape[0]
     if int((state["count"] > 0).sum()) < 2:
         raise SpecError("groups: fewer than 2 groups hold samples; accumulate more samples")
@@ -370,3 +378,41 @@ def mode_support(eigenvalue: float, heldout: float, stability: float) -> str:
     if stability < STABLE_FRACTION:
         return "not a distinct cluster"
     return "supported"
+
+
+# ------------------------------------------------------------------------- automatic settings under a cap
+#: the automatic choice (compare job): at most this many replicates, and off below the minimum
+MAX_REPLICATES = 200
+MIN_REPLICATES = 20
+#: groups by default, and the fewest that still give a usable bootstrap
+DEFAULT_GROUPS = 32
+MIN_GROUPS = 8
+
+
+def solves_needed(replicates: int, splits: int | None = None) -> int:
+    """Eigen-solves of :func:`estimate`: R bootstrap replicates plus 2 per held-out split."""
+    splits = min(replicates, 10) if splits is None else splits
+    return replicates + 2 * splits
+
+
+def plan_replicates(budget_s: float, solve_s: float) -> int:
+    """The most replicates (<= :data:`MAX_REPLICATES`) whose solves fit in ``budget_s`` seconds, given one
+    solve takes ``solve_s`` (counted 1.5x for matching the modes); 0 when fewer than :data:`MIN_REPLICATES` fit.
+    """
+    per = 1.5 * max(float(solve_s), 1e-6)
+    best = 0
+    for r in range(MIN_REPLICATES, MAX_REPLICATES + 1):
+        if solves_needed(r) * per > budget_s:
+            break
+        best = r
+    return best
+
+
+def plan_groups(n: int, dx: int, dy: int, available_bytes: int, wanted: int | None = None) -> int:
+    """Groups to keep: ``wanted`` (default :data:`DEFAULT_GROUPS`), fewer when the group sums
+    (``G (Dx^2 + Dx Dy + Dy^2)`` float64) would take more than a quarter of ``available_bytes`` or a group would
+    hold fewer than 4 samples on average; 0 when fewer than :data:`MIN_GROUPS` remain."""
+    g = DEFAULT_GROUPS if wanted is None else int(wanted)
+    per_group = (dx * dx + dx * dy + dy * dy) * 8
+    g = min(g, available_bytes // (4 * per_group), n // 4)
+    return int(g) if g >= MIN_GROUPS else 0

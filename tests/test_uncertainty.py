@@ -279,3 +279,68 @@ def test_one_vs_two_gloo_ranks():
     torch.testing.assert_close(got["ci"], ref.eigenvalue_ci, atol=1e-9, rtol=0)
     torch.testing.assert_close(got["held"], ref.heldout_eigenvalues, atol=1e-9, rtol=0)
     torch.testing.assert_close(got["stab"], ref.stability)
+
+
+# ------------------------------------------------------------------------------------------ compare job
+def _compare(tmp: pathlib.Path, x: np.ndarray, y: np.ndarray, *overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch import compare
+
+    np.save(tmp / "x.npy", x)
+    np.save(tmp / "y.npy", y)
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[
+                "data=features",
+                f"data.x_path={tmp / 'x.npy'}",
+                f"data.y_path={tmp / 'y.npy'}",
+                f"output_dir={tmp / 'out'}",
+                "device=cpu",
+                "top_k=2",
+                *overrides,
+            ],
+        )
+    compare.run(cfg)
+    return json.loads((tmp / "out" / "spec.json").read_text())
+
+
+def test_compare_writes_intervals_and_flags(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1500, 40, generator=g).numpy(), torch.randn(1500, 40, generator=g).numpy()
+    spec = _compare(tmp_path, x, y, "uncertainty.replicates=30")
+    lo, hi = spec["spec_diff_ci"]
+    assert lo < hi  # (not around spec_diff here: the maximum of a degenerate spectrum, docs/uncertainty.md)
+    assert spec["uncertainty"]["enabled"] and spec["uncertainty"]["replicates"] == 30
+    for entry in spec["modes"]["x"] + spec["modes"]["y"]:
+        assert {"ci", "heldout_eigenvalue", "stability", "support"} <= set(entry)
+        assert entry["support"] == "not a distinct cluster"  # isotropic: a degenerate eigenspace
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Is each mode real?" in page and "Not a distinct cluster" in page
+    assert (tmp_path / "out" / "plots" / "intervals.png").is_file()
+    assert "not a distinct cluster" in capsys.readouterr().out
+
+
+def test_compare_auto_records_its_choice_and_off_has_a_note(tmp_path):
+    x, y = (t.numpy() for t in planted(800))
+    spec = _compare(tmp_path, x, y)  # replicates: auto under max_overhead 1.5
+    info = spec["uncertainty"]
+    assert info["max_overhead"] == 1.5 and info["note"]
+    if info["enabled"]:  # the choice depends on timing: either way it is recorded
+        assert 20 <= info["replicates"] <= 200 and info["groups"] == 32
+        assert spec["modes"]["x"][0]["support"] == "supported"
+    off = _compare(tmp_path, x, y, "uncertainty.replicates=0")
+    assert off["uncertainty"]["enabled"] is False and "off" in off["uncertainty"]["note"]
+    assert off["spec_diff_ci"] is None and "ci" not in off["modes"]["x"][0]
+
+
+def test_plan_replicates_and_groups():
+    assert unc.plan_replicates(budget_s=100.0, solve_s=0.001) == unc.MAX_REPLICATES
+    assert unc.plan_replicates(budget_s=1.0, solve_s=1.0) == 0  # not even 20 fit: off
+    r = unc.plan_replicates(budget_s=60.0, solve_s=1.0)
+    assert unc.solves_needed(r) * 1.5 <= 60 < unc.solves_needed(r + 1) * 1.5
+    assert unc.plan_groups(10_000, 100, 100, 2**40) == 32
+    assert unc.plan_groups(60, 100, 100, 2**40) == 15  # n // 4
+    assert unc.plan_groups(10_000, 1000, 1000, 3 * 8 * 10**6 * 4 * 5) == 0  # memory for 5 groups: off
