@@ -91,6 +91,14 @@ class DiffCovariance:
             raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
         self.groups, self.group_seed = groups, group_seed
         self.group_state: dict[str, torch.Tensor] | None = None  # spec_torch.uncertainty.accumulate_groups
+        self._stale = False  # with groups: xx, xy, yy lag the group sums until _settle()
+
+    def _settle(self) -> None:
+        """With groups, updates sum into the groups only; set the block totals to their sum (float64 sums)."""
+        if self.group_state is not None and self._stale:
+            for key in ("xx", "xy", "yy"):
+                getattr(self, key).copy_(self.group_state[key].sum(0))
+            self._stale = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -180,7 +188,7 @@ class DiffCovariance:
         return self
 
     def _update_groups(self, px: torch.Tensor, py: torch.Tensor, index: Any) -> DiffCovariance:
-        """Group-wise update: one sub-GEMM per group and block; the totals get the sum of the group parts."""
+        """Group-wise update: one sub-GEMM per group and block, the same FLOPs as the plain update."""
         from .uncertainty import accumulate_groups, assign_groups
 
         b = px.shape[0]
@@ -194,10 +202,8 @@ class DiffCovariance:
         if b and int(index.min()) < 0:
             raise SpecError(f"index: expected non-negative sample indices, got minimum {int(index.min())}")
         gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
-        dxx, dxy, dyy = accumulate_groups(self.group_state, px, py, gid)
-        self.xx.add_(dxx.to(self.xx.dtype))
-        self.xy.add_(dxy.to(self.xy.dtype))
-        self.yy.add_(dyy.to(self.yy.dtype))
+        accumulate_groups(self.group_state, px, py, gid)
+        self._stale = True  # the block totals are the group sums' sum, formed once by _settle()
         self.sum_x.add_(px.sum(0))
         self.sum_y.add_(py.sum(0))
         self.count += b
@@ -207,6 +213,8 @@ class DiffCovariance:
         """Add another accumulator's sums (same kernels, same fitted frequencies) into this one."""
         if not isinstance(other, DiffCovariance):
             raise SpecError(f"other: expected a DiffCovariance, got {type(other).__name__}")
+        self._settle()
+        other._settle()
         if other.xx is None:
             return self
         if self.xx is None:
@@ -248,6 +256,7 @@ class DiffCovariance:
 
     def state_dict(self) -> dict[str, Any]:
         """The sums, count and resolved kernels, for checkpoints (``torch.save``) and resumed runs."""
+        self._settle()
         if self.xx is None:
             return {"count": 0}
         out = {key: getattr(self, key) for key in _STATE}
@@ -273,6 +282,7 @@ class DiffCovariance:
         rank rather than summing incompatible features. The count is reduced as int64, exactly.
         """
         dist = torch.distributed
+        self._settle()
         mine = None if self.xx is None else (self.kernel_x, self.kernel_y, self.dims, self.xx.dtype)
         seen: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(seen, mine)
@@ -352,6 +362,7 @@ class DiffCovariance:
         sync = sync_dist if sync_dist is not None else distributed_ready()
         if self.xx is None and not sync:
             raise SpecError("update: no samples were accumulated; call update(x, y) before compute()")
+        self._settle()
         state = self.synced() if sync else self
         n = state.n
         d = state.xx.shape[0] + state.yy.shape[0]

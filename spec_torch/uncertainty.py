@@ -83,43 +83,31 @@ def assign_groups(index: torch.Tensor, groups: int, seed: int = 0) -> torch.Tens
 @torch.no_grad()
 def accumulate_groups(
     state: dict[str, torch.Tensor], px: torch.Tensor, py: torch.Tensor, gid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Add a batch to the group sums, one sub-GEMM per group and block; return the batch's block totals.
+) -> None:
+    """Add a batch to the group sums in place: one sub-GEMM per group and block, no other pass over D x D.
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,
-            ``count [G]`` (float64), updated in place.
+            ``count [G]`` (float64), updated in place. The block totals are ``state[key].sum(0)``.
         px: ``[B, Dx]`` and ``py: [B, Dy]`` features; ``gid: [B]`` their groups.
-
-    Returns:
-        ``(XX [Dx, Dx], XY [Dx, Dy], YY [Dy, Dy])`` of the whole batch (the sum of its group parts), in float64,
-        so that the caller's totals need no second GEMM.
     """
     f64 = torch.float64
     px, py = px.to(f64), py.to(f64)
     order = torch.argsort(gid, stable=True)  # rows of one group become contiguous
     px, py, gid = px[order], py[order], gid[order]
     sizes = torch.bincount(gid, minlength=state["count"].shape[0])  # [G]
-    tot_xx = px.new_zeros(px.shape[1], px.shape[1])
-    tot_xy = px.new_zeros(px.shape[1], py.shape[1])
-    tot_yy = px.new_zeros(py.shape[1], py.shape[1])
     start = 0
     for g, size in enumerate(sizes.tolist()):
         if size == 0:
             continue
         a, b = px[start : start + size], py[start : start + size]  # [b_g, Dx], [b_g, Dy]
         start += size
-        dxx, dxy, dyy = a.T @ a, a.T @ b, b.T @ b  # [Dx, Dx], [Dx, Dy], [Dy, Dy]
-        state["xx"][g] += dxx
-        state["xy"][g] += dxy
-        state["yy"][g] += dyy
-        state["sum_x"][g] += a.sum(0)
-        state["sum_y"][g] += b.sum(0)
-        tot_xx += dxx
-        tot_xy += dxy
-        tot_yy += dyy
+        state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
+        state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
+        state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
+    state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
+    state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     state["count"] += sizes.to(f64)
-    return tot_xx, tot_xy, tot_yy
 
 
 # --------------------------------------------------------------------------- replicate covariances and solves
