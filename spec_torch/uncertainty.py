@@ -82,9 +82,19 @@ def assign_groups(index: torch.Tensor, groups: int, seed: int = 0) -> torch.Tens
 
 @torch.no_grad()
 def accumulate_groups(
-    state: dict[str, torch.Tensor], px: torch.Tensor, py: torch.Tensor, gid: torch.Tensor
+    state: dict[str, torch.Tensor],
+    px: torch.Tensor,
+    py: torch.Tensor,
+    gid: torch.Tensor,
+    batched: bool | None = None,
 ) -> None:
-    """Add a batch to the group sums in place: one sub-GEMM per group and block, no other pass over D x D.
+    """Add a batch to the group sums in place, the FLOPs of the plain update.
+
+    Rows are sorted by group. ``batched`` (default: on CUDA) stacks them into a zero-padded
+    ``[G, b_max, D]`` tensor (``b_max``: the largest group in the batch, a few percent above ``B / G`` for
+    batches of thousands) and does one ``baddbmm`` per block: 3 kernel launches instead of 3 G. On CPU one
+    ``addmm`` per group and block is faster (measured, 1 thread, B = 8192, D = 400 + 400, G = 32: 1.24-1.28x
+    the plain update's CPU time, against 1.6x for ``baddbmm``).
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,
@@ -92,22 +102,34 @@ def accumulate_groups(
         px: ``[B, Dx]`` and ``py: [B, Dy]`` features; ``gid: [B]`` their groups.
     """
     f64 = torch.float64
+    groups = state["count"].shape[0]
     px, py = px.to(f64), py.to(f64)
+    sizes = torch.bincount(gid, minlength=groups)  # [G]
     order = torch.argsort(gid, stable=True)  # rows of one group become contiguous
-    px, py, gid = px[order], py[order], gid[order]
-    sizes = torch.bincount(gid, minlength=state["count"].shape[0])  # [G]
-    start = 0
-    for g, size in enumerate(sizes.tolist()):
-        if size == 0:
-            continue
-        a, b = px[start : start + size], py[start : start + size]  # [b_g, Dx], [b_g, Dy]
-        start += size
-        state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
-        state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
-        state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
+    gid_sorted = gid[order]  # [B]
     state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
     state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     state["count"] += sizes.to(f64)
+    if not (px.is_cuda if batched is None else batched):
+        px, py, start = px[order], py[order], 0
+        for g, size in enumerate(sizes.tolist()):
+            a, b = px[start : start + size], py[start : start + size]  # [b_g, Dx], [b_g, Dy]
+            start += size
+            if size:
+                state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
+                state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
+                state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
+        return
+    starts = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
+    slot = torch.arange(gid.shape[0], device=gid.device) - starts[gid_sorted]  # [B] row within its group
+    b_max = int(sizes.max())
+    stack_x = px.new_zeros(groups, b_max, px.shape[1])  # [G, b_max, Dx]
+    stack_y = py.new_zeros(groups, b_max, py.shape[1])  # [G, b_max, Dy]
+    stack_x[gid_sorted, slot] = px[order]
+    stack_y[gid_sorted, slot] = py[order]
+    state["xx"].baddbmm_(stack_x.mT, stack_x)  # [G, Dx, b] @ [G, b, Dx] -> [G, Dx, Dx]
+    state["xy"].baddbmm_(stack_x.mT, stack_y)  # [G, Dx, b] @ [G, b, Dy] -> [G, Dx, Dy]
+    state["yy"].baddbmm_(stack_y.mT, stack_y)  # [G, Dy, b] @ [G, b, Dy] -> [G, Dy, Dy]
 
 
 # --------------------------------------------------------------------------- replicate covariances and solves

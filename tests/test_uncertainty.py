@@ -82,6 +82,30 @@ def test_group_sums_match_a_dense_oracle():
     assert acc.n == 300
 
 
+def test_batched_and_per_group_accumulation_agree():
+    """The CUDA path (one padded baddbmm per block) and the CPU path (one addmm per group), both run on CPU."""
+    x, y = planted(500)
+    px, py = x.double(), y.double()  # linear features
+    gid = unc.assign_groups(torch.arange(500), 7, 0)
+    states = []
+    for batched in (False, True):
+        state = {
+            "xx": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "xy": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "yy": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "sum_x": torch.zeros(7, 10, dtype=torch.float64),
+            "sum_y": torch.zeros(7, 10, dtype=torch.float64),
+            "count": torch.zeros(7, dtype=torch.float64),
+        }
+        for chunk in torch.arange(500).split(120):
+            unc.accumulate_groups(state, px[chunk], py[chunk], gid[chunk], batched=batched)
+        states.append(state)
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], atol=SUM_ATOL, rtol=0)
+    rows = gid == 3
+    torch.testing.assert_close(states[1]["xy"][3], px[rows].T @ py[rows], atol=SUM_ATOL, rtol=0)
+
+
 def test_same_groups_and_intervals_for_any_batch_size_and_row_order():
     x, y = planted(600)
     ref = grouped(x, y, batch=600)
