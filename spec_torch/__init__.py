@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from . import uncertainty  # st.uncertainty.mode_support, thresholds (docs/uncertainty.md)
 from .align import SpecAlignLoss
 from .api import difference_matrix, spec
 from .covariance import DiffCovariance
@@ -33,4 +34,5 @@ __all__ = [
     "LinearKernel",
     "GaussianKernel",
     "resolve_kernel",
+    "uncertainty",
 ]
