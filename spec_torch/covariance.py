@@ -201,6 +201,11 @@ class DiffCovariance:
             )
         if b and int(index.min()) < 0:
             raise SpecError(f"index: expected non-negative sample indices, got minimum {int(index.min())}")
+        if self.group_state is None:  # totals restored by load_state_dict from a state without group sums
+            raise SpecError(
+                "groups: this accumulator holds totals but no group sums (restored from a state without them); "
+                "start a new DiffCovariance(groups=G) or resume from a state saved with its group sums"
+            )
         gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
         accumulate_groups(self.group_state, px, py, gid)
         self._stale = True  # the block totals are the group sums' sum, formed once by _settle()
