@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from . import uncertainty  # st.uncertainty.mode_support, thresholds (docs/uncertainty.md)
 from .api import difference_matrix, spec
 from .covariance import DiffCovariance
 from .errors import SpecError
@@ -36,4 +37,5 @@ __all__ = [
     "resolve_kernel",
     "LinearCKA",
     "linear_cka",
+    "uncertainty",
 ]

@@ -122,7 +122,10 @@ def spec(
     batch_size: int = 8192,
     accumulate_dtype: torch.dtype | None = None,
     center: bool = False,
+    replicates: int | None = None,
     seed: int = 0,
+    level: float = 0.9,
+    groups: int | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -139,7 +142,13 @@ def spec(
         accumulate_dtype: ``None``/``torch.float64`` (default: float64 features and sums) or
             ``torch.float32`` (faster, its error documented in docs/numerics.md).
         center: centre both kernels (``H K H``), removing the uniform mode; default False (the paper's SPEC).
-        seed: seed of the uniform row sample that ``sigma="auto"`` is fitted on.
+        replicates: R >= 2 bootstrap replicates for ``eigenvalue_ci``, ``spec_diff_ci``, ``heldout_eigenvalues``
+            and ``stability`` (docs/uncertainty.md); ``None``/``0`` skips them. Needs the feature route.
+        seed: seed of the uniform row sample that ``sigma="auto"`` is fitted on, and of the replicates' group
+            assignment hash and resampling (deterministic for a seed).
+        level: interval level (default 0.9).
+        groups: number of groups the samples are split into for the replicates (default 32 when
+            ``replicates`` is given; at most n // 2).
 
     Returns:
         A :class:`SpecResult`.
@@ -163,11 +172,18 @@ def spec(
     kx.check_input(x, "x")
     ky.check_input(y, "y")
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    route = choose_route(method, n, p, q, kx, ky)
+    # replicates come from group sums of feature maps: the feature route (checked in _spec_with_uncertainty)
+    route = "features" if replicates and method != "exact" else choose_route(method, n, p, q, kx, ky)
     kx, ky = kx.for_route(route), ky.for_route(route)
     if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
         rows = _fit_rows(n, seed, x.device)
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
+    if replicates:
+        if center:
+            raise SpecError("center: not supported together with replicates yet; use center=False")
+        return _spec_with_uncertainty(
+            x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+        )
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
@@ -228,3 +244,32 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
     if not (math.isfinite(out) and out > 0):
         raise SpecError(f"x/y: the kernel matrices have trace {out:.3g}; expected a finite positive value")
     return out
+
+
+def _spec_with_uncertainty(
+    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+) -> SpecResult:
+    """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
+    for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
+        if not k.has_features:
+            raise SpecError(
+                f"{name}: {k!r} has no finite feature map, so replicates (intervals, held-out eigenvalues, "
+                "stability) cannot be computed from group sums; use Nystrom features or random Fourier "
+                "features (GaussianKernel(rff_dim=...)), or replicates=None"
+            )
+    if method == "exact":
+        raise SpecError("method: replicates need the feature route; use method='features' or 'auto'")
+    if method not in _METHODS:
+        raise SpecError(f"method: expected one of {_METHODS}, got {method!r}")
+    from .uncertainty import DEFAULT_GROUPS
+
+    n = x.shape[0]
+    if groups is None:
+        groups = min(DEFAULT_GROUPS, n // 2)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
+    acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype, groups=groups, group_seed=seed)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
+    return acc.compute(eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed)

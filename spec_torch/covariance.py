@@ -56,6 +56,10 @@ class DiffCovariance:
             about ``1.2e-7 sqrt(n)`` of the trace, swamps close comparisons (docs/numerics.md); eigenvalues below
             that level are then reported as numerical zeros.
         device: where the state lives; default the device of the first batch.
+        groups: keep G >= 2 group-wise partial sums beside the totals (float64, G x the memory), for
+            ``compute(replicates=R)``: intervals, held-out eigenvalues and stability (spec_torch.uncertainty).
+            Each sample's group is a seeded hash of its global index (``update(..., index=)``).
+        group_seed: seed of that hash.
 
     Example:
         >>> import torch, spec_torch as st
@@ -75,6 +79,8 @@ class DiffCovariance:
         kernel_y: str | Kernel = "cosine",
         accumulate_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        groups: int | None = None,
+        group_seed: int = 0,
     ) -> None:
         self.kernel_x = resolve_kernel(kernel_x, "kernel_x")
         self.kernel_y = resolve_kernel(kernel_y, "kernel_y")
@@ -92,6 +98,20 @@ class DiffCovariance:
         self.dims: tuple[int, int] | None = None  # input dims (p, q), fixed by the first batch
         self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         self.count = 0
+        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 2):
+            raise SpecError(f"groups: expected an integer >= 2 or None, got {groups!r}")
+        if isinstance(group_seed, bool) or not isinstance(group_seed, int) or group_seed < 0:
+            raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
+        self.groups, self.group_seed = groups, group_seed
+        self.group_state: dict[str, torch.Tensor] | None = None  # spec_torch.uncertainty.accumulate_groups
+        self._stale = False  # with groups: xx, xy, yy lag the group sums until _settle()
+
+    def _settle(self) -> None:
+        """With groups, updates sum into the groups only; set the block totals to their sum (float64 sums)."""
+        if self.group_state is not None and self._stale:
+            for key in ("xx", "xy", "yy"):
+                getattr(self, key).copy_(self.group_state[key].sum(0))
+            self._stale = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -145,6 +165,26 @@ class DiffCovariance:
         self.yy = torch.zeros(dy, dy, dtype=dtype, device=device)
         self.sum_x = torch.zeros(dx, dtype=dtype, device=device)
         self.sum_y = torch.zeros(dy, dtype=dtype, device=device)
+        if self.groups is not None:
+            self._init_groups(dx, dy, device)
+
+    def _init_groups(self, dx: int, dy: int, device: torch.device) -> None:
+        """Zero group sums (float64): ``xx [G, Dx, Dx]``, ``xy``, ``yy``, ``sum_x [G, Dx]``, ``sum_y``, ``count [G]``."""
+        g, f64 = self.groups, torch.float64
+        check_fits(
+            g * (dx * dx + dx * dy + dy * dy) * 8 + 12 * (dx + dy) ** 2 * 8,
+            device,
+            f"groups = {g} group-wise sums of D = {dx} + {dy} features (G x D x D matrices)",
+            "groups",
+        )
+        self.group_state = {
+            "xx": torch.zeros(g, dx, dx, dtype=f64, device=device),
+            "xy": torch.zeros(g, dx, dy, dtype=f64, device=device),
+            "yy": torch.zeros(g, dy, dy, dtype=f64, device=device),
+            "sum_x": torch.zeros(g, dx, dtype=f64, device=device),
+            "sum_y": torch.zeros(g, dy, dtype=f64, device=device),
+            "count": torch.zeros(g, dtype=f64, device=device),
+        }
 
     def features(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate a batch and map it to features ``([B, Dx], [B, Dy])`` with the fitted kernels."""
@@ -170,9 +210,16 @@ class DiffCovariance:
         return px, py
 
     @torch.no_grad()
-    def update(self, x: Any, y: Any) -> DiffCovariance:
-        """Add a batch: ``x: [B, p]``, ``y: [B, q]`` (tensors or numpy arrays, same samples in the same order)."""
+    def update(self, x: Any, y: Any, index: Any = None) -> DiffCovariance:
+        """Add a batch: ``x: [B, p]``, ``y: [B, q]`` (tensors or numpy arrays, same samples in the same order).
+
+        ``index: [B]`` global sample indices (dataset row numbers), used only with ``groups``: they decide each
+        sample's group; default the running count of this accumulator (``n, n+1, ...``), which is global only on
+        a single process reading the data in order.
+        """
         px, py = self.features(x, y)
+        if self.groups is not None:
+            return self._update_groups(px, py, index)
         self.xx.addmm_(px.T, px)  # [Dx, B] @ [B, Dx] -> [Dx, Dx]
         self.xy.addmm_(px.T, py)  # [Dx, B] @ [B, Dy] -> [Dx, Dy]
         self.yy.addmm_(py.T, py)  # [Dy, B] @ [B, Dy] -> [Dy, Dy]
@@ -181,10 +228,39 @@ class DiffCovariance:
         self.count += px.shape[0]
         return self
 
+    def _update_groups(self, px: torch.Tensor, py: torch.Tensor, index: Any) -> DiffCovariance:
+        """Group-wise update: one sub-GEMM per group and block, the same FLOPs as the plain update."""
+        from .uncertainty import accumulate_groups, assign_groups
+
+        b = px.shape[0]
+        if index is None:
+            index = torch.arange(self.count, self.count + b)
+        index = torch.as_tensor(index)
+        if index.shape != (b,) or index.is_floating_point() or index.dtype == torch.bool:
+            raise SpecError(
+                f"index: expected {b} integer sample indices [B], got {index.dtype} {tuple(index.shape)}"
+            )
+        if b and int(index.min()) < 0:
+            raise SpecError(f"index: expected non-negative sample indices, got minimum {int(index.min())}")
+        if self.group_state is None:  # totals restored by load_state_dict from a state without group sums
+            raise SpecError(
+                "groups: this accumulator holds totals but no group sums (restored from a state without them); "
+                "start a new DiffCovariance(groups=G) or resume from a state saved with its group sums"
+            )
+        gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
+        accumulate_groups(self.group_state, px, py, gid)
+        self._stale = True  # the block totals are the group sums' sum, formed once by _settle()
+        self.sum_x.add_(px.sum(0))
+        self.sum_y.add_(py.sum(0))
+        self.count += b
+        return self
+
     def merge(self, other: DiffCovariance) -> DiffCovariance:
         """Add another accumulator's sums (same kernels, same fitted frequencies) into this one."""
         if not isinstance(other, DiffCovariance):
             raise SpecError(f"other: expected a DiffCovariance, got {type(other).__name__}")
+        self._settle()
+        other._settle()
         if other.xx is None:
             return self
         if self.xx is None:
@@ -198,12 +274,14 @@ class DiffCovariance:
                 setattr(self, key, getattr(other, key).clone())
             self.count = other.count
             self.input_dtype = other.input_dtype
+            self._merge_groups(other, first=True)
             return self
         if self.kernel_x != other.kernel_x or self.kernel_y != other.kernel_y or self.dims != other.dims:
             raise SpecError(
                 "other: cannot merge accumulators with different kernels or input dimensions: "
                 f"{self.kernel_x!r}/{self.kernel_y!r} {self.dims} vs {other.kernel_x!r}/{other.kernel_y!r} {other.dims}"
             )
+        self._merge_groups(other, first=False)
         for key in _STATE[:-1]:
             getattr(self, key).add_(getattr(other, key).to(getattr(self, key)))
         if other.input_dtype != self.input_dtype:
@@ -211,13 +289,29 @@ class DiffCovariance:
         self.count += other.count
         return self
 
+    def _merge_groups(self, other: DiffCovariance, first: bool) -> None:
+        if (self.groups, self.group_seed) != (other.groups, other.group_seed):
+            raise SpecError(
+                f"other: cannot merge groups={other.groups} (group_seed={other.group_seed}) into "
+                f"groups={self.groups} (group_seed={self.group_seed})"
+            )
+        if other.group_state is None:
+            return
+        if first:
+            self.group_state = {k: v.clone() for k, v in other.group_state.items()}
+        else:
+            for k, v in other.group_state.items():
+                self.group_state[k].add_(v.to(self.group_state[k]))
+
     def state_dict(self) -> dict[str, Any]:
         """The sums, count, input dims and kernels (settings + fitted tensors), for checkpoints.
 
         Only tensors and plain values (``format``, ``count``, ``dims``, ``accumulate_dtype`` as a string, each
         kernel as :meth:`Kernel.state_dict`), so ``torch.load(path)`` with the default ``weights_only=True``
-        reads a saved state. Before the first batch only the settings are saved (``count = 0``).
+        reads a saved state. Before the first batch only the settings are saved (``count = 0``). With ``groups``
+        the group-wise sums are saved too (``group_xx`` ... ``group_count``), with ``groups`` and ``group_seed``.
         """
+        self._settle()
         out: dict[str, Any] = {
             "format": _FORMAT,
             "count": int(self.count),
@@ -228,6 +322,9 @@ class DiffCovariance:
         }
         if self.xx is not None:
             out.update({key: getattr(self, key) for key in _STATE[:-1]})
+        out.update(groups=self.groups, group_seed=self.group_seed)
+        if self.group_state is not None:
+            out.update({f"group_{key}": value for key, value in self.group_state.items()})
         return out
 
     def load_state_dict(self, state: dict[str, Any], adopt_kernels: bool = False) -> DiffCovariance:
@@ -277,6 +374,21 @@ class DiffCovariance:
             if len({t.dtype for t in sums.values()}) != 1:
                 raise SpecError("state: the saved sums must share one dtype")
         self.kernel_x, self.kernel_y = kx, ky
+        groups = state.get("groups")
+        if (groups, state.get("group_seed", self.group_seed)) != (self.groups, self.group_seed):
+            raise SpecError(
+                f"state: saved with groups={groups} (group_seed={state.get('group_seed')}), this accumulator has "
+                f"groups={self.groups} (group_seed={self.group_seed}); construct it with the same groups"
+            )
+        group_state = None
+        if groups is not None and sums:
+            group_state = {}
+            for key in ("xx", "xy", "yy", "sum_x", "sum_y", "count"):
+                t = state.get(f"group_{key}")
+                shape = (groups, *sums[key].shape) if key != "count" else (groups,)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+                    raise SpecError(f"state: 'group_{key}' must be a floating tensor of shape {list(shape)}")
+                group_state[key] = t.detach().clone()
         self.dims = None if dims is None else (dims[0], dims[1])
         self.count = count
         if sums:
@@ -285,6 +397,8 @@ class DiffCovariance:
             self.device = self.xx.device
         else:
             self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
+        self.group_state = group_state
+        self._stale = False
         return self
 
     def synced(self) -> DiffCovariance:
@@ -296,6 +410,7 @@ class DiffCovariance:
         rank rather than summing incompatible features. The count is reduced as int64, exactly.
         """
         dist = torch.distributed
+        self._settle()
         mine = None if self.xx is None else (self.kernel_x, self.kernel_y, self.dims, self.xx.dtype)
         seen: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(seen, mine)
@@ -318,7 +433,9 @@ class DiffCovariance:
             self.kernel_x, self.kernel_y, self.device = kx, ky, dev
             zx = torch.zeros(1, dims[0], dtype=dtype, device=dev)
             self._init_state(zx, torch.zeros(1, dims[1], dtype=dtype, device=dev))
-        out = DiffCovariance(self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device)
+        out = DiffCovariance(
+            self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device, self.groups, self.group_seed
+        )
         out.input_dtype = self.input_dtype
         out.kernel_x, out.kernel_y, out.dims, out.device = (
             self.kernel_x,
@@ -333,6 +450,13 @@ class DiffCovariance:
             t = getattr(self, key)
             setattr(out, key, flat[offset : offset + t.numel()].view_as(t).clone())
             offset += t.numel()
+        if self.group_state is not None:  # the group sums travel with the totals (float64, one all-reduce)
+            gflat = torch.cat([t.reshape(-1) for t in self.group_state.values()])
+            dist.all_reduce(gflat)
+            out.group_state, offset = {}, 0
+            for key, t in self.group_state.items():
+                out.group_state[key] = gflat[offset : offset + t.numel()].view_as(t).clone()
+                offset += t.numel()
         count = torch.tensor([self.count], dtype=torch.int64, device=self.xx.device)
         dist.all_reduce(count)
         out.count = int(count)
@@ -345,6 +469,10 @@ class DiffCovariance:
         top_k: int | None = None,
         sync_dist: bool | None = None,
         center: bool = False,
+        replicates: int | None = None,
+        level: float = 0.9,
+        seed: int = 0,
+        interval: str = "percentile",
     ) -> SpecResult:
         """Solve for the spectrum of ``(K_x - eta K_y) / n``.
 
@@ -357,11 +485,17 @@ class DiffCovariance:
                 when a process group with more than one rank is initialised.
             center: centre both kernels (``H K H``, ``H = I - 11^T / n``): the feature means are subtracted from
                 the sums, which removes the constant (uniform) direction. Default False: the paper's SPEC.
+            replicates: with ``groups``, R >= 2 bootstrap replicates over the groups give ``eigenvalue_ci``,
+                ``spec_diff_ci``, ``heldout_eigenvalues`` and ``stability`` (see spec_torch.uncertainty);
+                ``0``/``None`` skips them.
+            level: level of the intervals (default 0.9). seed: seeds the resampling (deterministic).
+            interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
         """
         eta = check_positive(eta, "eta", max_value=MAX_ETA)
         sync = sync_dist if sync_dist is not None else distributed_ready()
         if self.xx is None and not sync:
             raise SpecError("update: no samples were accumulated; call update(x, y) before compute()")
+        self._settle()
         state = self.synced() if sync else self
         n = state.n
         d = state.xx.shape[0] + state.yy.shape[0]
@@ -399,7 +533,7 @@ class DiffCovariance:
         uniformity = (
             torch.zeros_like(evals) if center else proj_sum.abs() / (n * evals.abs().clamp_min(1e-300))
         )
-        return SpecResult.from_features(
+        result = SpecResult.from_features(
             evals,
             u,
             n=n,
@@ -414,3 +548,37 @@ class DiffCovariance:
             zero_rtol=zero_rtol,
             shift=shift,
         )
+        if replicates:
+            state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval)
+        return result
+
+    def _attach_uncertainty(self, result: SpecResult, eta, top_k, replicates, level, seed, interval) -> None:
+        """Bootstrap / held-out / stability from the group sums into ``result`` (spec_torch.uncertainty)."""
+        from .solver import assemble_covariance
+        from .uncertainty import estimate
+
+        if self.group_state is None:
+            raise SpecError(
+                f"replicates: {replicates} replicates need group-wise sums; create DiffCovariance(..., groups=G)"
+            )
+        f64 = torch.float64
+        c_full = assemble_covariance(self.xx.to(f64), self.xy.to(f64), self.yy.to(f64), self.n, eta)
+        out = estimate(
+            self.group_state,
+            c_full,
+            result.eigenvalues,
+            result._u,
+            eta=eta,
+            dx=self.xx.shape[0],
+            zero_tol=result._zero_tol(),
+            replicates=replicates,
+            level=level,
+            seed=seed,
+            top_k=top_k,
+            interval=interval,
+        )
+        result.eigenvalue_ci = out["eigenvalue_ci"]
+        result.spec_diff_ci = out["spec_diff_ci"]
+        result.heldout_eigenvalues = out["heldout_eigenvalues"]
+        result.stability = out["stability"]
+        result.uncertainty = out["settings"]

@@ -74,6 +74,9 @@ class SpecResult:
             ``top_k``) or ``"dual"`` (features route solved in the n x n dual because D > n).
         center: whether both kernels were centred (``H K H``).
         zero_tol: eigenvalues with ``|lambda| <= zero_tol`` are numerical zeros (not modes).
+        eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
+            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used.
+            ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
     """
 
     def __init__(
@@ -115,6 +118,12 @@ class SpecResult:
             uniformity = torch.zeros(eigenvalues.numel(), dtype=torch.float64)
         nonzero = eigenvalues.abs().to(uniformity.device) > self.zero_tol
         self.uniformity = torch.where(nonzero, uniformity.double().clamp(0, 1), 0.0)  # [K]
+        # uncertainty (spec_torch.uncertainty), set by DiffCovariance.compute(replicates=R)
+        self.eigenvalue_ci: torch.Tensor | None = None  # [K, 2]
+        self.spec_diff_ci: tuple[float, float] | None = None
+        self.heldout_eigenvalues: torch.Tensor | None = None  # [K]
+        self.stability: torch.Tensor | None = None  # [K]
+        self.uncertainty: dict[str, Any] | None = None
 
     @classmethod
     def from_features(cls, eigenvalues, u, **kw) -> SpecResult:
@@ -164,6 +173,22 @@ class SpecResult:
             "center": self.center,
             "kernel_x": self.kernel_x.describe(),
             "kernel_y": self.kernel_y.describe(),
+            **self._uncertainty_dict(),
+        }
+
+    def _uncertainty_dict(self) -> dict[str, Any]:
+        """The uncertainty fields of :meth:`to_dict` (``None`` when not computed; NaN -> ``None``)."""
+
+        def plain(t: torch.Tensor | None) -> list | None:
+            return None if t is None else [None if v != v else float(v) for v in t.reshape(-1).tolist()]
+
+        ci = plain(self.eigenvalue_ci)
+        return {
+            "eigenvalue_ci": None if ci is None else [ci[i : i + 2] for i in range(0, len(ci), 2)],
+            "spec_diff_ci": None if self.spec_diff_ci is None else list(self.spec_diff_ci),
+            "heldout_eigenvalues": plain(self.heldout_eigenvalues),
+            "stability": plain(self.stability),
+            "uncertainty": self.uncertainty,
         }
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -310,8 +311,12 @@ def _stream_batch(cfg: DictConfig) -> int:
     return int(cfg.get("stream_batch_size") or cfg.batch_size)
 
 
-def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
-    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka)."""
+def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_start: float | None = None):
+    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka).
+
+    With ``uncertainty`` on (see :func:`_uncertainty_plan`) the accumulator keeps group sums, each sample's
+    group hashed from its dataset row, and the result gets intervals, held-out eigenvalues and stability.
+    """
     from .. import api
     from .report import metrics
 
@@ -337,21 +342,33 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
             res = api.spec(
                 x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=center
             )
+        res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
         return res, cka.compute()
-    acc = DiffCovariance(kx, ky, accumulate_dtype=dtype, device=device)
+    plan = _uncertainty_plan(cfg, kx, ky, paired, device, center=center)
+    acc = DiffCovariance(
+        kx, ky, accumulate_dtype=dtype, device=device, groups=plan["groups"] or None, group_seed=int(cfg.seed)
+    )
     if not (kx.is_fitted and ky.is_fitted):
         acc.fit(*_fit_sample(cfg, paired))  # sigma="auto" from a seeded sample of all rows, not a batch
-    start = _my_rows(paired).start
-    for xb, yb in paired.batches(_stream_batch(cfg), rows=_my_rows(paired)):  # torchrun: this rank's block
+    mine = _my_rows(paired)  # torchrun: this rank's block
+    start = mine.start
+    for (xb, yb), idx in zip(
+        paired.batches(_stream_batch(cfg), rows=mine), _batch_rows(paired, _stream_batch(cfg), mine)
+    ):
         xb, yb = xb.to(device), yb.to(device)  # [B, p], [B, q]
         with _sample_ids(paired, start):  # "row 3" of a batch -> the sample id
-            acc.update(xb, yb)
+            acc.update(xb, yb, index=idx)  # idx: dataset rows, the groups' hash key (ignored without groups)
         cka.update(xb, yb)
         start += xb.shape[0]
     if distributed.is_distributed():  # the CKA sums of every rank (compute() all-reduces the covariance)
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
+    t_solve = time.perf_counter()
     with _named("top_k", "solve_top_k"):
         res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
+    if plan["groups"]:
+        res = _with_uncertainty(cfg, acc, res, plan, t_start, time.perf_counter() - t_solve)
+    else:
+        res.uncertainty = plan
     return res, cka.compute()
 
 
@@ -381,6 +398,124 @@ def _sample_ids(paired: PairedFeatures, start: int) -> Iterator[None]:
         raise SpecError(
             f"{text[: match.start()]}(first: sample {paired.ids[row]!r}, paired row {row}){text[match.end() :]}"
         ) from None
+
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterator[torch.Tensor]:
+    """The sample index of every row of :meth:`PairedFeatures.batches`: dataset rows when known, else paired
+    positions; ``[B]`` long per batch. The same sample has the same index on any rank and batch size."""
+    for start in range(rows.start, rows.stop, batch_size):
+        pos = np.arange(start, min(start + batch_size, rows.stop))
+        idx = pos if paired.dataset_index is None else paired.dataset_index[pos]
+        yield torch.from_numpy(np.asarray(idx, dtype=np.int64))
+
+
+def _uncertainty_plan(
+    cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False, center: bool = False
+) -> dict[str, Any]:
+    """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
+    from .._validate import memory_available
+    from ..uncertainty import DEFAULT_GROUPS, plan_groups
+
+    ucfg = dict(_container(cfg.get("uncertainty")) or {})
+    replicates = ucfg.get("replicates", "auto")
+    level = ucfg.get("level", 0.9)
+    cap = ucfg.get("max_overhead", 1.5)
+    wanted = ucfg.get("groups", "auto")
+    if replicates != "auto" and (
+        isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0
+    ):
+        raise SpecError(
+            f"uncertainty.replicates: expected 'auto', 0 (off) or an integer >= 2, got {replicates!r}"
+        )
+    if replicates == 1:
+        raise SpecError("uncertainty.replicates: expected 'auto', 0 (off) or an integer >= 2, got 1")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise SpecError(f"uncertainty.level: expected a number in (0, 1), got {level!r}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
+        raise SpecError(f"uncertainty.max_overhead: expected a number > 1, got {cap!r}")
+    if wanted != "auto" and (isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 2):
+        raise SpecError(f"uncertainty.groups: expected 'auto' or an integer >= 2, got {wanted!r}")
+    plan = {
+        "enabled": False,
+        "replicates": replicates,
+        "level": float(level),
+        "groups": 0,
+        "max_overhead": float(cap),
+        "note": "",
+    }
+    if replicates == 0:
+        plan["note"] = "off (uncertainty.replicates = 0)"
+        return plan
+    if center:  # the replicates' group sums are uncentred; centring them is not implemented yet
+        if replicates != "auto":
+            raise SpecError("uncertainty.replicates: not supported with center=true yet; set uncertainty.replicates=0")
+        plan["note"] = "off: center=true (intervals are computed for the uncentred kernels only)"
+        return plan
+    missing = [name for k, name in ((kx, "kernel_x"), (ky, "kernel_y")) if not k.has_features]
+    if exact or missing:
+        why = f"{', '.join(missing)} has no feature map" if missing else "method=exact"
+        if replicates != "auto":
+            raise SpecError(
+                f"{(missing or ['method'])[0]}: uncertainty.replicates needs the feature route but {why}; use "
+                "Nystrom or random Fourier features (GaussianKernel rff_dim), or uncertainty.replicates=0"
+            )
+        plan["note"] = f"off: {why} (intervals need the feature route; use Nystrom or random features)"
+        return plan
+    p, q = (int(paired.x.shape[1]), int(paired.y.shape[1]))
+    dx, dy = kx.feature_dim(p), ky.feature_dim(q)
+    groups = plan_groups(
+        paired.n, dx, dy, memory_available(device), DEFAULT_GROUPS if wanted == "auto" else int(wanted)
+    )
+    if not groups:
+        plan["note"] = (
+            f"off: too few samples ({paired.n}) or too little memory for group sums of D = {dx + dy}"
+        )
+        return plan
+    plan["groups"] = groups
+    return plan
+
+
+def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_start, solve_s: float):
+    """Choose R under the cap (``replicates: auto``) and recompute with replicates; record the choice.
+
+    ``solve_s``: the plain solve's time (the plain compare time when ``t_start`` is unknown)."""
+    from ..uncertainty import plan_replicates, solves_needed
+
+    replicates = plan["replicates"]
+    if replicates == "auto":
+        # the time so far (extraction, streaming, solve) stands for the plain compare time: replicates may add
+        # (max_overhead - 1) of it (the top-samples pass and the report come on top, so the cap is conservative).
+        # A probe of 2 replicates (and their held-out splits) measures the cost of one solve on this machine.
+        plain_s = time.perf_counter() - t_start if t_start is not None else solve_s
+        t_probe = time.perf_counter()
+        acc.compute(eta=float(cfg.eta), top_k=cfg.get("solve_top_k"), replicates=2, seed=int(cfg.seed))
+        probe_s = time.perf_counter() - t_probe
+        per_solve = probe_s / (solves_needed(2) + 1)
+        budget = (plan["max_overhead"] - 1) * plain_s - probe_s
+        replicates = distributed.broadcast_object(plan_replicates(budget, per_solve))
+        if not replicates:
+            plan.update(
+                groups=0,
+                note=f"off: fewer than 20 replicates fit under {plan['max_overhead']}x the plain compare time "
+                f"({plain_s:.2g} s; one solve {per_solve:.2g} s); set uncertainty.replicates to force them",
+            )
+            res.uncertainty = plan
+            return res
+        plan["estimated_overhead"] = 1 + (probe_s + solves_needed(replicates) * 1.5 * per_solve) / plain_s
+    t0 = time.perf_counter()
+    out = acc.compute(
+        eta=float(cfg.eta),
+        top_k=cfg.get("solve_top_k"),
+        replicates=int(replicates),
+        level=plan["level"],
+        seed=int(cfg.seed),
+    )
+    plan.update(out.uncertainty, enabled=True, replicates=int(replicates), seconds=time.perf_counter() - t0)
+    plan["note"] = plan["note"] or f"{replicates} bootstrap replicates over {plan['groups']} groups"
+    out.uncertainty = plan
+    return out
 
 
 def _my_rows(paired: PairedFeatures) -> range:
@@ -439,6 +574,7 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         "top_scores": [float(s) for s in scores],
         "tightness_x": float(tight_x),
         "tightness_y": float(tight_y),
+        **_mode_uncertainty(res, m),
     }
     labels = attributes = images = texts = composition = majority = paths = None
     if dataset is not None:
@@ -474,6 +610,10 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
         labels=composition,
         purity=majority,
         paths=paths,
+        ci=entry.get("ci"),
+        heldout_eigenvalue=entry.get("heldout_eigenvalue"),
+        stability=entry.get("stability"),
+        support=entry.get("support"),
     )
     return entry, view
 
@@ -485,6 +625,23 @@ def _sample_paths(dataset, ids: list[str]) -> list[str] | None:
         return None
     files = [Path(root) / sid for sid in ids]
     return [str(f) for f in files] if all(f.is_file() for f in files) else None
+
+
+def _mode_uncertainty(res, m: int) -> dict[str, Any]:
+    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``stability`` and the plain-words
+    ``support`` (:func:`spec_torch.uncertainty.mode_support`); empty without replicates."""
+    from ..uncertainty import mode_support
+
+    if res.eigenvalue_ci is None:
+        return {}
+    lo, hi = (float(v) for v in res.eigenvalue_ci[m].tolist())
+    held, stab = float(res.heldout_eigenvalues[m]), float(res.stability[m])
+    return {
+        "ci": [lo, hi],
+        "heldout_eigenvalue": held,
+        "stability": stab,
+        "support": mode_support(float(res.eigenvalues[m]), held, stab),
+    }
 
 
 def _kmeans_agreement(res, paired: PairedFeatures, top, modes: list[int], seed: int) -> dict | None:
@@ -539,6 +696,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     """
     cfg = load_config("compare", cfg)
     quiet_third_party(bool(cfg.get("verbose", False)))
+    t_start = time.perf_counter()  # the plain compare time the uncertainty cap is measured against
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg)
@@ -559,7 +717,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
 
     with phase(log, f"streaming {paired.n} rows into the covariance sums and solving"):
-        res, cka = _solve(cfg, paired, device)
+        res, cka = _solve(cfg, paired, device, t_start=t_start)
     with phase(log, "scoring the top samples of each reported mode"):
         modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
     with phase(log, "mutual k-NN overlap"):
@@ -610,8 +768,11 @@ def _shorten(text: str, width: int) -> str:
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
     """The result in a few lines, through ``logging``: on the console and in the run folder's log."""
     m = summary["metrics"]
+    ci = summary.get("spec_diff_ci")
     log.info(
-        f"SPEC-diff = {summary['spec_diff']:.4g}  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
+        f"SPEC-diff = {summary['spec_diff']:.4g}"
+        + (f" ({summary['uncertainty']['level']:.0%} CI {ci[0]:.4g} .. {ci[1]:.4g})" if ci else "")
+        + f"  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
         f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
     )
     for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):
@@ -630,7 +791,15 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                 line += "  top: " + " | ".join(_shorten(t, 40) for t in e["top_texts"][:3])
             else:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
+            if "support" in e:
+                line += (
+                    f"  CI {e['ci'][0]:+.4g} .. {e['ci'][1]:+.4g}  held-out {e['heldout_eigenvalue']:+.4g}  "
+                    f"stability {e['stability']:.2f}: {e['support']}"
+                )
             log.info(line)
+    note = (summary.get("uncertainty") or {}).get("note")
+    if note:
+        log.info(f"uncertainty: {note}")
     log.info(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
 
 

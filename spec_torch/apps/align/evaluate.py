@@ -253,6 +253,39 @@ def spec_diff_to_teacher(
     return float(spec(img, es.teacher, kernel_x=kernel_student, kernel_y=kernel_teacher, eta=eta).spec_diff)
 
 
+#: bootstrap replicates for the held-out eigenvalue of the strongest mode (spec_torch.uncertainty)
+MODE_REPLICATES = 20
+
+
+def strongest_mode_heldout(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kernel_student: Any = "cosine",
+    kernel_teacher: Any = "cosine",
+    eta: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Is the mode the loss pushes on (the strongest |lambda|, SPEC-diff's) real on this split?
+
+    Its eigenvalue, held-out eigenvalue (fitted on half the split's samples, measured on the other half) and
+    stability (docs/uncertainty.md), from ``student: [n, d]`` and ``teacher: [n, t]``; empty when a kernel has
+    no feature map or the split is too small (fewer than 64 samples).
+    """
+    from ...kernels import resolve_kernel
+
+    ks = resolve_kernel(kernel_student, "kernel_student")
+    kt = resolve_kernel(kernel_teacher, "kernel_teacher")
+    if not (ks.has_features and kt.has_features) or student.shape[0] < 64:
+        return {}
+    res = spec(student, teacher, ks, kt, eta=eta, top_k=1, replicates=MODE_REPLICATES, seed=seed)
+    top = int(res.eigenvalues.abs().argmax())
+    return {
+        "mode_eigenvalue": float(res.eigenvalues[top]),
+        "mode_heldout_eigenvalue": float(res.heldout_eigenvalues[top]),
+        "mode_stability": float(res.stability[top]),
+    }
+
+
 # -------------------------------------------------------------------------------------------- the driver
 def evaluate(
     model: torch.nn.Module,
@@ -273,7 +306,8 @@ def evaluate(
     """All metrics of the student ``model`` on every evaluation set: ``{set name: {metric: value}}``.
 
     Metrics per set (where the set has what they need): ``spec_diff`` to the teacher (and the eigenvalue sum
-    of the strongest mode of each sign), ``knn_teacher_clusters`` (kNN accuracy of the student on KMeans
+    of the strongest mode of each sign; ``mode_heldout_eigenvalue`` and ``mode_stability`` of the strongest
+    mode, :func:`strongest_mode_heldout`), ``knn_teacher_clusters`` (kNN accuracy of the student on KMeans
     clusters of the teacher; ``knn_teacher_clusters_teacher`` is the teacher's own score, the ceiling),
     ``knn_labels``, ``i2t_R@1/5`` and ``t2i_R@1/5``, ``zeroshot_top1/5``.
     """
@@ -301,6 +335,7 @@ def _evaluate_set(
         out["spec_diff"] = float(res.spec_diff)
         out["lambda_max"] = float(res.eigenvalues.max())
         out["lambda_min"] = float(res.eigenvalues.min())
+        out.update(strongest_mode_heldout(img, es.teacher, kernel_student, kernel_teacher, eta, seed))
         clusters = teacher_clusters(es.teacher, n_clusters, seed)
         out["knn_teacher_clusters"] = knn_accuracy(img, clusters, knn_k)
         out["knn_teacher_clusters_teacher"] = knn_accuracy(es.teacher, clusters, knn_k)

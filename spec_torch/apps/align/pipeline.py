@@ -364,4 +364,10 @@ def _print_change(before: dict, after: dict, out: Path) -> None:
     if "spec_diff" in before.get("heldout", {}):
         b, a = before["heldout"]["spec_diff"], after["heldout"]["spec_diff"]
         log.info(f"held-out SPEC-diff to the teacher: {b:.4f} -> {a:.4f} ({b / max(a, 1e-12):.2f}x lower)")
+        if "mode_heldout_eigenvalue" in after["heldout"]:  # is the loss's mode real out of sample?
+            h = after["heldout"]
+            log.info(
+                f"strongest mode after training: eigenvalue {h['mode_eigenvalue']:+.4f}, held-out "
+                f"{h['mode_heldout_eigenvalue']:+.4f}, stability {h['mode_stability']:.2f} (docs/uncertainty.md)"
+            )
     log.info(f"results: {out / RESULTS_JSON}")

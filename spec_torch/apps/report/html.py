@@ -56,6 +56,8 @@ class ModeView:
         purity: per planted attribute, ``(majority value, fraction)`` (:func:`metrics.purity`) or a fraction.
         paths: the file of each top sample (same order as ``sample_ids``), where the data has files; or None.
         flags: short warnings about this mode (the report appends its own: :func:`mode_flags`).
+        ci, heldout_eigenvalue, stability, support: the mode's bootstrap interval ``[lo, hi]``, held-out
+            eigenvalue, stability and plain-words verdict (:func:`spec_torch.uncertainty.mode_support`), or None.
     """
 
     direction: str
@@ -71,6 +73,10 @@ class ModeView:
     purity: Mapping[str, Any] | None = None
     paths: Sequence[str] | None = None
     flags: list[str] = field(default_factory=list)
+    ci: Sequence[float] | None = None
+    heldout_eigenvalue: float | None = None
+    stability: float | None = None
+    support: str | None = None
 
     def __post_init__(self) -> None:
         where = f"ModeView(direction={self.direction!r}, index={self.index!r})"
@@ -474,7 +480,11 @@ def _mode(
         f"Mode {view.direction}{rank} · λ = {view.eigenvalue:.4g} "
         f"(spectrum index {view.index}) · captured by {names[view.direction]}, not by {names[other]}"
     )
-    out = [f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3>', _flags(view.flags)]
+    out = [
+        f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3>',
+        _flags(view.flags),
+        _support_line(view),
+    ]
     out.append('<div class="facts">')
     if view.tightness_x is not None or view.tightness_y is not None:
         rows = [[f"under {names['x']} (x)", view.tightness_x], [f"under {names['y']} (y)", view.tightness_y]]
@@ -518,6 +528,74 @@ def _mode(
         out.append(f'<ol class="{listing}">{"".join(items)}</ol>')
     out.append("</section>")
     return "\n".join(out)
+
+
+_SUPPORT_WORDS = {
+    "supported": "Supported by the data: its strength carries over to held-out samples and it reappears in "
+    "resampled data.",
+    "not a distinct cluster": "Not a distinct cluster: the direction is real (it keeps its strength on held-out "
+    "samples) but the mode changes from one resample to the next: it is one of several equally strong "
+    "directions, so its top samples are not a stable group.",
+    "not supported by the data": "Not supported by the data: on held-out samples its eigenvalue falls towards 0 "
+    "(or changes sign); it is mostly sampling noise.",
+}
+
+
+def _support_line(view: ModeView) -> str:
+    """One sentence under a mode's heading: its verdict, interval, held-out eigenvalue and stability."""
+    if not view.support or view.support == "unknown":
+        return ""
+    ci = f"[{view.ci[0]:.4g}, {view.ci[1]:.4g}]" if view.ci else "—"
+    style = "" if view.support == "supported" else ' style="color:#9a6700;font-weight:600"'
+    return (
+        f"<p{style}>{_e(_SUPPORT_WORDS.get(view.support, view.support))}</p>"
+        f'<p class="muted">interval {_e(ci)} · held-out λ {_e(_fmt(view.heldout_eigenvalue))} · '
+        f"stability {_e(_fmt(view.stability, 2))}</p>"
+    )
+
+
+def _uncertainty(spec: Mapping[str, Any], modes: Sequence[ModeView], plot_dir: Path) -> str:
+    """Intervals plot and mode table (eigenvalue, interval, held-out, stability, verdict), or the note why off."""
+    info = spec.get("uncertainty") if isinstance(spec.get("uncertainty"), Mapping) else {}
+    shown = [m for m in modes if m.ci is not None and m.heldout_eigenvalue is not None]
+    if not shown:
+        note = info.get("note") if info else None
+        return f'<p class="muted">Intervals and held-out eigenvalues: {_e(note)}.</p>' if note else ""
+    ranked: list[tuple[str, ModeView]] = []
+    for side in ("x", "y"):
+        chosen = sorted((m for m in shown if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        ranked += [(f"{side}{r}", m) for r, m in enumerate(chosen, start=1)]
+    level = float(info.get("level", 0.9))
+    path = plots.plot_intervals(
+        [label for label, _ in ranked],
+        [m.eigenvalue for _, m in ranked],
+        [list(m.ci) for _, m in ranked],
+        [m.heldout_eigenvalue for _, m in ranked],
+        [m.support == "supported" for _, m in ranked],
+        plot_dir / "intervals.png",
+        level=level,
+    )
+    rows = [
+        [label, m.eigenvalue, f"{m.ci[0]:.4g} .. {m.ci[1]:.4g}", m.heldout_eigenvalue, m.stability, m.support]
+        for label, m in ranked
+    ]
+    ci = spec.get("spec_diff_ci")
+    diff = (
+        f" SPEC-diff: {_fmt(spec.get('spec_diff'))}, {level:.0%} interval {ci[0]:.4g} .. {ci[1]:.4g}."
+        if ci
+        else ""
+    )
+    return (
+        "<h3>Is each mode real?</h3>"
+        f'<p class="muted">From {_e(info.get("replicates"))} bootstrap replicates over {_e(info.get("groups"))} '
+        f"groups of samples.{_e(diff)} The <i>interval</i> is where the eigenvalue would fall on another sample "
+        "of the same size; the <i>held-out λ</i> is the mode fitted on half the samples and measured on the "
+        "other half (in-sample extremes are inflated by selection; a real cluster keeps most of its value); "
+        "<i>stability</i> is the fraction of resamples in which the same mode reappears (sample-score overlap "
+        f"≥ {_e(info.get('overlap_cutoff', 0.9))}). See docs/uncertainty.md.</p>"
+        + _img(path, "eigenvalue intervals and held-out eigenvalues")
+        + _table(rows, ["mode", "λ", f"{level:.0%} interval", "held-out λ", "stability", "verdict"])
+    )
 
 
 def _kmeans(kmeans: Mapping[str, Any], names: dict[str, str]) -> str:
@@ -615,6 +693,7 @@ def write_report(
         _how_to_read(names),
     ]
     body.append(_img(spectrum, "eigenvalue spectrum"))
+    body.append(_uncertainty(spec, modes, plot_dir))
     for side in ("x", "y"):
         other = "y" if side == "x" else "x"
         chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))

@@ -26,7 +26,14 @@ from matplotlib.figure import Figure
 from ...errors import SpecError
 from .._io import atomic_path
 
-__all__ = ["plot_spectrum", "image_grid", "score_histogram", "POSITIVE_COLOUR", "NEGATIVE_COLOUR"]
+__all__ = [
+    "plot_spectrum",
+    "plot_intervals",
+    "image_grid",
+    "score_histogram",
+    "POSITIVE_COLOUR",
+    "NEGATIVE_COLOUR",
+]
 
 #: Colour of the modes x captures and y does not (eigenvalue > 0), and of the reverse.
 POSITIVE_COLOUR = "#c0392b"
@@ -220,5 +227,52 @@ def score_histogram(
     ax.set_ylabel("samples")
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_intervals(
+    labels: Sequence[str],
+    eigenvalues: Any,
+    ci: Any,
+    heldout: Any,
+    supported: Sequence[bool],
+    path: str | os.PathLike,
+    *,
+    level: float = 0.9,
+    dpi: int = 110,
+) -> Path:
+    """The reported modes' eigenvalues with their bootstrap intervals and held-out eigenvalues.
+
+    One column per mode (``labels``, e.g. ``"x1"``): the in-sample eigenvalue (dot, coloured by sign), its
+    ``level`` interval (bar), the held-out eigenvalue (cross); modes not ``supported`` drawn hollow and grey.
+
+    Args:
+        eigenvalues: ``[M]``; ci: ``[M, 2]``; heldout: ``[M]``; supported: ``[M]`` booleans.
+    """
+    lam = _vector(eigenvalues, "eigenvalues")
+    held = _vector(heldout, "heldout")
+    bounds = np.asarray(ci, dtype=np.float64).reshape(-1, 2)
+    if not (len(labels) == lam.size == held.size == bounds.shape[0] == len(supported)):
+        raise SpecError("labels/eigenvalues/ci/heldout/supported: expected one entry per mode")
+    fig = Figure(figsize=(max(4.0, 0.7 * lam.size + 2), 3.4))
+    ax = fig.subplots()
+    ax.axhline(0.0, color="#888888", lw=0.8)
+    pos = np.arange(lam.size)
+    for i in range(lam.size):
+        colour = (POSITIVE_COLOUR if lam[i] > 0 else NEGATIVE_COLOUR) if supported[i] else "#999999"
+        ax.vlines(pos[i], bounds[i, 0], bounds[i, 1], color=colour, lw=4, alpha=0.45)
+        face = colour if supported[i] else "none"
+        ax.scatter([pos[i]], [lam[i]], s=36, facecolors=face, edgecolors=colour, zorder=3)
+        ax.scatter([pos[i]], [held[i]], s=40, marker="x", color="black", zorder=4)
+    ax.scatter([], [], s=36, color="#555555", label="in-sample λ")
+    ax.plot([], [], color="#555555", lw=4, alpha=0.45, label=f"{level:.0%} bootstrap interval")
+    ax.scatter([], [], s=40, marker="x", color="black", label="held-out λ")
+    ax.scatter([], [], s=36, facecolors="none", edgecolors="#999999", label="not supported / not distinct")
+    ax.set_xticks(pos, [str(label) for label in labels])
+    ax.set_xlabel("reported mode")
+    ax.set_ylabel("eigenvalue λ")
+    ax.set_title("Is this mode real? Intervals and held-out eigenvalues")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _save(fig, path, dpi)

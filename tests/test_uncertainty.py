@@ -1,0 +1,370 @@
+"""Uncertainty of SPEC results: group-wise sums, bootstrap intervals, held-out eigenvalues, stability."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import spawn_gloo
+from oracle import difference, spectrum
+
+import spec_torch as st
+from spec_torch import uncertainty as unc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: float64 sums of the same rows added in a different order agree to rounding (n <= 2000, |phi| <= 1)
+SUM_ATOL = 1e-10
+#: eigenvalues from the batched replicate solve vs the dense oracle (float64, well-conditioned C)
+EIG_ATOL = 1e-10
+
+_BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_uncertainty.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_uncertainty", _BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def planted(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x separates a 20% cluster (shift along e_0) that y merges; float32, class-sorted rows."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 10, generator=g)  # [n, 10]
+    members = torch.arange(n) < n // 5  # the cluster is the first rows: class-sorted
+    x = z.clone()
+    x[members, 0] += 4.0
+    return x, z
+
+
+def grouped(x, y, groups=16, batch=10_000, seed=0, kernel="cosine") -> st.DiffCovariance:
+    acc = st.DiffCovariance(kernel, kernel, groups=groups, group_seed=seed)
+    for start in range(0, x.shape[0], batch):
+        stop = min(start + batch, x.shape[0])
+        acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ group sums
+def test_assign_groups_is_a_function_of_index_and_seed():
+    idx = torch.arange(10_000)
+    g = unc.assign_groups(idx, 16, seed=3)
+    assert g.dtype == torch.long and int(g.min()) >= 0 and int(g.max()) < 16
+    counts = torch.bincount(g, minlength=16).double()
+    assert float(counts.min()) > 0.8 * 10_000 / 16  # balanced: a hash, not index % G over a sorted block
+    perm = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unc.assign_groups(idx[perm], 16, seed=3), g[perm])
+    assert not torch.equal(unc.assign_groups(idx, 16, seed=4), g)
+
+
+def test_group_sums_match_a_dense_oracle():
+    x, y = planted(300)
+    acc = grouped(x, y, groups=5, batch=64, kernel="linear")
+    gid = unc.assign_groups(torch.arange(300), 5, 0).numpy()
+    xn, yn = x.double().numpy(), y.double().numpy()
+    for g in range(5):
+        rows = gid == g
+        np.testing.assert_allclose(acc.group_state["xx"][g].numpy(), xn[rows].T @ xn[rows], atol=SUM_ATOL)
+        np.testing.assert_allclose(acc.group_state["xy"][g].numpy(), xn[rows].T @ yn[rows], atol=SUM_ATOL)
+        np.testing.assert_allclose(acc.group_state["yy"][g].numpy(), yn[rows].T @ yn[rows], atol=SUM_ATOL)
+        assert float(acc.group_state["count"][g]) == rows.sum()
+    plain = st.DiffCovariance("linear", "linear", accumulate_dtype=torch.float64).update(x, y)
+    # the totals (formed from the group sums by state_dict/compute/merge) match a plain float64 run
+    torch.testing.assert_close(acc.state_dict()["xx"].double(), plain.xx, atol=1e-3, rtol=1e-6)
+    assert acc.n == 300
+
+
+def test_batched_and_per_group_accumulation_agree():
+    """The CUDA path (one padded baddbmm per block) and the CPU path (one addmm per group), both run on CPU."""
+    x, y = planted(500)
+    px, py = x.double(), y.double()  # linear features
+    gid = unc.assign_groups(torch.arange(500), 7, 0)
+    states = []
+    for batched in (False, True):
+        state = {
+            "xx": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "xy": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "yy": torch.zeros(7, 10, 10, dtype=torch.float64),
+            "sum_x": torch.zeros(7, 10, dtype=torch.float64),
+            "sum_y": torch.zeros(7, 10, dtype=torch.float64),
+            "count": torch.zeros(7, dtype=torch.float64),
+        }
+        for chunk in torch.arange(500).split(120):
+            unc.accumulate_groups(state, px[chunk], py[chunk], gid[chunk], batched=batched)
+        states.append(state)
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], atol=SUM_ATOL, rtol=0)
+    rows = gid == 3
+    torch.testing.assert_close(states[1]["xy"][3], px[rows].T @ py[rows], atol=SUM_ATOL, rtol=0)
+
+
+def test_same_groups_and_intervals_for_any_batch_size_and_row_order():
+    x, y = planted(600)
+    ref = grouped(x, y, batch=600)
+    perm = torch.randperm(600, generator=torch.Generator().manual_seed(1))
+    shuffled = st.DiffCovariance("cosine", "cosine", groups=16)
+    for chunk in perm.split(37):  # rows in another order, batches of 37, each with its global index
+        shuffled.update(x[chunk], y[chunk], index=chunk)
+    for key, t in ref.group_state.items():
+        torch.testing.assert_close(shuffled.group_state[key], t, atol=SUM_ATOL, rtol=0)
+    r1 = ref.compute(replicates=20, seed=5)
+    r2 = shuffled.compute(replicates=20, seed=5)
+    torch.testing.assert_close(r1.eigenvalue_ci, r2.eigenvalue_ci, atol=1e-9, rtol=0)
+    torch.testing.assert_close(r1.stability, r2.stability)
+    torch.testing.assert_close(r1.heldout_eigenvalues, r2.heldout_eigenvalues, atol=1e-9, rtol=0)
+    assert r1.spec_diff_ci == pytest.approx(r2.spec_diff_ci, abs=1e-9)
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    x, y = planted(400)
+    acc = grouped(x, y)
+    a, b, c = (acc.compute(replicates=15, seed=s) for s in (7, 7, 8))
+    assert torch.equal(a.eigenvalue_ci, b.eigenvalue_ci) and a.spec_diff_ci == b.spec_diff_ci
+    assert not torch.equal(a.eigenvalue_ci, c.eigenvalue_ci)
+
+
+def test_merge_adds_group_sums():
+    x, y = planted(500)
+    whole = grouped(x, y)
+    a = st.DiffCovariance("cosine", "cosine", groups=16).update(x[:200], y[:200], index=torch.arange(200))
+    b = st.DiffCovariance("cosine", "cosine", groups=16).update(
+        x[200:], y[200:], index=torch.arange(200, 500)
+    )
+    merged = st.DiffCovariance("cosine", "cosine", groups=16).merge(a).merge(b)
+    for key, t in whole.group_state.items():
+        torch.testing.assert_close(merged.group_state[key], t, atol=SUM_ATOL, rtol=0)
+    with pytest.raises(st.SpecError, match="groups=8"):
+        a.merge(st.DiffCovariance("cosine", "cosine", groups=8).update(x[:10], y[:10]))
+
+
+# ------------------------------------------------------------------------------- solves against the oracle
+def test_replicate_solve_matches_dense_oracle_on_duplicated_rows():
+    """A bootstrap weight w_g = 2 is group g's rows twice: the batched solve equals eigh of that data's L."""
+    x, y = planted(120)
+    acc = grouped(x, y, groups=4, kernel="linear")
+    w = torch.tensor([[2.0, 0.0, 1.0, 1.0], [0.0, 3.0, 1.0, 0.0]], dtype=torch.float64)
+    jv = torch.cat([torch.ones(10), -torch.ones(10)]).double()
+    lam, u = unc._solve_batch(unc._weighted_covariances(acc.group_state, w, 1.0), jv, keep=20)
+    gid = unc.assign_groups(torch.arange(120), 4, 0).numpy()
+    for r in range(2):
+        rows = np.concatenate([np.flatnonzero(gid == g) for g in range(4) for _ in range(int(w[r, g]))])
+        want, _ = spectrum(
+            difference(x.double().numpy()[rows], y.double().numpy()[rows], "linear", "linear"), 20
+        )
+        np.testing.assert_allclose(lam[r].numpy(), want, atol=EIG_ATOL * abs(want).max())
+
+
+def test_topk_replicate_route_agrees_with_full_route():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(800, 48, generator=g), torch.randn(800, 48, generator=g)
+    acc = grouped(x, y, groups=8)
+    w = torch.ones(2, 8, dtype=torch.float64)
+    w[1, 0] = 0
+    full_vals, _ = unc._solve_all(acc.group_state, w, 1.0, 48, keep=96, top_k=None)
+    topk_vals, topk_dirs = unc._solve_all(acc.group_state, w, 1.0, 48, keep=96, top_k=2)
+    assert topk_vals[0].numel() == 4 and full_vals[0].numel() == 96  # the Krylov route ran (D = 96 >= 80)
+    for f, t in zip(full_vals, topk_vals):
+        torch.testing.assert_close(t, torch.cat([f[:2], f[-2:]]), atol=1e-9, rtol=0)
+
+
+def test_heldout_quotient_is_the_rayleigh_quotient_of_dense_l_b():
+    x, y = planted(200)
+    xb, yb = x.double().numpy()[100:], y.double().numpy()[100:]
+    acc = st.DiffCovariance("linear", "linear", accumulate_dtype=torch.float64).update(x[100:], y[100:])
+    from spec_torch.solver import assemble_covariance
+
+    c_b = assemble_covariance(acc.xx, acc.xy, acc.yy, 100, 0.5)
+    u = torch.randn(20, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jv = torch.cat([torch.ones(10), -torch.ones(10)]).double()
+    got = unc.heldout_quotient(c_b, u, jv)
+    a_b = np.hstack([xb, np.sqrt(0.5) * yb]) / np.sqrt(100)  # [n_B, D]
+    l_b = difference(xb, yb, "linear", "linear", eta=0.5)
+    v = a_b @ u.numpy()  # [n_B, 3]
+    want = np.einsum("ik,ij,jk->k", v, l_b, v) / (v * v).sum(0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------- what the numbers say
+def test_planted_cluster_is_supported():
+    x, y = planted(1000)
+    res = st.spec(x, y, replicates=50, seed=0)
+    assert res.method == "features" and res.uncertainty["groups"] == 32
+    lam = float(res.eigenvalues[0])
+    lo, hi = res.eigenvalue_ci[0].tolist()
+    assert lo <= lam <= hi
+    assert float(res.stability[0]) >= 0.9
+    assert float(res.heldout_eigenvalues[0]) >= 0.5 * lam
+    assert res.spec_diff_ci[0] <= res.spec_diff <= res.spec_diff_ci[1]
+    assert unc.mode_support(lam, float(res.heldout_eigenvalues[0]), float(res.stability[0])) == "supported"
+    assert res.eigenvalue_ci.shape == (res.eigenvalues.numel(), 2)
+    json.dumps(res.to_dict())
+
+
+def test_independent_isotropic_embeddings_are_not_a_distinct_cluster():
+    """DESIGN.md: population spectrum +-1/p (multiplicity p); in-sample top inflated; held-out near 1/p."""
+    p = 40
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, p, generator=g), torch.randn(2000, p, generator=g)
+    res = st.spec(x, y, "cosine", "cosine", replicates=40, seed=0)
+    top, held, stab = float(res.eigenvalues[0]), float(res.heldout_eigenvalues[0]), float(res.stability[0])
+    assert top > 1.15 / p  # measured 0.032 vs 1/p = 0.025
+    assert abs(held - 1 / p) < abs(top - 1 / p)
+    assert abs(held - 1 / p) < 0.15 / p
+    assert stab < 0.5
+    assert unc.mode_support(top, held, stab) == "not a distinct cluster"
+    bottom = float(res.eigenvalues[-1])
+    assert unc.mode_support(bottom, float(res.heldout_eigenvalues[-1]), float(res.stability[-1])) == (
+        "not a distinct cluster"
+    )
+
+
+def test_mode_support_words():
+    assert unc.mode_support(0.1, 0.01, 1.0) == "not supported by the data"  # held-out falls towards 0
+    assert unc.mode_support(0.1, -0.05, 1.0) == "not supported by the data"  # sign flips on new samples
+    assert unc.mode_support(-0.1, -0.08, 0.2) == "not a distinct cluster"
+    assert unc.mode_support(-0.1, -0.08, 0.95) == "supported"
+    assert unc.mode_support(0.1, float("nan"), 0.9) == "unknown"
+
+
+def test_coverage_fast():
+    """Fast version of bench/bench_uncertainty.py's coverage study (200 draws there). With 60 draws the rate
+    of a 90% interval has sd 0.039: we accept 0.78..1 here, the 80-97% target is checked on the full study."""
+    cov = _bench().coverage(draws=60, n=400, replicates=60, groups=32, n_pop=200_000)
+    for method in ("percentile", "bc"):
+        for rate in cov[method]:
+            assert 0.78 <= rate <= 1.0, (method, cov)
+
+
+# --------------------------------------------------------------------------------------------- contract
+def test_skipped_without_replicates_and_serialised():
+    x, y = planted(300)
+    res = st.spec(x, y)
+    assert res.eigenvalue_ci is None and res.stability is None
+    d = res.to_dict()
+    assert d["eigenvalue_ci"] is None and d["spec_diff_ci"] is None
+    res0 = grouped(x, y).compute(replicates=0)
+    assert res0.heldout_eigenvalues is None
+
+
+def test_bad_input_raises_named_errors():
+    x, y = planted(300)
+    with pytest.raises(st.SpecError, match="kernel_x.*Nystrom"):
+        st.spec(x, y, kernel_x=st.GaussianKernel(sigma=1.0), replicates=10)
+    with pytest.raises(st.SpecError, match="method"):
+        st.spec(x, y, method="exact", replicates=10)
+    with pytest.raises(st.SpecError, match="replicates.*groups"):
+        st.DiffCovariance().update(x, y).compute(replicates=10)
+    with pytest.raises(st.SpecError, match="groups"):
+        st.DiffCovariance(groups=1)
+    with pytest.raises(st.SpecError, match="index"):
+        st.DiffCovariance(groups=4).update(x, y, index=torch.arange(3))
+    with pytest.raises(st.SpecError, match="index"):
+        st.DiffCovariance(groups=4).update(x, y, index=torch.arange(300) - 1)
+    acc = grouped(x, y)
+    with pytest.raises(st.SpecError, match="replicates"):
+        acc.compute(replicates=1)
+    with pytest.raises(st.SpecError, match="level"):
+        acc.compute(replicates=5, level=1.5)
+
+
+# ----------------------------------------------------------------------------------------- 2 Gloo ranks
+def _rank_worker(rank: int, port: int, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = planted(600)
+        shard = torch.arange(rank, 600, 2)  # interleaved shards: rank r reads rows r, r+2, ...
+        acc = st.DiffCovariance("cosine", "cosine", groups=16)
+        for chunk in shard.split(50):
+            acc.update(x[chunk], y[chunk], index=chunk)
+        res = acc.compute(replicates=20, seed=5)
+        if rank == 0:
+            torch.save(
+                {"ci": res.eigenvalue_ci, "held": res.heldout_eigenvalues, "stab": res.stability}, path
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_vs_two_gloo_ranks():
+    x, y = planted(600)
+    ref = grouped(x, y).compute(replicates=20, seed=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rank0.pt")
+        spawn_gloo(_rank_worker, path, world=2, timeout_s=120)
+        got = torch.load(path)
+    torch.testing.assert_close(got["ci"], ref.eigenvalue_ci, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got["held"], ref.heldout_eigenvalues, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got["stab"], ref.stability)
+
+
+# ------------------------------------------------------------------------------------------ compare job
+def _compare(tmp: pathlib.Path, x: np.ndarray, y: np.ndarray, *overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch import compare
+
+    np.save(tmp / "x.npy", x)
+    np.save(tmp / "y.npy", y)
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[
+                "data=features",
+                f"data.x_path={tmp / 'x.npy'}",
+                f"data.y_path={tmp / 'y.npy'}",
+                f"output_dir={tmp / 'out'}",
+                "device=cpu",
+                "top_k=2",
+                *overrides,
+            ],
+        )
+    compare.run(cfg)
+    return json.loads((tmp / "out" / "spec.json").read_text())
+
+
+def test_compare_writes_intervals_and_flags(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1500, 40, generator=g).numpy(), torch.randn(1500, 40, generator=g).numpy()
+    spec = _compare(tmp_path, x, y, "uncertainty.replicates=30")
+    lo, hi = spec["spec_diff_ci"]
+    assert lo < hi  # (not around spec_diff here: the maximum of a degenerate spectrum, docs/uncertainty.md)
+    assert spec["uncertainty"]["enabled"] and spec["uncertainty"]["replicates"] == 30
+    for entry in spec["modes"]["x"] + spec["modes"]["y"]:
+        assert {"ci", "heldout_eigenvalue", "stability", "support"} <= set(entry)
+        assert entry["support"] == "not a distinct cluster"  # isotropic: a degenerate eigenspace
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Is each mode real?" in page and "Not a distinct cluster" in page
+    assert (tmp_path / "out" / "plots" / "intervals.png").is_file()
+    assert "not a distinct cluster" in capsys.readouterr().out
+
+
+def test_compare_auto_records_its_choice_and_off_has_a_note(tmp_path):
+    x, y = (t.numpy() for t in planted(800))
+    spec = _compare(tmp_path, x, y)  # replicates: auto under max_overhead 1.5
+    info = spec["uncertainty"]
+    assert info["max_overhead"] == 1.5 and info["note"]
+    if info["enabled"]:  # the choice depends on timing: either way it is recorded
+        assert 20 <= info["replicates"] <= 200 and info["groups"] == 32
+        assert spec["modes"]["x"][0]["support"] == "supported"
+    off = _compare(tmp_path, x, y, "uncertainty.replicates=0")
+    assert off["uncertainty"]["enabled"] is False and "off" in off["uncertainty"]["note"]
+    assert off["spec_diff_ci"] is None and "ci" not in off["modes"]["x"][0]
+
+
+def test_plan_replicates_and_groups():
+    assert unc.plan_replicates(budget_s=100.0, solve_s=0.001) == unc.MAX_REPLICATES
+    assert unc.plan_replicates(budget_s=1.0, solve_s=1.0) == 0  # not even 20 fit: off
+    r = unc.plan_replicates(budget_s=60.0, solve_s=1.0)
+    assert unc.solves_needed(r) * 1.5 <= 60 < unc.solves_needed(r + 1) * 1.5
+    assert unc.plan_groups(10_000, 100, 100, 2**40) == 32
+    assert unc.plan_groups(60, 100, 100, 2**40) == 15  # n // 4
+    assert unc.plan_groups(10_000, 1000, 1000, 3 * 8 * 10**6 * 4 * 5) == 0  # memory for 5 groups: off
