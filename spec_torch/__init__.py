@@ -16,6 +16,7 @@ from .api import difference_matrix, spec
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
+from .nystrom import Nystrom
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"
@@ -32,5 +33,6 @@ __all__ = [
     "CosineKernel",
     "LinearKernel",
     "GaussianKernel",
+    "Nystrom",
     "resolve_kernel",
 ]

@@ -249,14 +249,16 @@ FIT_ROWS = 2000
 
 
 def _fit_kernels(cfg: DictConfig, paired: PairedFeatures):
-    """Both kernels fitted on the same seeded random subset of at most ``FIT_ROWS`` paired rows."""
+    """Both kernels fitted on the same seeded random subset of at most ``FIT_ROWS`` paired rows (more when a
+    Nystrom kernel needs more rows than that for its landmarks)."""
     kx = resolve_kernel(_container(cfg.kernel_x), "kernel_x")
     ky = resolve_kernel(_container(cfg.kernel_y), "kernel_y")
     if kx.is_fitted and ky.is_fitted:
         return kx, ky
     rows = np.arange(paired.n)
-    if paired.n > FIT_ROWS:
-        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=FIT_ROWS, replace=False))
+    size = max(FIT_ROWS, getattr(kx, "fit_rows", 0), getattr(ky, "fit_rows", 0))  # Nystrom: >= its landmarks
+    if paired.n > size:
+        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=size, replace=False))
     xs, ys = paired.gather(rows)  # [m, p], [m, q]
     return kx.fit(xs), ky.fit(ys)
 

@@ -241,6 +241,7 @@ class GaussianKernel(Kernel):
         }
 
 
+# spec_torch.nystrom adds "nystrom" (Nystrom imports this module, so it registers itself there)
 _BY_NAME = {"cosine": CosineKernel, "linear": LinearKernel, "gaussian": GaussianKernel, "rbf": GaussianKernel}
 
 
