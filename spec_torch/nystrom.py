@@ -16,7 +16,8 @@ block and one GEMM, ``k(batch, L) @ W: [B, p], [m, p] -> [B, m] @ [m, r] -> [B, 
 block beyond use) and returned in the dtype of the input.
 
 Compared with random Fourier features of the same dimension, Nyström features are data-adaptive and much
-more accurate on real data (the table in docs/kernels.md: 20-100x lower eigenvalue error on digits).
+more accurate on real data (docs/kernels.md: on digits, 20x lower eigenvalue error at D = 128, 600x at
+D = 1024).
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class Nystrom(Kernel):
 
     :meth:`fit` fits the base kernel on the rows it is given (``sigma="auto"``: their median distance), then
     draws the landmarks from the same rows and computes the whitening ``W`` (see the module docstring for the
-    eigenvalue cut-off). The fitted state is three plain tensors (:meth:`state_tensors`): ``landmarks [m, p]``,
-    ``whitening [m, r]`` (float64, CPU) and the base's ``sigma`` (0-d; NaN for a kernel without one).
+    eigenvalue cut-off). The fitted state is three plain tensors (:meth:`state_tensors`):
+    ``landmarks [m, p]``, ``whitening [m, r]`` (float64, CPU) and the base's ``sigma`` (0-d; NaN for a kernel
+    without one).
 
     Example:
         >>> import torch
@@ -144,7 +146,7 @@ class Nystrom(Kernel):
         return self.landmarks
 
     def fit(self, x: torch.Tensor) -> Nystrom:
-        """Fit the base kernel on ``x: [N, p]``, draw ``m`` landmark rows of ``x`` and whiten them (N >= m)."""
+        """Fit the base kernel on ``x: [N, p]``, draw ``m`` of its rows as landmarks, whiten them (N >= m)."""
         n = x.shape[0]
         if n < self.landmarks:
             raise SpecError(
@@ -210,9 +212,9 @@ class Nystrom(Kernel):
         }
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> Nystrom:
-        """Restore :meth:`state_tensors` (e.g. after ``Nystrom(**settings)`` from :meth:`describe`); returns self.
+        """Restore :meth:`state_tensors` into a kernel built from :meth:`describe`; returns self.
 
-        An empty dict leaves the kernel unfitted.
+        E.g. ``resolve_kernel(settings).load_state_tensors(tensors)``. An empty dict leaves it unfitted.
         """
         if not state:
             self._landmarks, self._w, self._cache = None, None, {}
