@@ -18,6 +18,7 @@ from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
 from .loss import SpecAlignLoss
 from .metrics import LinearCKA, linear_cka
+from .nystrom import Nystrom
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "CosineKernel",
     "LinearKernel",
     "GaussianKernel",
+    "Nystrom",
     "resolve_kernel",
     "LinearCKA",
     "linear_cka",

@@ -394,6 +394,7 @@ class GaussianKernel(Kernel):
         return args
 
 
+# spec_torch.nystrom adds "nystrom" (Nystrom imports this module, so it registers itself there)
 _BY_NAME = {"cosine": CosineKernel, "linear": LinearKernel, "gaussian": GaussianKernel, "rbf": GaussianKernel}
 
 

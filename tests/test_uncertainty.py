@@ -309,7 +309,7 @@ def test_one_vs_two_gloo_ranks():
 def _compare(tmp: pathlib.Path, x: np.ndarray, y: np.ndarray, *overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from spec_torch import compare
+    from spec_torch.apps import compare
 
     np.save(tmp / "x.npy", x)
     np.save(tmp / "y.npy", y)

@@ -284,11 +284,13 @@ def _kernel(cfg: DictConfig, which: str):
     return resolve_kernel(instantiate_target(_container(cfg[which]), which), which)
 
 
-def _fit_sample(cfg: DictConfig, paired: PairedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same seeded random subset of at most ``FIT_ROWS`` paired rows of both sides: ``([m, p], [m, q])``."""
+def _fit_sample(cfg: DictConfig, paired: PairedFeatures, *kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same seeded random subset of at most ``FIT_ROWS`` paired rows of both sides: ``([m, p], [m, q])``
+    (more when a Nystrom kernel among ``kernels`` needs more rows than that for its landmarks)."""
     rows = np.arange(paired.n)
-    if paired.n > FIT_ROWS:
-        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=FIT_ROWS, replace=False))
+    size = max([FIT_ROWS] + [getattr(k, "fit_rows", 0) for k in kernels])  # Nystrom: >= its landmarks
+    if paired.n > size:
+        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=size, replace=False))
     return paired.gather(rows)
 
 
@@ -298,7 +300,7 @@ def _fit_kernels(cfg: DictConfig, paired: PairedFeatures, route: str = "exact"):
     ky = _kernel(cfg, "kernel_y").for_route(route)
     if kx.is_fitted and ky.is_fitted:
         return kx, ky
-    xs, ys = _fit_sample(cfg, paired)
+    xs, ys = _fit_sample(cfg, paired, kx, ky)
     return kx.fit(xs), ky.fit(ys)
 
 
@@ -349,7 +351,7 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
         kx, ky, accumulate_dtype=dtype, device=device, groups=plan["groups"] or None, group_seed=int(cfg.seed)
     )
     if not (kx.is_fitted and ky.is_fitted):
-        acc.fit(*_fit_sample(cfg, paired))  # sigma="auto" from a seeded sample of all rows, not a batch
+        acc.fit(*_fit_sample(cfg, paired, kx, ky))  # sigma="auto" from a seeded sample of all rows, not a batch
     mine = _my_rows(paired)  # torchrun: this rank's block
     start = mine.start
     for (xb, yb), idx in zip(
