@@ -16,6 +16,7 @@ from .api import difference_matrix, spec
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
+from .matrix import MatrixCovariance, SpecMatrix, spec_matrix
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"
@@ -23,6 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "spec",
     "difference_matrix",
+    "spec_matrix",
+    "SpecMatrix",
+    "MatrixCovariance",
     "DiffCovariance",
     "SpecResult",
     "TopSamples",
