@@ -14,8 +14,13 @@ from spec_torch.kernels import CosineKernel, GaussianKernel, LinearKernel, resol
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-#: the compare presets (configs/experiment/align_* belong to the alignment script)
-PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.startswith("align"))
+#: the compare presets (configs/experiment/align_* belong to the alignment script, matrix_*/layers_* to the
+#: matrix script: tests/test_matrix_job.py)
+PRESETS = sorted(
+    p.stem
+    for p in (CONFIGS / "experiment").glob("*.yaml")
+    if not p.stem.startswith(("align", "matrix_", "layers_"))
+)
 REQUIRED_PRESETS = {
     "imagenet_clip_vs_dinov2",
     "mscoco_images_clip_vs_dinov2",
