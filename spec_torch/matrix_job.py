@@ -118,10 +118,10 @@ def _extract_all(cfg: DictConfig, device: torch.device):
     ids = [i for i in caches[next(iter(caches))].ids if i in common]
     if len(ids) < 2:
         raise SpecError(f"data: only {len(ids)} sample(s) readable by every encoder")
-    rows = {
-        name: np.asarray([c.ids.index(i) for i in ids]) if c.ids != ids else None
-        for name, c in caches.items()
-    }
+    rows = {}
+    for name, c in caches.items():
+        where = {sid: r for r, sid in enumerate(c.ids)}
+        rows[name] = None if c.ids == ids else np.asarray([where[i] for i in ids])
     features = {}
     for name, group in sets.items():
         for key, arr in group.items():

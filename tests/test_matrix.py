@@ -173,6 +173,31 @@ def test_groups_route_when_the_joint_matrix_does_not_fit():
         st.spec_matrix(iter(batches), max_dim=26)
 
 
+def test_groups_route_chosen_by_the_memory_check(monkeypatch):
+    import spec_torch.matrix as sm
+
+    f = feature_sets()
+    batches = [{k: v[s : s + 100] for k, v in f.items()} for s in range(0, 240, 100)]
+    joint = st.spec_matrix(batches)
+    # 20 kB "available": max_dim = sqrt(20000 / (2 * 8 + 6 * 8)) = 17 -> groups of <= 8 -> every set alone
+    monkeypatch.setattr(sm, "memory_available", lambda device: 20_000)
+    grouped = st.spec_matrix(batches)
+    assert grouped.route == "groups" and grouped.passes == 10
+    assert torch.allclose(grouped.spec_diff, joint.spec_diff, rtol=0, atol=1e-12)
+
+
+def test_top_k_solve_gives_the_same_entries():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    f = {f"s{i}": base * i / 3 + torch.randn(300, 40, generator=g, dtype=torch.float64) for i in range(3)}
+    full = st.spec_matrix(f, eta=0.7)
+    # pairs of D = 80 >= 4 * (top_k + 8): the block Krylov solver, not its small-D fallback to eigh
+    top = st.spec_matrix(f, eta=0.7, top_k=2)
+    assert torch.allclose(top.spec_diff, full.spec_diff, rtol=1e-9, atol=0)
+    assert torch.allclose(top.lead, full.lead, rtol=1e-9, atol=0)
+    assert full.pair("s0", "s2", top_k=2).eigenvalues.numel() == 4
+
+
 def test_bad_input_names_the_argument():
     f = feature_sets(n=20)
     with pytest.raises(SpecError, match="at least 2 feature sets"):
