@@ -229,7 +229,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         top_k=cfg.get("solve_top_k"),
         accumulate_dtype=_ACCUMULATE[str(cfg.get("accumulate_dtype", "float64"))],
     )
-    pairs = _pair_modes(cfg, m, features, n, dataset, index, device) if m.route == "joint" else []
+    if m.route == "joint":
+        pairs = _pair_modes(cfg, m, features, n, dataset, index, device)
+    else:  # the memory-saving route keeps no joint sums, so no pair's modes (matrix.json says route: groups)
+        log.warning(
+            "the joint matrix did not fit (%d passes over pair groups): no modes of the pairs", m.passes
+        )
+        pairs = []
     summary = m.to_dict()
     summary["settings"].update(
         top_k=int(cfg.top_k),
