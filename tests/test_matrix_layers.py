@@ -80,8 +80,25 @@ def test_open_clip_tiny_image_and_text_blocks(images):
         "open_clip", layers="all", model="ViT-S-32", tower="text", model_kwargs=TINY_CLIP, context_length=16
     )
     assert text.layers == ["transformer.resblocks.0", "transformer.resblocks.1", "output"]
-    z = _embed(text, ["a red square", "two blue circles", "a cat"], split=True)
+    captions = ["a red square", "two blue circles", "a cat"]
+    z = _embed(text, captions, split=True)
     assert [tuple(v.shape) for v in z.values()] == [(3, 64), (3, 64), (3, 32)]
+    # "own" pooling of the last block = open_clip's own text pooling (the end-of-text token) before ln_final
+    own = build_layer_encoder(
+        "open_clip",
+        layers=["transformer.resblocks.1"],
+        pooling="own",
+        model="ViT-S-32",
+        tower="text",
+        model_kwargs=TINY_CLIP,
+        context_length=16,
+    )
+    tokens = own.collate([own.preprocess(c) for c in captions])  # [3, 16]
+    with torch.inference_mode():
+        pooled = own(tokens)  # [3, 64]
+        net = own.base.model
+        proj = net.ln_final(pooled) @ net.text_projection  # open_clip: ln_final, pool, project
+    assert torch.allclose(proj, own.base(tokens), atol=FLOAT32_TOL)
 
 
 def test_cnn_maps_mean_pooled_and_cls_refused(images):

@@ -21,7 +21,8 @@ Layer names are module paths inside the wrapped encoder's network (``encoder.mod
 
 Pooling (``pooling=``): ``"mean"`` (mean over tokens; global average over H, W for maps), ``"cls"`` (the first
 token; maps refuse it), or ``"own"`` (the model's own choice: timm's ``global_pool`` ``"token"`` -> cls, else
-mean; open_clip -> cls for the image tower, mean for text; maps -> mean). 2-D outputs ``[B, d]`` are used as
+mean; open_clip image tower -> cls; open_clip text tower -> the end-of-text token, as open_clip pools; maps ->
+mean). The text tower's ``"mean"`` averages every position of the context, padding included. 2-D outputs ``[B, d]`` are used as
 they are.
 """
 
@@ -113,7 +114,7 @@ class LayerEncoder(Encoder):
     def _own(self) -> str:
         net = _network(self.base)
         if self.base.family == "open_clip":
-            return "cls" if self.base.modality == "image" else "mean"
+            return "cls" if self.base.modality == "image" else "eot"
         return "cls" if getattr(net, "global_pool", "avg") == "token" else "mean"
 
     def _pool(self, name: str, out: torch.Tensor, batch: int) -> torch.Tensor:
@@ -123,6 +124,8 @@ class LayerEncoder(Encoder):
         if out.dim() == 3:  # tokens
             if out.shape[0] != batch and out.shape[1] == batch:
                 out = out.transpose(0, 1)  # sequence-first [T, B, d] -> [B, T, d]
+            if how == "eot":  # open_clip text: the end-of-text token has the largest id in each row
+                return out[torch.arange(batch, device=out.device), self._tokens.argmax(-1)]
             return out[:, 0] if how == "cls" else out.mean(1)  # [B, T, d] -> [B, d]
         if out.dim() == 4:  # maps [B, C, H, W] (timm/torchvision CNNs are channels-first)
             if how == "cls":
@@ -149,6 +152,7 @@ class LayerEncoder(Encoder):
     def forward(self, batch: Any, split: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """``[B, ...] -> [B, sum_l d_l]`` (or ``{layer: [B, d_l]}`` with ``split=True``)."""
         self._captured = {}
+        self._tokens = batch if self.modality == "text" else None  # [B, T] token ids, for the "eot" pooling
         final = self.base(batch)  # [B, d]; the hooks fill self._captured during this one pass
         b = final.shape[0]
         out = {}
