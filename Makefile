@@ -33,6 +33,7 @@ bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one ru
 	$(PY) bench/faults.py
 	$(PY) bench/bench_uncertainty.py
 	$(PY) bench/bench_nystrom.py
+	$(PY) bench/bench_matrix.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench

@@ -19,6 +19,7 @@ from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve
 from .loss import SpecAlignLoss
 from .metrics import LinearCKA, linear_cka
 from .nystrom import Nystrom
+from .matrix import MatrixCovariance, SpecMatrix, spec_matrix
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"
@@ -26,6 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "spec",
     "difference_matrix",
+    "spec_matrix",
+    "SpecMatrix",
+    "MatrixCovariance",
     "DiffCovariance",
     "SpecResult",
     "TopSamples",

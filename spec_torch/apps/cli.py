@@ -63,13 +63,13 @@ class Command:
         return getattr(importlib.import_module(module), attr)
 
 
-#: the subcommands; the SPEC-matrix pipeline registers ``"matrix"`` here
-#: (``Command("matrix", "spec_torch.apps.matrix:run", ...)`` with configs/matrix/matrix.yaml)
+#: the subcommands (a Hydra command's configs: configs/<name>/<name>.yaml and configs/<name>/experiment/)
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
         Command("compare", "spec_torch.apps.compare:run", "compare two encoders on one dataset (SPEC)"),
         Command("align", "spec_torch.apps.align.pipeline:run", "fine-tune a student toward a teacher"),
+        Command("matrix", "spec_torch.apps.matrix:run", "SPEC-diff, lead and CKA of many encoders / layers"),
         Command(
             "summarize", "spec_torch.apps.summarize:main", "one table across the runs of a folder", False
         ),

@@ -1,0 +1,271 @@
+"""The matrix pipeline: many encoders (and their layers) on one dataset -> ``matrix.json`` and ``report.html``.
+
+A recipe of calls (``configs/matrix.yaml``): build the dataset; for each configured encoder extract its features
+into the cache (one extraction pass per encoder; with ``layers`` every layer comes from the same pass and is
+split into named feature sets ``<encoder>/<layer>``); stream all feature sets through :func:`spec_torch.spec_matrix`
+once; for the ``top_pairs`` most different pairs score their top modes in both directions from the joint sums
+(:meth:`SpecMatrix.pair`, one scoring pass per pair); write ``matrix.json`` then ``report.html``.
+
+Runs in one process (under torchrun every rank would extract everything: not supported here).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ._io import atomic_write_json, prepare_output_dir
+from .._validate import resolve_device
+from .cli import check_required
+from .config import load_config
+from ..errors import SpecError
+from .extract import extract_features
+from ..matrix import spec_matrix
+
+__all__ = ["run", "MATRIX_JSON"]
+
+log = logging.getLogger(__name__)
+MATRIX_JSON = "matrix.json"
+_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    check_required(cfg)
+    for key in ("top_k", "top_pairs", "samples_per_mode", "batch_size", "stream_batch_size"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_pairs" else 1):
+            raise SpecError(f"{key}: expected a positive integer, got {value!r}")
+    eta = cfg.get("eta")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
+        raise SpecError(f"eta: expected a positive number, got {eta!r}")
+    if cfg.get("accumulate_dtype", "float64") not in _ACCUMULATE:
+        raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
+    encoders = cfg.get("encoders")
+    if not isinstance(encoders, DictConfig) or len(encoders) == 0:
+        raise SpecError("encoders: expected a mapping name -> encoder config (family: ..., layers: [...])")
+
+
+def _build(name: str, enc_cfg: dict[str, Any]):
+    from .encoders.layers import build_layer_encoder
+
+    kwargs = dict(enc_cfg)
+    family = kwargs.pop("family", None)
+    if not family:
+        raise SpecError(
+            f"encoders.{name}.family: expected an encoder family (e.g. open_clip, timm, offline_colour)"
+        )
+    try:
+        return build_layer_encoder(family, **kwargs)
+    except SpecError as exc:  # "encoder.layers: ..." -> "encoders.NAME.layers: ..."
+        msg = str(exc)
+        raise SpecError(
+            f"encoders.{name}" + msg[len("encoder") :] if msg.startswith("encoder") else msg
+        ) from None
+
+
+def _extract_all(cfg: DictConfig, device: torch.device):
+    """Dataset + every encoder -> ``({feature set: [n, d] rows}, dataset, ids, info)`` on the common ids."""
+    from .data import build_dataset
+    from .encoders.layers import LayerEncoder, split_layers
+
+    data_cfg = dict(_container(cfg.data))
+    dname = data_cfg.pop("name")
+    dataset = build_dataset(dname, **data_cfg)
+    if len(dataset) == 0:
+        raise SpecError(f"data: the {dname} dataset is empty; check its path settings")
+    specs = _container(cfg.encoders)
+    encoders = {name: _build(name, dict(e)) for name, e in specs.items()}  # all built first: all fail fast
+    for name, enc in encoders.items():
+        if enc.modality != dataset.modality:
+            raise SpecError(
+                f"encoders.{name}: a {enc.modality} encoder cannot embed {dataset.modality} samples"
+            )
+    caches, sets, enc_info = {}, {}, {}
+    for name in list(encoders):
+        enc = encoders.pop(name)
+        cache = extract_features(
+            dataset,
+            enc,
+            Path(str(cfg.cache_dir)).expanduser(),
+            batch_size=int(cfg.batch_size),
+            num_workers=int(cfg.num_workers),
+            device=str(device),
+            progress=bool(cfg.get("progress", True)),
+            amp=bool(cfg.get("amp", True)),
+        )
+        caches[name] = cache
+        layered = isinstance(enc, LayerEncoder)
+        sets[name] = (
+            split_layers(cache.features, enc.layer_dims, prefix=name) if layered else {name: cache.features}
+        )
+        enc_info[name] = {
+            **specs[name],
+            **enc.describe(),
+            "cache_key": enc.cache_key(),
+            "sets": list(sets[name]),
+        }
+        del enc
+    common = set.intersection(*(set(c.ids) for c in caches.values()))
+    ids = [i for i in caches[next(iter(caches))].ids if i in common]
+    if len(ids) < 2:
+        raise SpecError(f"data: only {len(ids)} sample(s) readable by every encoder")
+    rows = {}
+    for name, c in caches.items():
+        where = {sid: r for r, sid in enumerate(c.ids)}
+        rows[name] = None if c.ids == ids else np.asarray([where[i] for i in ids])
+    features = {}
+    for name, group in sets.items():
+        for key, arr in group.items():
+            features[key] = arr if rows[name] is None else _Rows(arr, rows[name])
+    pos = {dataset.sample_id(i): i for i in range(len(dataset))}
+    info = {"name": dname, **data_cfg, "modality": dataset.modality, "size": len(dataset)}
+    return features, dataset, ids, np.asarray([pos[s] for s in ids]), info, enc_info
+
+
+class _Rows:
+    """``array[rows]`` read lazily, slice by slice (a cache kept only some of the common ids in other order)."""
+
+    def __init__(self, array: Any, rows: np.ndarray) -> None:
+        self.array, self.rows = array, rows
+        self.shape = (len(rows), array.shape[1])
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.array[self.rows[sl]])
+
+
+class _Batches:
+    """Re-iterable batches ``{name: [B, d] float32 tensor}`` of rows ``[start, stop)`` (the groups route re-reads)."""
+
+    def __init__(self, features: dict[str, Any], n: int, batch: int, device: torch.device) -> None:
+        self.features, self.n, self.batch, self.device = features, n, batch, device
+
+    def __iter__(self):
+        for s in range(0, self.n, self.batch):
+            yield {
+                k: torch.from_numpy(np.array(v[s : s + self.batch], dtype=np.float32)).to(self.device)
+                for k, v in self.features.items()
+            }
+
+
+def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, Any]]:
+    """For the most different pairs: top modes of both signs, their top samples (one scoring pass per pair)."""
+    out = []
+    k = min(int(cfg.samples_per_mode), n)
+    for i, j in m.most_different(int(cfg.top_pairs)):
+        a, b = m.names[i], m.names[j]
+        res = m.pair(i, j)
+        chosen = {"x": res.positive_modes(int(cfg.top_k)), "y": res.negative_modes(int(cfg.top_k))}
+        if not chosen["x"] + chosen["y"]:
+            continue
+        batches = (
+            (t[a], t[b])
+            for t in _Batches({a: features[a], b: features[b]}, n, int(cfg.stream_batch_size), device)
+        )
+        top = res.top_samples(batches, k=k, modes=chosen["x"] + chosen["y"])
+        modes = []
+        for direction, picked in chosen.items():
+            for rank, mode in enumerate(picked):
+                r = top.modes.index(mode)
+                idx = top.indices[r].numpy()
+                rows = index[idx]
+                entry = {
+                    "direction": direction,
+                    "rank": rank + 1,
+                    "index": int(mode),
+                    "eigenvalue": float(res.eigenvalues[mode]),
+                    "top_rows": [int(x) for x in idx],
+                    "top_scores": [float(s) for s in top.scores[r]],
+                }
+                if dataset.attributes:
+                    from .report.metrics import purity
+
+                    entry["purity"] = {
+                        att: [str(v), float(f)] for att, (v, f) in purity(dataset.attributes, rows).items()
+                    }
+                if dataset.labels is not None:
+                    from .report.metrics import label_composition
+
+                    entry["labels"] = [
+                        [str(lab), float(f)]
+                        for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
+                    ]
+                modes.append(entry)
+        out.append({"x": a, "y": b, "spec_diff": float(m.spec_diff[i, j]), "modes": modes})
+    return out
+
+
+def run(cfg: Any = None) -> dict[str, Any]:
+    """Run the matrix job as configured (``spec_torch/apps/configs/matrix/matrix.yaml``); returns the
+    ``matrix.json`` dict. ``cfg``: a composed config, or overrides onto the packaged defaults (a list of
+    Hydra overrides, a dict, a partial DictConfig or None), as :func:`spec_torch.apps.config.load_config`.
+
+    Writes into ``cfg.output_dir`` (default: the Hydra run dir): ``report.html`` and its plots (if
+    ``cfg.report``) and, last, ``matrix.json``.
+    """
+    cfg = load_config("matrix", cfg)
+    _check_settings(cfg)
+    out_dir = prepare_output_dir(cfg)
+    path = out_dir / MATRIX_JSON
+    if path.exists():  # a rerun in the same directory: the old result must not pass for this run's
+        path.unlink()
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(cfg.get("device", "auto"))
+    features, dataset, ids, index, data_info, enc_info = _extract_all(cfg, device)
+    n = len(ids)
+    log.info("SPEC matrix of %d feature sets on %d samples", len(features), n)
+    from ..kernels import resolve_kernel
+
+    kernel = resolve_kernel(_container(cfg.kernel), "kernel")
+    m = spec_matrix(
+        _Batches(features, n, int(cfg.stream_batch_size), device),
+        kernel=kernel,
+        eta=float(cfg.eta),
+        top_k=cfg.get("solve_top_k"),
+        accumulate_dtype=_ACCUMULATE[str(cfg.get("accumulate_dtype", "float64"))],
+    )
+    if m.route == "joint":
+        pairs = _pair_modes(cfg, m, features, n, dataset, index, device)
+    else:  # the memory-saving route keeps no joint sums, so no pair's modes (matrix.json says route: groups)
+        log.warning(
+            "the joint matrix did not fit (%d passes over pair groups): no modes of the pairs", m.passes
+        )
+        pairs = []
+    summary = m.to_dict()
+    summary["settings"].update(
+        top_k=int(cfg.top_k),
+        top_pairs=int(cfg.top_pairs),
+        samples_per_mode=int(cfg.samples_per_mode),
+        seed=int(cfg.seed),
+        device=str(device),
+        kernel_config=_container(cfg.kernel),
+    )
+    summary.update(dataset=data_info, encoders=enc_info, pairs=pairs, skipped=len(dataset) - n)
+    if cfg.get("report", True):
+        from .report.matrix_html import write_matrix_report
+
+        summary["report"] = write_matrix_report(out_dir, summary, dataset, index).name
+    atomic_write_json(path, summary, default=str)
+    _print_summary(summary, path)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], path: Path) -> None:
+    names, sd = summary["names"], np.asarray(summary["spec_diff"])
+    print(f"SPEC matrix: {len(names)} feature sets, n = {summary['n']}, route {summary['settings']['route']}")
+    width = max(len(s) for s in names)
+    print(" " * (width + 2) + " ".join(f"{k:>7d}" for k in range(len(names))))
+    for i, s in enumerate(names):
+        print(f"{i:>2d} {s:<{width}}" + " ".join(f"{v:7.3f}" for v in sd[i]))
+    for p in summary["pairs"]:
+        print(f"  most different: {p['x']} vs {p['y']}: SPEC-diff {p['spec_diff']:.4f}")
+    print(f"wrote {path}" + (f" and {summary['report']}" if "report" in summary else ""))

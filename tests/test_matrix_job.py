@@ -1,0 +1,144 @@
+"""The matrix job (spec_torch/apps/matrix.py, scripts/matrix.py): the offline demo end to end, its entries against
+st.spec on the cached features, the presets composing with real model names, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import spec_torch as st
+from spec_torch.errors import SpecError
+from spec_torch.apps.matrix import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "spec_torch" / "apps" / "configs"
+PRESETS = ["matrix_demo", "matrix_imagenet_models", "layers_clip_vs_dinov2"]
+#: float32 cached features, float64 sums in both: only the summation order differs
+TOL = 1e-8
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS / "matrix"), version_base="1.3"):
+        return compose(config_name="matrix", overrides=overrides)
+
+
+def _tiny(tmp_path, *extra):
+    return _compose(
+        [
+            "experiment=matrix_demo",
+            "data.n=48",
+            f"output_dir={tmp_path / 'out'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "progress=false",
+            "samples_per_mode=6",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("matrix_demo")
+    summary = run(_tiny(tmp))
+    return tmp, summary
+
+
+def test_demo_writes_matrix_json_and_report(demo):
+    tmp, summary = demo
+    out = tmp / "out"
+    saved = json.loads((out / "matrix.json").read_text())
+    names = ["colour", "shape", "cnn/layer1", "cnn/layer2", "cnn/layer3", "cnn/layer4"]
+    assert saved["names"] == names and saved["n"] == 48
+    sd, lead, cka = (np.asarray(saved[k]) for k in ("spec_diff", "lead", "cka"))
+    assert sd.shape == lead.shape == cka.shape == (6, 6)
+    assert np.all(np.diag(sd) == 0) and np.array_equal(sd, sd.T) and np.all(sd[~np.eye(6, dtype=bool)] > 0)
+    assert np.allclose(np.diag(cka), 1.0)
+    assert saved["settings"]["route"] == "joint" and saved["settings"]["eta"] == 1.0
+    assert len(saved["pairs"]) == 3 and all(p["modes"] for p in saved["pairs"])
+    for p in saved["pairs"]:
+        for m in p["modes"]:
+            assert (m["eigenvalue"] > 0) == (m["direction"] == "x") and len(m["top_rows"]) == 6
+            assert set(m["purity"]) == {"shape", "colour", "texture", "word"}
+    html = (out / "report.html").read_text()
+    for part in ("SPEC-diff", "lead", "linear CKA", "dendrogram", "holds together"):
+        assert part in html
+    assert saved["encoders"]["cnn"]["sets"] == names[2:]
+
+
+def test_demo_entries_equal_st_spec_on_the_cached_features(demo):
+    tmp, summary = demo
+    from spec_torch.apps.encoders.layers import build_layer_encoder, split_layers
+    from spec_torch.apps.extract import FeatureCache, cache_folder
+
+    cfg = _tiny(tmp)
+    enc = build_layer_encoder(**OmegaConf.to_container(cfg.encoders.cnn))
+    colour = build_layer_encoder(**OmegaConf.to_container(cfg.encoders.colour))
+    from spec_torch.apps.data import build_dataset
+
+    ds = build_dataset(**OmegaConf.to_container(cfg.data))
+    layers = split_layers(FeatureCache.load(cache_folder(ds, enc, tmp / "cache")).features, enc.layer_dims)
+    col = FeatureCache.load(cache_folder(ds, colour, tmp / "cache")).features
+    names = summary["names"]
+    for a, b in [("colour", "cnn/layer2"), ("cnn/layer1", "cnn/layer4")]:
+        fa = col if a == "colour" else layers[a.split("/")[1]]
+        fb = layers[b.split("/")[1]]
+        ref = st.spec(np.array(fa), np.array(fb), method="features", accumulate_dtype=torch.float64)
+        got = summary["spec_diff"][names.index(a)][names.index(b)]
+        assert abs(got - ref.spec_diff) <= TOL * ref.scale
+
+
+def test_presets_compose_and_name_real_models():
+    import open_clip
+    import timm
+
+    for preset in PRESETS:
+        cfg = _compose(
+            [f"experiment={preset}", "data.root=/nowhere"]
+            if preset != "matrix_demo"
+            else [f"experiment={preset}"]
+        )
+        assert len(cfg.encoders) >= 2
+        for name, enc in cfg.encoders.items():
+            if enc.family == "timm":
+                assert timm.is_model(enc.model), (preset, name)
+            if enc.family == "open_clip":
+                assert enc.pretrained in open_clip.list_pretrained_tags_by_model(enc.model), (preset, name)
+    demo = _compose(["experiment=matrix_demo"])
+    n_sets = sum(len(e.get("layers") or [1]) for e in demo.encoders.values())
+    assert n_sets >= 4
+
+
+def test_bad_layer_names_the_encoder(tmp_path):
+    with pytest.raises(SpecError, match=r"encoders\.cnn\.layers: 'layer9' is not a module"):
+        run(_tiny(tmp_path, "encoders.cnn.layers=[layer9]"))
+    assert not (tmp_path / "out" / "matrix.json").exists()
+    with pytest.raises(SpecError, match="eta: expected a positive number"):
+        run(_tiny(tmp_path, "eta=-1"))
+
+
+def test_script_prints_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "matrix.py"),
+            "experiment=matrix_demo",
+            "top_k=0",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "error: top_k: expected a positive integer"
+    )
