@@ -113,6 +113,30 @@ class DiffCovariance:
                 getattr(self, key).copy_(self.group_state[key].sum(0))
             self._stale = False
 
+    @classmethod
+    def from_sums(
+        cls,
+        kernel_x: Kernel,
+        kernel_y: Kernel,
+        xx: torch.Tensor,
+        xy: torch.Tensor,
+        yy: torch.Tensor,
+        sum_x: torch.Tensor,
+        sum_y: torch.Tensor,
+        count: int,
+        dims: tuple[int, int],
+    ) -> DiffCovariance:
+        """An accumulator holding sums streamed elsewhere (e.g. two sub-blocks of a joint matrix,
+        :class:`spec_torch.matrix.MatrixCovariance`), so :meth:`compute` solves them exactly as it solves its own.
+
+        ``xx: [Dx, Dx]``, ``xy: [Dx, Dy]``, ``yy: [Dy, Dy]``, ``sum_x: [Dx]``, ``sum_y: [Dy]`` in the dtype they
+        were summed in (it sets the rounding-level cut-off); ``kernel_x``/``kernel_y`` fitted; ``dims`` = (p, q).
+        """
+        acc = cls(kernel_x, kernel_y, accumulate_dtype=xx.dtype, device=xx.device)
+        acc.dims, acc.count = (int(dims[0]), int(dims[1])), int(count)
+        acc.xx, acc.xy, acc.yy, acc.sum_x, acc.sum_y = xx, xy, yy, sum_x, sum_y
+        return acc
+
     # ------------------------------------------------------------------ state
     @property
     def n(self) -> int:

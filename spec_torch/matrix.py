@@ -26,11 +26,10 @@ from typing import Any
 import torch
 
 from ._validate import as_matrix, check_fits, check_positive, memory_available
-from .covariance import distributed_ready
+from .covariance import DiffCovariance, distributed_ready
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
 from .result import SpecResult
-from .solver import check_top_k, solve_features
 
 __all__ = ["MatrixCovariance", "SpecMatrix", "spec_matrix", "linear_cka_matrix"]
 
@@ -276,23 +275,23 @@ class MatrixCovariance:
         return g[sl[i], sl[i]].to(f64), g[sl[i], sl[j]].to(f64), g[sl[j], sl[j]].to(f64)
 
     def pair(self, i: int, j: int, eta: float = 1.0, top_k: int | None = None) -> SpecResult:
-        """The full :class:`SpecResult` of ``(K_i - eta K_j) / n`` from the sums (no pass over the data)."""
-        check_positive(eta, "eta")
-        xx, xy, yy = self.pair_blocks(i, j)
-        n = self.n
-        check_top_k(top_k, min(n, xx.shape[0] + yy.shape[0]))
-        evals, u = solve_features(xx, xy, yy, n, float(eta), top_k=top_k)
+        """The full :class:`SpecResult` of ``(K_i - eta K_j) / n`` from the sums (no pass over the data): the
+        pair's sub-blocks solved by :meth:`DiffCovariance.compute`, so each entry is what ``st.spec`` gives."""
+        sl = self._offsets(self.feature_dims)
+        g, s = self.gram, self.sums
         a, b = self.names[i], self.names[j]
-        return SpecResult.from_features(
-            evals,
-            u,
-            n=n,
-            eta=float(eta),
-            kernel_x=self.kernels[a],
-            kernel_y=self.kernels[b],
+        acc = DiffCovariance.from_sums(
+            self.kernels[a],
+            self.kernels[b],
+            g[sl[i], sl[i]],
+            g[sl[i], sl[j]],
+            g[sl[j], sl[j]],
+            s[sl[i]],
+            s[sl[j]],
+            count=self.n,
             dims=(self.dims[a], self.dims[b]),
-            scale=float(xx.diagonal().sum() + eta * yy.diagonal().sum()) / n,
         )
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=False)
 
     def cka_matrix(self) -> torch.Tensor:
         """Linear CKA ``[N, N]`` from the raw-row sums (module docstring: the convention)."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import SpecError
-from .solver import select_modes, solve_features
+from .solver import select_modes, solve_features, sum_noise
 
 __all__ = [
     "OVERLAP_CUTOFF",
@@ -187,13 +187,17 @@ def _solve_all(
         n = weights @ state["count"]  # [R]
         for r in range(weights.shape[0]):
             w = weights[r]  # [G]
-            lam, u = solve_features(
-                torch.einsum("g,gij->ij", w, state["xx"]),
+            xx = torch.einsum("g,gij->ij", w, state["xx"])  # [Dx, Dx]: replicate r's sums
+            yy = torch.einsum("g,gij->ij", w, state["yy"])  # [Dy, Dy]
+            trace = float(xx.diagonal().sum()) + eta * float(yy.diagonal().sum())
+            lam, u, _ = solve_features(
+                xx,
                 torch.einsum("g,gij->ij", w, state["xy"]),
-                torch.einsum("g,gij->ij", w, state["yy"]),
+                yy,
                 float(n[r]),
                 eta,
                 top_k=top_k,
+                noise=sum_noise(torch.float64, int(n[r]), trace),  # float64 group sums
             )
             evals.append(lam)
             dirs.append(u)
