@@ -122,6 +122,8 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
+    if cfg.get("approx_error", "auto") != "auto" and not isinstance(cfg.get("approx_error"), bool):
+        raise SpecError(f"approx_error: expected auto, true or false, got {cfg.approx_error!r}")
 
 
 # ------------------------------------------------------------------------------------- loading inputs
@@ -297,6 +299,29 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device):
     return acc.compute(eta=float(cfg.eta), top_k=solve_top_k), cka.compute()
 
 
+#: rows of the random-feature error estimate (its exact solve is m x m, so its cost is bounded whatever n is)
+APPROX_ROWS = 1000
+
+
+def _approx_error(cfg: DictConfig, res, paired: PairedFeatures) -> dict[str, Any] | None:
+    """spec.json ``approximation``: :func:`~spec_torch.approx.rff_error_estimate` on a seeded subsample of
+    at most ``APPROX_ROWS`` rows, when asked (``approx_error: true``) or, by default (``auto``), whenever a
+    kernel uses random features. None when off."""
+    from .approx import rff_error_estimate, uses_random_features
+
+    want = cfg.get("approx_error", "auto")
+    uses = uses_random_features(res.kernel_x) or uses_random_features(res.kernel_y)
+    if want is False or (want == "auto" and not uses):
+        return None
+    if not uses:
+        raise SpecError("approx_error: true needs a kernel with random features (gaussian with rff_dim)")
+    m = min(APPROX_ROWS, paired.n)
+    rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=m, replace=False))
+    xs, ys = paired.gather(rows)  # [m, p], [m, q]
+    out = rff_error_estimate(xs, ys, res.kernel_x, res.kernel_y, eta=float(cfg.eta), subsample=m)
+    return {**out, "n": paired.n}
+
+
 def _my_rows(paired: PairedFeatures) -> range:
     """The paired rows this process streams: all of them, or under torchrun this rank's contiguous block."""
     if not distributed.is_distributed():
@@ -439,6 +464,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
 
     res, cka = _solve(cfg, paired, device)
+    approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
     modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
     knn = _mutual_knn(cfg, paired)
 
@@ -462,6 +488,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
         modes=modes,
     )
+    if approx is not None:
+        summary["approximation"] = approx
+        summary["settings"]["approx_error"] = cfg.get("approx_error", "auto")
     if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
         return summary
     if cfg.get("report", True):
@@ -477,6 +506,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
+    from .report import flags
+
     m = summary["metrics"]
     print(
         f"SPEC-diff = {summary['spec_diff']:.4g}  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
@@ -496,5 +527,9 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                 line += f"  top label {lab} ({frac:.0%})"
             else:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
-            print(line)
+            print(line + flags.uniform_tag(e))
+    if flags.uniform_modes(summary["modes"]):
+        print(f"  UNIFORM modes (uniformity > {flags.UNIFORM_THRESHOLD}): {flags.UNIFORM_MEANING}")
+    if "approximation" in summary:
+        print(flags.approximation_line(summary["approximation"]))
     print(f"wrote {spec_path}" + (f" and {summary['report']}" if "report" in summary else ""))
