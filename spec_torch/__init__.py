@@ -13,6 +13,7 @@ Example:
 
 from .align import SpecAlignLoss
 from .api import difference_matrix, spec
+from .approx import rff_error_estimate
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
@@ -33,4 +34,5 @@ __all__ = [
     "LinearKernel",
     "GaussianKernel",
     "resolve_kernel",
+    "rff_error_estimate",
 ]

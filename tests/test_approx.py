@@ -11,12 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from oracle import difference, spectrum
 from sklearn.datasets import load_digits
+from test_compare import CONFIGS, planted_features
 
 import spec_torch as st
 from spec_torch.approx import APPROX_METHOD, rff_error_estimate, uses_random_features
 from spec_torch.compare import run
 from spec_torch.errors import SpecError
-from test_compare import CONFIGS, planted_features
 
 #: the estimate (on a subsample, mean over frequency seeds) and the error of one full-data run differ by the
 #: seed-to-seed spread and by the subsample; the issue's contract is a factor of 3 either way
@@ -47,7 +47,10 @@ def test_estimate_brackets_the_true_full_data_error_on_digits(digits):
     exact = st.spec(x, y, st.GaussianKernel(sigma=sx), st.GaussianKernel(sigma=sy), method="exact")
     assert exact.method == "exact"
     for m in (100, 300):
-        kx, ky = st.GaussianKernel(sigma=sx, rff_dim=m, seed=0), st.GaussianKernel(sigma=sy, rff_dim=m, seed=0)
+        kx, ky = (
+            st.GaussianKernel(sigma=sx, rff_dim=m, seed=0),
+            st.GaussianKernel(sigma=sy, rff_dim=m, seed=0),
+        )
         rff = st.spec(x, y, kx, ky, method="exact")  # the RFF kernel matrices, solved densely
         ex, ap = _extremes(exact.eigenvalues.numpy()), _extremes(rff.eigenvalues.numpy())
         true = float(np.mean(np.abs(ap - ex) / np.abs(ex)))
@@ -79,7 +82,9 @@ def test_exact_extremes_match_the_dense_oracle_on_the_subsample():
 def test_error_shrinks_with_more_random_features(digits):
     x, y = (t[:300] for t in digits)
     est = {
-        m: rff_error_estimate(x, y, st.GaussianKernel(rff_dim=m), st.GaussianKernel(rff_dim=m), seeds=(0, 1, 2))
+        m: rff_error_estimate(
+            x, y, st.GaussianKernel(rff_dim=m), st.GaussianKernel(rff_dim=m), seeds=(0, 1, 2)
+        )
         for m in (20, 2000)
     }
     assert est[2000]["rel_error_mean"] < est[20]["rel_error_mean"] / 3
