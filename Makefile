@@ -29,6 +29,7 @@ align-demo: $(STAMP)  ## fine-tune a tiny student toward a teacher offline; prin
 bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one run)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_rff_error.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench
