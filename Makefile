@@ -34,6 +34,7 @@ bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one ru
 	$(PY) bench/bench_uncertainty.py
 	$(PY) bench/bench_nystrom.py
 	$(PY) bench/bench_matrix.py
+	$(PY) bench/bench_rff_error.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench

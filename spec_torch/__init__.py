@@ -13,6 +13,7 @@ Example:
 
 from . import uncertainty  # st.uncertainty.mode_support, thresholds (docs/uncertainty.md)
 from .api import difference_matrix, spec
+from .approx import rff_error_estimate
 from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
@@ -44,4 +45,5 @@ __all__ = [
     "LinearCKA",
     "linear_cka",
     "uncertainty",
+    "rff_error_estimate",
 ]

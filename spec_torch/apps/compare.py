@@ -131,6 +131,8 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SpecError(f"center: expected true or false, got {cfg.center!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
+    if cfg.get("approx_error", "auto") != "auto" and not isinstance(cfg.get("approx_error"), bool):
+        raise SpecError(f"approx_error: expected auto, true or false, got {cfg.approx_error!r}")
 
 
 # ------------------------------------------------------------------------------------- loading inputs
@@ -520,6 +522,29 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
     return out
 
 
+#: rows of the random-feature error estimate (its exact solve is m x m, so its cost is bounded whatever n is)
+APPROX_ROWS = 1000
+
+
+def _approx_error(cfg: DictConfig, res, paired: PairedFeatures) -> dict[str, Any] | None:
+    """spec.json ``approximation``: :func:`~spec_torch.approx.rff_error_estimate` on a seeded subsample of
+    at most ``APPROX_ROWS`` rows, when asked (``approx_error: true``) or, by default (``auto``), whenever a
+    kernel uses random features. None when off."""
+    from ..approx import rff_error_estimate, uses_random_features
+
+    want = cfg.get("approx_error", "auto")
+    uses = uses_random_features(res.kernel_x) or uses_random_features(res.kernel_y)
+    if want is False or (want == "auto" and not uses):
+        return None
+    if not uses:
+        raise SpecError("approx_error: true needs a kernel with random features (gaussian with rff_dim)")
+    m = min(APPROX_ROWS, paired.n)
+    rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=m, replace=False))
+    xs, ys = paired.gather(rows)  # [m, p], [m, q]
+    out = rff_error_estimate(xs, ys, res.kernel_x, res.kernel_y, eta=float(cfg.eta), subsample=m)
+    return {**out, "n": paired.n}
+
+
 def _my_rows(paired: PairedFeatures) -> range:
     """The paired rows this process streams: all of them, or under torchrun this rank's contiguous block."""
     if not distributed.is_distributed():
@@ -720,6 +745,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
 
     with phase(log, f"streaming {paired.n} rows into the covariance sums and solving"):
         res, cka = _solve(cfg, paired, device, t_start=t_start)
+    approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
     with phase(log, "scoring the top samples of each reported mode"):
         modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
     with phase(log, "mutual k-NN overlap"):
@@ -746,6 +772,9 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
         modes=modes,
     )
+    if approx is not None:
+        summary["approximation"] = approx
+        summary["settings"]["approx_error"] = cfg.get("approx_error", "auto")
     if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
         return summary
     if cfg.get("report", True):
@@ -769,6 +798,8 @@ def _shorten(text: str, width: int) -> str:
 
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
     """The result in a few lines, through ``logging``: on the console and in the run folder's log."""
+    from .report import flags
+
     m = summary["metrics"]
     ci = summary.get("spec_diff_ci")
     log.info(
@@ -798,7 +829,11 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                     f"  CI {e['ci'][0]:+.4g} .. {e['ci'][1]:+.4g}  held-out {e['heldout_eigenvalue']:+.4g}  "
                     f"stability {e['stability']:.2f}: {e['support']}"
                 )
-            log.info(line)
+            log.info(line + flags.uniform_tag(e))
+    if flags.uniform_modes(summary["modes"]):
+        log.info(f"  UNIFORM modes (uniformity > {flags.UNIFORM_THRESHOLD}): {flags.UNIFORM_MEANING}")
+    if "approximation" in summary:
+        log.info(flags.approximation_line(summary["approximation"]))
     note = (summary.get("uncertainty") or {}).get("note")
     if note:
         log.info(f"uncertainty: {note}")

@@ -33,14 +33,15 @@ from typing import Any
 
 from ...errors import SpecError
 from .._io import atomic_write_text
-from . import plots
+from ...errors import SpecError
+from . import flags, plots
 
 __all__ = ["ModeView", "write_report", "verdict", "mode_flags", "cluster_size", "SIZE_RULE"]
 
 
 @dataclass
 class ModeView:
-    """Everything the report shows about one mode (one eigenvector of ``K_X - eta K_Y``).
+    """Everything the report shows about one mode (one eigenvector of ``(K_X - eta K_Y) / n``).
 
     Attributes:
         direction: ``"x"`` for a mode x captures and y does not (eigenvalue > 0), ``"y"`` for the reverse.
@@ -341,6 +342,7 @@ def _flags(flags: Sequence[str]) -> str:
 _KNOWN_KEYS = {
     "eigenvalues", "spec_diff", "n", "eta", "method", "kernel_x", "kernel_y", "kernels", "encoder_x",
     "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title", "metrics", "report",
+    "approximation",
 }  # fmt: skip
 
 
@@ -371,7 +373,7 @@ def _header(
     elif isinstance(skipped, (list, tuple)):
         skipped = len(skipped)
     stats = [
-        ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖K_X − η K_Y‖"),
+        ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖(K_X − η K_Y) / n‖"),
         ("samples n", spec.get("n"), "compared" + (f", {skipped} skipped" if skipped else "")),
     ]
     for key, label, desc in _CONTEXT:
@@ -393,7 +395,7 @@ def _header(
         ["kernel x", _short_name(_side(spec, "kernel", "x"), "—"), _describe(_side(spec, "kernel", "x"))],
         ["kernel y", _short_name(_side(spec, "kernel", "y"), "—"), _describe(_side(spec, "kernel", "y"))],
         ["dataset", _short_name(dataset, "—"), _describe(dataset)],
-        ["η (eta)", _fmt(spec.get("eta")), "L = K_X − η K_Y"],
+        ["η (eta)", _fmt(spec.get("eta")), "L = (K_X − η K_Y) / n"],
         ["method", _fmt(spec.get("method")), f"{len(spec.get('eigenvalues') or [])} eigenvalues computed"],
     ]
     for key, value in spec.items():
@@ -439,9 +441,40 @@ def _context(extra: Mapping[str, Any]) -> str:
     )
 
 
+def _trust_notes(spec: Mapping[str, Any], names: dict[str, str]) -> str:
+    """What the numbers above do not say by themselves: modes that are uniform (kernel levels, not a
+    cluster; from the mode entries' ``uniformity``) and the random-feature error (``approximation``)."""
+    out = []
+    flagged = flags.uniform_modes(spec.get("modes"))
+    if flagged:
+        rows = [
+            [f"mode {d}{r}", lam, u, f"captured by {names[d]}: a higher average similarity, not a group"]
+            for d, r, lam, u in flagged
+        ]
+        out.append(
+            f'<div class="mode"><h3>Uniform modes (uniformity &gt; {flags.UNIFORM_THRESHOLD})</h3>'
+            f"<p>{_e(flags.UNIFORM_MEANING)}</p>"
+            + _table(rows, ["mode", "λ", "uniformity", "what it is"])
+            + "</div>"
+        )
+    approx = spec.get("approximation")
+    if isinstance(approx, Mapping) and approx.get("rel_error_mean") is not None:
+        rows = [[e.get("rank"), e.get("exact"), e.get("rff_mean"), e.get("rel_error"), e.get("rel_bias"),
+                 e.get("seed_spread")] for e in approx.get("extremes") or []]  # fmt: skip
+        out.append(
+            '<div class="mode"><h3>Random-feature error (estimate)</h3>'
+            f"<p>{_e(flags.approximation_line(approx))}. The eigenvalues above come from random Fourier "
+            "features; this table compares the extreme eigenvalues of the exact kernels with those of random "
+            f"features under {len(approx.get('seeds') or [])} frequency seeds, on a seeded subsample.</p>"
+            + _table(rows, ["rank", "exact λ", "RFF λ (mean)", "rel. error", "rel. bias", "seed spread"])
+            + "</div>"
+        )
+    return "\n".join(out)
+
+
 def _how_to_read(names: dict[str, str]) -> str:
     return (
-        '<p class="muted">Each eigenvector of K_X − η K_Y is a <i>mode</i>: a weighting of the samples. '
+        '<p class="muted">Each eigenvector of (K_X − η K_Y) / n is a <i>mode</i>: a weighting of the samples. '
         f'A <b class="dir-x">positive</b> eigenvalue marks a group of samples that <b>{_e(names["x"])}</b> holds '
         f'together and <b>{_e(names["y"])}</b> does not; a <b class="dir-y">negative</b> one the reverse. '
         "The larger |λ|, the stronger the difference. <i>Tightness</i> is the mean kernel similarity between "
@@ -689,6 +722,7 @@ def write_report(
     body = [
         _header(spec, names, extra, opening + _flags(report_flags), _overview(modes, names, spec)),
         _context(extra),
+        _trust_notes(spec, names),
         "<h2>Spectrum</h2>",
         _how_to_read(names),
     ]

@@ -3,7 +3,7 @@
 Charts use matplotlib's object API (:class:`~matplotlib.figure.Figure`, rendered by Agg), never pyplot, so
 importing this module changes no global matplotlib state (a notebook's backend stays as it is).
 
-- :func:`plot_spectrum`: every eigenvalue of ``K_X - eta K_Y`` by rank (positive and negative in two
+- :func:`plot_spectrum`: every eigenvalue of ``(K_X - eta K_Y) / n`` by rank (positive and negative in two
   colours, SPEC-diff marked) beside a bar chart of the strongest modes of each sign.
 - :func:`image_grid`: a mode's top images with their scores as captions (composed with PIL).
 - :func:`score_histogram`: the distribution of one mode's sample scores, top samples marked.
@@ -120,7 +120,7 @@ def plot_spectrum(
     )
     ax.set_xlim(0, lam.size + 1)
     ax.set_xlabel("rank (eigenvalues sorted descending)")
-    ax.set_ylabel("eigenvalue λ of K_X − η K_Y")
+    ax.set_ylabel("eigenvalue λ of (K_X − η K_Y) / n")
     ax.set_title("Spectrum")
     ax.legend(fontsize=8, loc="upper right")
 

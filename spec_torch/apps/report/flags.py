@@ -1,0 +1,70 @@
+"""Plain-words warnings about what a reported number means, shared by the CLI summary and ``report.html``.
+
+- A *uniform* mode: its eigenvector is close to the constant vector ``1/sqrt(n)`` (``uniformity`` =
+  ``|<v_k, 1>| / sqrt(n)`` near 1, in each spec.json mode entry). It scores every sample alike, so it is not a
+  cluster: its eigenvalue measures how much the two kernels' *average* similarity (their levels) differ, e.g.
+  cosine vs Gaussian. Centring both kernels (``center=true``) removes it.
+- Random-feature error: the ``approximation`` estimate of :func:`spec_torch.rff_error_estimate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ...result import UNIFORM_THRESHOLD
+
+__all__ = ["UNIFORM_THRESHOLD", "uniform_modes", "uniform_tag", "UNIFORM_MEANING", "approximation_line"]
+
+# a mode whose ``uniformity`` exceeds UNIFORM_THRESHOLD (the library's, spec_torch.result) is flagged as
+# uniform (kernel levels, not a cluster). For a random unit vector uniformity is about ``1/sqrt(n)``; a real
+# cluster of a fraction f of the samples has at most about ``sqrt(f)``, so 0.9 flags only modes that are
+# essentially constant over the samples.
+
+UNIFORM_MEANING = (
+    "A uniform mode scores every sample about alike, so it is not a cluster: its eigenvalue measures a "
+    "difference in the two kernels' average similarity (their kernel levels, e.g. cosine vs Gaussian), not a "
+    "group of samples one embedding holds together. To compare clusters only, rerun with center=true "
+    "(both kernels centred), which removes it."
+)
+
+
+def _uniformity(entry: Mapping[str, Any]) -> float | None:
+    value = entry.get("uniformity")
+    return None if value is None else float(value)
+
+
+def uniform_modes(
+    modes: Mapping[str, Any] | None, threshold: float = UNIFORM_THRESHOLD
+) -> list[tuple[str, int, float, float]]:
+    """The flagged modes of a spec.json ``modes`` dict: ``[(direction, rank, eigenvalue, uniformity), ...]``.
+
+    Entries without ``uniformity`` are never flagged.
+    """
+    out = []
+    for direction in ("x", "y"):
+        for entry in (modes or {}).get(direction) or []:
+            u = _uniformity(entry)
+            if u is not None and u > threshold:
+                out.append((direction, int(entry.get("rank", 0)), float(entry["eigenvalue"]), u))
+    return out
+
+
+def uniform_tag(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHOLD) -> str:
+    """A short suffix for one mode's summary line: ``"  UNIFORM (0.99): kernel levels, not a cluster"`` or ``""``."""
+    u = _uniformity(entry)
+    if u is None or not u > threshold:
+        return ""
+    return f"  UNIFORM ({u:.2f}): kernel levels, not a cluster"
+
+
+def approximation_line(approx: Mapping[str, Any] | None) -> str:
+    """One line on the random-feature error estimate of spec.json ``approximation``, or ``""``."""
+    if not approx or approx.get("rel_error_mean") is None:
+        return ""
+    bias = float(approx["rel_bias_mean"])
+    return (
+        f"random features: extreme eigenvalues off by about {float(approx['rel_error_mean']):.1%} "
+        f"(magnitude {'inflated' if bias >= 0 else 'deflated'} by {abs(bias):.1%} on average, seed spread "
+        f"{float(approx['seed_spread']):.1%}; exact vs random features on {approx['subsample']} rows)"
+    )
