@@ -238,6 +238,38 @@ class Nystrom(Kernel):
         self._cache = {}
         return self
 
+    # Kernel.state_dict / load_state_dict / kernel_from_state (DiffCovariance checkpoints): the settings of
+    # describe() plus the tensors of state_tensors()
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_tensors()
+
+    def _accepts(self, settings: dict[str, Any]) -> bool:
+        base = settings.get("base")
+        return (
+            isinstance(base, dict)
+            and base.get("name") == self.base.name
+            and self.base._accepts(base)
+            and settings.get("landmarks") == self.landmarks
+            and settings.get("seed") == self.seed
+        )
+
+    def _with_fitted(self, settings: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> Nystrom:
+        extra = sorted(set(tensors) - set(_STATE_KEYS))
+        if extra:
+            raise SpecError(f"{name}: unexpected tensors {extra} in a saved nystrom kernel")
+        return copy.copy(self).load_state_tensors(dict(tensors))
+
+    @classmethod
+    def _constructor_args(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        base = dict(settings.get("base") or {})
+        kind = _kernels._BY_NAME.get(str(base.get("name", "")).lower())
+        base_args = kind._constructor_args(base) if kind is not None else base
+        return {
+            "base": {"name": base.get("name"), **base_args},
+            "landmarks": settings.get("landmarks"),
+            "seed": settings.get("seed"),
+        }
+
     def __eq__(self, other: object) -> bool:
         if not (type(self) is type(other) and self.describe() == other.describe()):  # type: ignore[union-attr]
             return False

@@ -406,3 +406,25 @@ def test_align_loss_takes_a_fitted_nystrom_teacher():
     ref, _ = spectrum(lmat)
     assert float(loss.detach()) == pytest.approx(np.abs(ref).max(), rel=1e-9)
     assert loss_fn._fitted["teacher"] is kt  # used as given: no refit on the batch
+
+
+def test_diffcovariance_checkpoint_with_nystrom_kernels(tmp_path):
+    """DiffCovariance.state_dict carries Nystrom kernels as settings + tensors: torch.load's default
+    weights_only=True reads it, the constructed kernels are checked, adopt_kernels rebuilds them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 6, generator=g), torch.randn(300, 4, generator=g)
+    kx, ky = st.Nystrom("gaussian", landmarks=40, seed=1), st.Nystrom("cosine", landmarks=4)
+    acc = st.DiffCovariance(kx, ky).fit(x, y)
+    for xb, yb in zip(x.split(64), y.split(64)):
+        acc.update(xb, yb)
+    torch.save(acc.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt")  # weights_only=True by default
+    want = acc.compute().eigenvalues
+    for other in (
+        st.DiffCovariance(kx, ky).load_state_dict(state),
+        st.DiffCovariance("cosine", "cosine").load_state_dict(state, adopt_kernels=True),
+    ):
+        assert other.kernel_x == acc.kernel_x and other.kernel_y == acc.kernel_y
+        assert torch.equal(other.compute().eigenvalues, want)
+    with pytest.raises(SpecError, match="state.kernel_x: the saved kernel"):
+        st.DiffCovariance(st.Nystrom("gaussian", landmarks=41, seed=1), ky).load_state_dict(state)
