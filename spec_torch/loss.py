@@ -325,6 +325,12 @@ class SpecAlignLoss(nn.Module):
             "student": resolve_kernel(kernel_student, "kernel_student"),
             "teacher": resolve_kernel(kernel_teacher, "kernel_teacher"),
         }
+        if self.kernels["student"].name == "nystrom":  # its landmarks live in the moving student space
+            raise SpecError(
+                "kernel_student: Nystrom features are supported on the teacher side only (the student's "
+                "embedding space moves during training, so fixed landmarks go stale); use 'cosine', 'linear' "
+                "or GaussianKernel(rff_dim=...) for the student"
+            )
         check_positive(eta, "eta")
         check_positive(k, "k", integer=True)
         check_positive(solver_tol, "solver_tol")
