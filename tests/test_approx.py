@@ -128,7 +128,7 @@ def features(tmp_path_factory):
 
 
 def _cfg(work, name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS / "compare"), version_base="1.3"):
         return compose(
             config_name="compare",
             overrides=[
