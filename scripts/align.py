@@ -7,7 +7,7 @@ the configs are the packaged ones (``spec_torch/apps/configs/align/``).
 
 Examples::
 
-    # the offline demo: tiny random student, weight-free colour teacher, synthetic shapes (about a minute)
+    # the offline demo: tiny random student, weight-free colour teacher, synthetic shapes (150 steps)
     python scripts/align.py experiment=align_tiny
 
     # CLIP ViT-B/32 toward DINOv2 ViT-B/14 on MS-COCO (captions keep the text tower usable)

@@ -430,3 +430,29 @@ def test_features_take_labels_and_display_names(tmp_path, features):
         (tmp_path / "short.txt").write_text("a\nb\n")
         run({"data": "features", "data.x_path": str(features["x"]), "data.y_path": str(features["y"]),
              "data.labels_path": str(tmp_path / "short.txt"), "output_dir": str(tmp_path / "bad")})  # fmt: skip
+
+
+def test_summarize_one_row_per_finished_run(tmp_path, capsys):
+    """spec-torch summarize DIR: a row per spec.json / results.json with the overrides Hydra recorded."""
+    from spec_torch.apps.summarize import collect, main
+
+    for i, eta in enumerate((0.5, 1.0)):
+        run_dir = tmp_path / str(i)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- eta={eta}\n- top_k=2\n")
+        spec = {"n": 40, "spec_diff": 0.1 * (i + 1), "modes": {"x": [{"eigenvalue": 0.1}], "y": []},
+                "metrics": {"linear_cka": 0.5, "mutual_knn": {"value": 0.2}}}  # fmt: skip
+        (run_dir / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "2").mkdir()  # an unfinished run: no spec.json, no row
+    align = {"before": {"heldout": {"spec_diff": 0.5}}, "after": {"heldout": {"spec_diff": 0.1}}, "steps": 3}
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "results.json").write_text(json.dumps(align))
+    rows = collect(tmp_path)
+    assert [r["run"] for r in rows] == ["0", "1", "3"]
+    assert rows[1]["overrides"] == "eta=1.0 top_k=2" and rows[1]["spec_diff"] == 0.2
+    assert rows[0]["top_eigenvalue_y"] is None and rows[2]["spec_diff_before"] == 0.5
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "eta=0.5 top_k=2" in out and (tmp_path / "summary.csv").read_text().count("\n") == 4
+    with pytest.raises(SpecError, match="DIR: no finished run"):
+        main([str(tmp_path / "2")])
