@@ -162,6 +162,21 @@ def test_replicate_solve_matches_dense_oracle_on_duplicated_rows():
         np.testing.assert_allclose(lam[r].numpy(), want, atol=EIG_ATOL * abs(want).max())
 
 
+def test_replicate_solve_on_singular_c_uses_the_eigh_factor():
+    """D > n (C singular: Cholesky fails or has rounding-level pivots): the eigh factor, same spectrum as dense."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 10, generator=g).double(), torch.randn(12, 10, generator=g).double()
+    acc = grouped(x, y, groups=2, kernel="linear")
+    jv = torch.cat([torch.ones(10), -torch.ones(10)]).double()
+    c = unc._weighted_covariances(acc.group_state, torch.ones(1, 2, dtype=torch.float64), 1.0)  # [1, 20, 20]
+    assert int(torch.linalg.cholesky_ex(c)[1][0]) != 0 or bool(
+        (torch.linalg.cholesky_ex(c)[0][0].diagonal().square() <= 20 * 2.2e-16 * c[0].diagonal().max()).any()
+    )  # the singular branch runs
+    lam, _ = unc._solve_batch(c, jv, keep=12)
+    want, _ = spectrum(difference(x.numpy(), y.numpy(), "linear", "linear"), 12)
+    np.testing.assert_allclose(lam[0].numpy(), want, atol=1e-9 * abs(want).max())
+
+
 def test_topk_replicate_route_agrees_with_full_route():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(800, 48, generator=g), torch.randn(800, 48, generator=g)
