@@ -383,3 +383,15 @@ def test_plan_replicates_and_groups():
     assert unc.plan_groups(10_000, 100, 100, 2**40) == 32
     assert unc.plan_groups(60, 100, 100, 2**40) == 15  # n // 4
     assert unc.plan_groups(10_000, 1000, 1000, 3 * 8 * 10**6 * 4 * 5) == 0  # memory for 5 groups: off
+
+
+def test_align_logs_the_strongest_modes_heldout_eigenvalue():
+    from spec_torch.align.evaluate import strongest_mode_heldout
+
+    x, y = planted(400)
+    out = strongest_mode_heldout(x, y, "cosine", "cosine", seed=0)
+    lam = float(st.spec(x, y).eigenvalues[0])  # the planted mode is the strongest
+    assert out["mode_eigenvalue"] == pytest.approx(lam, rel=1e-6)
+    assert out["mode_heldout_eigenvalue"] >= 0.5 * lam and out["mode_stability"] >= 0.9
+    assert strongest_mode_heldout(x[:32], y[:32]) == {}  # too few samples for groups
+    assert strongest_mode_heldout(x, y, st.GaussianKernel(sigma=1.0), "cosine") == {}  # no feature map
