@@ -156,13 +156,22 @@ def _weighted_covariances(state: dict[str, torch.Tensor], weights: torch.Tensor,
 def _solve_batch(c: torch.Tensor, jv: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full solve of a batch ``c: [R, D, D]``: eigenvalues ``[R, K]`` (descending) and directions ``[R, D, K]``.
 
-    As :func:`spec_torch.solver.solve_features`, batched: ``Z^T`` from ``eigh(C)`` with rounding-level
-    eigenvalues set to zero (their columns vanish), ``S = Z J Z^T``, ``u = J Z^T w``.
+    As :func:`spec_torch.solver.solve_features`, batched: ``Z^T`` by a batched Cholesky where C is numerically
+    positive definite, else from ``eigh(C)`` with rounding-level eigenvalues set to zero (their columns
+    vanish); ``S = Z J Z^T``, ``u = J Z^T w``.
     """
-    g, e = torch.linalg.eigh(c)  # [R, D], [R, D, D]
-    tol = c.shape[-1] * torch.finfo(c.dtype).eps * g.abs().amax(-1, keepdim=True)
-    root = torch.where(g > tol, g.clamp_min(0).sqrt(), torch.zeros_like(g))  # [R, D]
-    zt = e * root[:, None, :]  # [R, D, D]
+    d = c.shape[-1]
+    eps = torch.finfo(c.dtype).eps
+    zt, info = torch.linalg.cholesky_ex(c)  # [R, D, D] lower: C = R R^T, Z^T = R
+    pivots = torch.diagonal(zt, dim1=-2, dim2=-1).square()  # [R, D]
+    scale = torch.diagonal(c, dim1=-2, dim2=-1).amax(-1, keepdim=True)  # [R, 1]
+    bad = (info != 0) | (pivots <= d * eps * scale).any(-1)  # [R]: singular or nearly so
+    if bool(bad.any()):
+        g, e = torch.linalg.eigh(c[bad])  # [r, D], [r, D, D]
+        tol = d * eps * g.abs().amax(-1, keepdim=True)
+        root = torch.where(g > tol, g.clamp_min(0).sqrt(), torch.zeros_like(g))  # [r, D]
+        zt = zt.clone()
+        zt[bad] = e * root[:, None, :]
     jzt = jv[None, :, None] * zt  # [R, D, D]
     s = zt.mT @ jzt  # [R, D, D]
     lam, w = torch.linalg.eigh((s + s.mT) / 2)  # [R, D], [R, D, D]

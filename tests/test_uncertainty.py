@@ -162,6 +162,21 @@ def test_replicate_solve_matches_dense_oracle_on_duplicated_rows():
         np.testing.assert_allclose(lam[r].numpy(), want, atol=EIG_ATOL * abs(want).max())
 
 
+def test_replicate_solve_on_singular_c_uses_the_eigh_factor():
+    """D > n (C singular: Cholesky fails or has rounding-level pivots): the eigh factor, same spectrum as dense."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 10, generator=g).double(), torch.randn(12, 10, generator=g).double()
+    acc = grouped(x, y, groups=2, kernel="linear")
+    jv = torch.cat([torch.ones(10), -torch.ones(10)]).double()
+    c = unc._weighted_covariances(acc.group_state, torch.ones(1, 2, dtype=torch.float64), 1.0)  # [1, 20, 20]
+    assert int(torch.linalg.cholesky_ex(c)[1][0]) != 0 or bool(
+        (torch.linalg.cholesky_ex(c)[0][0].diagonal().square() <= 20 * 2.2e-16 * c[0].diagonal().max()).any()
+    )  # the singular branch runs
+    lam, _ = unc._solve_batch(c, jv, keep=12)
+    want, _ = spectrum(difference(x.numpy(), y.numpy(), "linear", "linear"), 12)
+    np.testing.assert_allclose(lam[0].numpy(), want, atol=1e-9 * abs(want).max())
+
+
 def test_topk_replicate_route_agrees_with_full_route():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(800, 48, generator=g), torch.randn(800, 48, generator=g)
@@ -368,3 +383,15 @@ def test_plan_replicates_and_groups():
     assert unc.plan_groups(10_000, 100, 100, 2**40) == 32
     assert unc.plan_groups(60, 100, 100, 2**40) == 15  # n // 4
     assert unc.plan_groups(10_000, 1000, 1000, 3 * 8 * 10**6 * 4 * 5) == 0  # memory for 5 groups: off
+
+
+def test_align_logs_the_strongest_modes_heldout_eigenvalue():
+    from spec_torch.align.evaluate import strongest_mode_heldout
+
+    x, y = planted(400)
+    out = strongest_mode_heldout(x, y, "cosine", "cosine", seed=0)
+    lam = float(st.spec(x, y).eigenvalues[0])  # the planted mode is the strongest
+    assert out["mode_eigenvalue"] == pytest.approx(lam, rel=1e-6)
+    assert out["mode_heldout_eigenvalue"] >= 0.5 * lam and out["mode_stability"] >= 0.9
+    assert strongest_mode_heldout(x[:32], y[:32]) == {}  # too few samples for groups
+    assert strongest_mode_heldout(x, y, st.GaussianKernel(sigma=1.0), "cosine") == {}  # no feature map
