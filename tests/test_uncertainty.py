@@ -386,7 +386,7 @@ def test_plan_replicates_and_groups():
 
 
 def test_align_logs_the_strongest_modes_heldout_eigenvalue():
-    from spec_torch.align.evaluate import strongest_mode_heldout
+    from spec_torch.apps.align.evaluate import strongest_mode_heldout
 
     x, y = planted(400)
     out = strongest_mode_heldout(x, y, "cosine", "cosine", seed=0)
@@ -395,3 +395,21 @@ def test_align_logs_the_strongest_modes_heldout_eigenvalue():
     assert out["mode_heldout_eigenvalue"] >= 0.5 * lam and out["mode_stability"] >= 0.9
     assert strongest_mode_heldout(x[:32], y[:32]) == {}  # too few samples for groups
     assert strongest_mode_heldout(x, y, st.GaussianKernel(sigma=1.0), "cosine") == {}  # no feature map
+
+
+def test_group_sums_survive_a_checkpoint(tmp_path):
+    """state_dict saves the group sums (weights_only-loadable): resuming gives the same intervals as one run."""
+    x, y = planted(400)
+    whole = st.DiffCovariance("cosine", "cosine", groups=8, group_seed=3)
+    whole.update(x, y, index=torch.arange(400))
+    first = st.DiffCovariance("cosine", "cosine", groups=8, group_seed=3)
+    first.update(x[:250], y[:250], index=torch.arange(250))
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = st.DiffCovariance("cosine", "cosine", groups=8, group_seed=3)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
+    resumed.update(x[250:], y[250:], index=torch.arange(250, 400))
+    a = whole.compute(replicates=20, seed=1)
+    b = resumed.compute(replicates=20, seed=1)
+    assert torch.allclose(a.eigenvalue_ci, b.eigenvalue_ci, rtol=1e-10, atol=1e-14)
+    with pytest.raises(st.SpecError, match="state: saved with groups=8"):
+        st.DiffCovariance("cosine", "cosine", groups=4, group_seed=3).load_state_dict(torch.load(tmp_path / "state.pt"))
