@@ -437,7 +437,9 @@ class DiffCovariance:
         self._settle()
         mine = None if self.xx is None else (self.kernel_x, self.kernel_y, self.dims, self.xx.dtype)
         seen: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, mine)
+        dist.all_gather_object(seen, (mine, self.input_dtype))
+        inputs = {d for _, d in seen if d is not None}  # the ranks' input dtypes: the widest wins
+        seen = [s for s, _ in seen]
         present = [(rank, s) for rank, s in enumerate(seen) if s is not None]
         if not present:
             raise SpecError("update: no rank accumulated any samples; call update(x, y) before compute()")
@@ -460,7 +462,7 @@ class DiffCovariance:
         out = DiffCovariance(
             self.kernel_x, self.kernel_y, self.accumulate_dtype, self.device, self.groups, self.group_seed
         )
-        out.input_dtype = self.input_dtype
+        out.input_dtype = (torch.float64 if torch.float64 in inputs else inputs.pop()) if inputs else None
         out.kernel_x, out.kernel_y, out.dims, out.device = (
             self.kernel_x,
             self.kernel_y,

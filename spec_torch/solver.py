@@ -209,8 +209,15 @@ def solve_features(
     jv = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)  # J = diag(I_Dx, -I_Dy)
     jv[dx:] = -1
     s, jz_t = symmetric_form(c, jv, noise / n)  # [r, r], [D, r]
-    evals, w, solver = _solve_symmetric(s, top_k, keep if keep is not None else min(n, c.shape[0]), zero_tol)
+    keep = keep if keep is not None else min(n, c.shape[0])
+    evals, w, solver = _solve_symmetric(s, top_k, keep, zero_tol)
     u = jz_t @ w  # [D, r] @ [r, K] -> [D, K]
+    if top_k is None and evals.numel() < keep:  # C's dropped null space: exact zeros, as on the n x n routes
+        pad = keep - evals.numel()
+        evals = torch.cat([evals, evals.new_zeros(pad)])
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+        order = torch.argsort(evals, descending=True, stable=True)
+        evals, u = evals[order], u[:, order]
     return evals, u, solver
 
 
