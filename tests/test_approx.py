@@ -4,6 +4,7 @@ place in the compare pipeline's spec.json, CLI summary and report."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -144,8 +145,9 @@ def _cfg(work, name: str, *overrides: str):
         )
 
 
-def test_compare_reports_the_estimate_when_random_features_are_used(features, capsys):
-    spec = run(_cfg(features, "rff", "kernel@kernel_x=gaussian", "kernel_x.rff_dim=64", "kernel_x.seed=3"))
+def test_compare_reports_the_estimate_when_random_features_are_used(features, caplog):
+    with caplog.at_level(logging.INFO, logger="spec_torch"):  # the CLI summary goes through logging
+        spec = run(_cfg(features, "rff", "kernel@kernel_x=gaussian", "kernel_x.rff_dim=64", "kernel_x.seed=3"))
     approx = json.loads((features / "rff" / "spec.json").read_text())["approximation"]
     assert approx == spec["approximation"]
     assert approx["method"] == APPROX_METHOD and approx["n"] == 120 and approx["subsample"] == 120
@@ -155,8 +157,7 @@ def test_compare_reports_the_estimate_when_random_features_are_used(features, ca
     kx = st.GaussianKernel(sigma=spec["kernel_x"]["sigma"], rff_dim=64, seed=3)
     again = rff_error_estimate(x, y, kx, "cosine", subsample=120)
     assert approx["rel_error_mean"] == pytest.approx(again["rel_error_mean"], rel=1e-9)
-    out = capsys.readouterr().out
-    assert "random features: extreme eigenvalues off by about" in out
+    assert "random features: extreme eigenvalues off by about" in caplog.text
     html = (features / "rff" / "report.html").read_text()
     assert "Random-feature error (estimate)" in html and "seed spread" in html
 

@@ -574,7 +574,8 @@ def _compare(tmp_path, x, y, *extra):
         *extra,
     ]
     with initialize_config_dir(
-        config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"
+        config_dir=str(Path(__file__).resolve().parents[1] / "spec_torch" / "apps" / "configs" / "compare"),
+        version_base="1.3",
     ):
         cfg = compose(config_name="compare", overrides=overrides)
     return run(cfg)
@@ -607,7 +608,13 @@ def test_a_nan_written_into_a_cache_names_the_cache(tmp_path):
 def test_align_demo_writes_a_fresh_folder_per_run():
     """``make align-demo`` must not silently continue an earlier demo run: its run dir is per run."""
     preset = OmegaConf.load(
-        Path(__file__).resolve().parents[1] / "configs" / "experiment" / "align_tiny.yaml"
+        Path(__file__).resolve().parents[1]
+        / "spec_torch"
+        / "apps"
+        / "configs"
+        / "align"
+        / "experiment"
+        / "align_tiny.yaml"
     )
     run_dir = OmegaConf.to_container(preset, resolve=False)["hydra"]["run"]["dir"]
     assert run_dir.startswith("outputs/align_tiny/") and "${now:" in run_dir

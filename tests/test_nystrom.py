@@ -367,6 +367,7 @@ def test_demo_cli_runs_with_nystrom_kernels(tmp_path):
         "data.n=160",  # the demo's 600 images take minutes to render and encode on a shared CPU
         "kernel_x.landmarks=100",
         "kernel_y.landmarks=100",
+        "method=features",  # auto would take the cheaper n x n route at this small n
         "report=false",
         "progress=false",
         f"hydra.run.dir={out}",

@@ -4,6 +4,7 @@ flagged in plain words by the CLI summary and the report; the README's example c
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -59,10 +60,11 @@ def test_uniform_modes_flags_only_entries_above_the_threshold():
     assert uniform_modes(None) == [] and uniform_modes({"x": [], "y": []}) == []
 
 
-def test_cli_summary_says_what_a_uniform_mode_means(capsys, tmp_path):
-    _print_summary(_summary(), tmp_path / "spec.json")
-    out = capsys.readouterr().out
-    lines = out.splitlines()
+def test_cli_summary_says_what_a_uniform_mode_means(caplog, tmp_path):
+    with caplog.at_level(logging.INFO, logger="spec_torch"):  # the CLI summary goes through logging
+        _print_summary(_summary(), tmp_path / "spec.json")
+    out = caplog.text
+    lines = [r.getMessage() for r in caplog.records]
     y1 = next(line for line in lines if line.startswith("  mode y1"))
     x1 = next(line for line in lines if line.startswith("  mode x1"))
     assert "UNIFORM (1.00): kernel levels, not a cluster" in y1 and "UNIFORM" not in x1
@@ -70,11 +72,12 @@ def test_cli_summary_says_what_a_uniform_mode_means(capsys, tmp_path):
     assert "random features" not in out  # no approximation entry, no line
 
 
-def test_cli_summary_without_uniform_modes_has_no_flag(capsys, tmp_path):
+def test_cli_summary_without_uniform_modes_has_no_flag(caplog, tmp_path):
     summary = _summary()
     summary["modes"]["y"][0]["uniformity"] = 0.2
-    _print_summary(summary, tmp_path / "spec.json")
-    assert "UNIFORM" not in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="spec_torch"):
+        _print_summary(summary, tmp_path / "spec.json")
+    assert "UNIFORM" not in caplog.text
 
 
 def test_report_flags_uniform_modes_in_words(tmp_path):
