@@ -18,9 +18,9 @@ from .covariance import DiffCovariance
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
 from .loss import SpecAlignLoss
+from .matrix import MatrixCovariance, SpecMatrix, spec_matrix
 from .metrics import LinearCKA, linear_cka
 from .nystrom import Nystrom
-from .matrix import MatrixCovariance, SpecMatrix, spec_matrix
 from .result import SpecResult, TopSamples
 
 __version__ = "0.1.0"

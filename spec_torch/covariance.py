@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive, resolve_device
+from ._validate import (
+    as_matrix,
+    check_accumulate_dtype,
+    check_fits,
+    check_pair,
+    check_positive,
+    resolve_device,
+)
 from .errors import SpecError
 from .kernels import Kernel, kernel_from_state, resolve_kernel
 from .result import SpecResult

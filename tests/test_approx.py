@@ -147,7 +147,9 @@ def _cfg(work, name: str, *overrides: str):
 
 def test_compare_reports_the_estimate_when_random_features_are_used(features, caplog):
     with caplog.at_level(logging.INFO, logger="spec_torch"):  # the CLI summary goes through logging
-        spec = run(_cfg(features, "rff", "kernel@kernel_x=gaussian", "kernel_x.rff_dim=64", "kernel_x.seed=3"))
+        spec = run(
+            _cfg(features, "rff", "kernel@kernel_x=gaussian", "kernel_x.rff_dim=64", "kernel_x.seed=3")
+        )
     approx = json.loads((features / "rff" / "spec.json").read_text())["approximation"]
     assert approx == spec["approximation"]
     assert approx["method"] == APPROX_METHOD and approx["n"] == 120 and approx["subsample"] == 120

@@ -32,8 +32,8 @@ from spec_torch.apps.cli import run_guarded
 from spec_torch.apps.data import build_dataset
 from spec_torch.apps.data.base import open_image
 from spec_torch.apps.encoders import Encoder, build_encoder
-from spec_torch.errors import SpecError
 from spec_torch.apps.extract import cache_folder, extract_features
+from spec_torch.errors import SpecError
 from spec_torch.kernels import GaussianKernel, kernel_from_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")

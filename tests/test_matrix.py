@@ -10,8 +10,8 @@ from helpers import spawn_gloo
 from oracle import difference
 
 import spec_torch as st
-from spec_torch.errors import SpecError
 from spec_torch.apps.report.metrics import LinearCKA
+from spec_torch.errors import SpecError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

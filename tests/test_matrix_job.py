@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import spec_torch as st
-from spec_torch.errors import SpecError
 from spec_torch.apps.matrix import run
+from spec_torch.errors import SpecError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ from PIL import Image
 import spec_torch as st
 from spec_torch.apps.data import build_dataset
 from spec_torch.apps.encoders.layers import LayerEncoder, build_layer_encoder, default_layers, split_layers
-from spec_torch.errors import SpecError
 from spec_torch.apps.extract import extract_features
+from spec_torch.errors import SpecError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

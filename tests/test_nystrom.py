@@ -407,7 +407,9 @@ def test_align_loss_takes_a_fitted_nystrom_teacher():
     ref, _ = spectrum(lmat)
     # the loss is solved in float64 and returned in the student's dtype (float32): one float32 rounding
     assert loss.dtype == torch.float32
-    assert float(loss.detach()) == pytest.approx(np.abs(ref).max(), rel=2 * float(torch.finfo(torch.float32).eps))
+    assert float(loss.detach()) == pytest.approx(
+        np.abs(ref).max(), rel=2 * float(torch.finfo(torch.float32).eps)
+    )
     assert loss_fn._fitted["teacher"] is kt  # used as given: no refit on the batch
 
 
@@ -434,5 +436,7 @@ def test_diffcovariance_checkpoint_with_nystrom_kernels(tmp_path):
 
 
 def test_loss_refuses_a_nystrom_student():
-    with pytest.raises(SpecError, match="kernel_student: Nystrom features are supported on the teacher side only"):
+    with pytest.raises(
+        SpecError, match="kernel_student: Nystrom features are supported on the teacher side only"
+    ):
         st.SpecAlignLoss(kernel_student=st.Nystrom("gaussian", landmarks=8), kernel_teacher="cosine")

@@ -414,4 +414,6 @@ def test_group_sums_survive_a_checkpoint(tmp_path):
     b = resumed.compute(replicates=20, seed=1)
     assert torch.allclose(a.eigenvalue_ci, b.eigenvalue_ci, rtol=1e-10, atol=1e-14)
     with pytest.raises(st.SpecError, match="state: saved with groups=8"):
-        st.DiffCovariance("cosine", "cosine", groups=4, group_seed=3).load_state_dict(torch.load(tmp_path / "state.pt"))
+        st.DiffCovariance("cosine", "cosine", groups=4, group_seed=3).load_state_dict(
+            torch.load(tmp_path / "state.pt")
+        )

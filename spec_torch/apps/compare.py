@@ -344,7 +344,14 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
         cka.update(x, y)
         with _named("top_k", "solve_top_k"), _sample_ids(paired, 0):
             res = api.spec(
-                x, y, kernel_x=kx, kernel_y=ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=center
+                x,
+                y,
+                kernel_x=kx,
+                kernel_y=ky,
+                eta=float(cfg.eta),
+                method=route,
+                top_k=solve_top_k,
+                center=center,
             )
         res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
         return res, cka.compute()
@@ -353,7 +360,9 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
         kx, ky, accumulate_dtype=dtype, device=device, groups=plan["groups"] or None, group_seed=int(cfg.seed)
     )
     if not (kx.is_fitted and ky.is_fitted):
-        acc.fit(*_fit_sample(cfg, paired, kx, ky))  # sigma="auto" from a seeded sample of all rows, not a batch
+        acc.fit(
+            *_fit_sample(cfg, paired, kx, ky)
+        )  # sigma="auto" from a seeded sample of all rows, not a batch
     mine = _my_rows(paired)  # torchrun: this rank's block
     start = mine.start
     for (xb, yb), idx in zip(
@@ -402,7 +411,6 @@ def _sample_ids(paired: PairedFeatures, start: int) -> Iterator[None]:
         raise SpecError(
             f"{text[: match.start()]}(first: sample {paired.ids[row]!r}, paired row {row}){text[match.end() :]}"
         ) from None
-
 
 
 # ------------------------------------------------------------------------------------------ uncertainty
@@ -454,7 +462,9 @@ def _uncertainty_plan(
         return plan
     if center:  # the replicates' group sums are uncentred; centring them is not implemented yet
         if replicates != "auto":
-            raise SpecError("uncertainty.replicates: not supported with center=true yet; set uncertainty.replicates=0")
+            raise SpecError(
+                "uncertainty.replicates: not supported with center=true yet; set uncertainty.replicates=0"
+            )
         plan["note"] = "off: center=true (intervals are computed for the uncentred kernels only)"
         return plan
     missing = [name for k, name in ((kx, "kernel_x"), (ky, "kernel_y")) if not k.has_features]

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ._io import atomic_write_json, prepare_output_dir
 from .._validate import resolve_device
+from ..errors import SpecError
+from ..matrix import spec_matrix
+from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
 from .config import load_config
-from ..errors import SpecError
 from .extract import extract_features
-from ..matrix import spec_matrix
 
 __all__ = ["run", "MATRIX_JSON"]
 

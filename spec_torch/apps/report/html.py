@@ -33,7 +33,6 @@ from typing import Any
 
 from ...errors import SpecError
 from .._io import atomic_write_text
-from ...errors import SpecError
 from . import flags, plots
 
 __all__ = ["ModeView", "write_report", "verdict", "mode_flags", "cluster_size", "SIZE_RULE"]
