@@ -348,6 +348,8 @@ class DiffCovariance:
             "count": int(self.count),
             "dims": None if self.dims is None else list(self.dims),
             "accumulate_dtype": None if self.accumulate_dtype is None else str(self.accumulate_dtype),
+            # the widest input dtype seen: it sets the zero cut-off (float32 input reports no noise modes)
+            "input_dtype": None if self.input_dtype is None else str(self.input_dtype).removeprefix("torch."),
             "kernel_x": self.kernel_x.state_dict(),
             "kernel_y": self.kernel_y.state_dict(),
         }
@@ -430,6 +432,10 @@ class DiffCovariance:
             self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         self.group_state = group_state
         self._stale = False
+        saved_input = state.get("input_dtype")
+        if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
+            raise SpecError(f"state: 'input_dtype' must be a float dtype name or None, got {saved_input!r}")
+        self.input_dtype = None if saved_input is None else getattr(torch, saved_input)
         return self
 
     def synced(self) -> DiffCovariance:

@@ -348,6 +348,10 @@ class SpecAlignLoss(nn.Module):
             raise SpecError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
         if sync_dist not in (None, True, False):
             raise SpecError(f"sync_dist: expected None, True or False, got {sync_dist!r}")
+        # rff_dim="auto" (the kernel configs' default): random features where the features route or the
+        # iterative solver needs them, otherwise the exact kernel (the B x B route handles it under DDP too)
+        route = "features" if method == "features" or solver == "iterative" else "exact"
+        self.kernels = {side: kern.for_route(route) for side, kern in self.kernels.items()}
         exact_only = [f"kernel_{s}" for s in _SIDES if not self.kernels[s].has_features]
         if exact_only and (method == "features" or solver == "iterative"):
             raise SpecError(

@@ -702,3 +702,18 @@ def test_centred_iterative_solver_matches_eigh():
     for _ in range(3):
         assert abs(float(fn(x, y)) - ref) < ITER_TOL * ref
     assert fn.last_solver == "iterative"
+
+
+def test_rff_dim_auto_resolves_by_route():
+    """The kernel configs default to rff_dim='auto': exact Gaussian on the B x B route, random features where
+    the features route needs a feature map."""
+    auto = st.GaussianKernel(sigma=1.0, rff_dim="auto")
+    exact = SpecAlignLoss(auto, "cosine")
+    assert exact.kernels["student"].rff_dim is None
+    feats = SpecAlignLoss(auto, "cosine", method="features")
+    assert feats.kernels["student"].rff_dim == st.kernels.AUTO_RFF_DIM
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 5, generator=g, requires_grad=True), torch.randn(64, 3, generator=g)
+    ref = SpecAlignLoss(st.GaussianKernel(sigma=1.0), "cosine")(s, t)
+    assert float(exact(s, t)) == pytest.approx(float(ref), rel=1e-12)
+    assert torch.isfinite(feats(s, t))

@@ -529,3 +529,17 @@ def test_extreme_eta_refused_and_difference_matrix_validates():
         st.difference_matrix(x, y, st.GaussianKernel(sigma="auto"), kern)
     with pytest.raises(st.SpecError, match="x: contains NaN"):
         st.difference_matrix(x.index_fill(0, torch.tensor([1]), float("nan")), y, kern, kern)
+
+
+def test_state_dict_keeps_the_input_dtype_that_sets_the_zero_cut_off(tmp_path):
+    """A resumed accumulator reports the same modes: the input dtype (float32 here) travels in the state."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    y = x + 1e-4 * torch.randn(300, 8, generator=g)  # close models: small eigenvalues near the cut-off
+    acc = st.DiffCovariance()
+    acc.update(x, y)
+    torch.save(acc.state_dict(), tmp_path / "state.pt")
+    back = st.DiffCovariance().load_state_dict(torch.load(tmp_path / "state.pt"))
+    assert back.input_dtype == torch.float32
+    a, b = acc.compute(), back.compute()
+    assert a.zero_tol == b.zero_tol and torch.equal(a.eigenvalues, b.eigenvalues)
