@@ -111,6 +111,7 @@ class DiffCovariance:
             raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
         self.groups, self.group_seed = groups, group_seed
         self.group_state: dict[str, torch.Tensor] | None = None  # spec_torch.uncertainty.accumulate_groups
+        self._pending_error: SpecError | None = None  # a failed update under torch.distributed (see update)
         self._stale = False  # with groups: xx, xy, yy lag the group sums until _settle()
 
     def _settle(self) -> None:
@@ -247,10 +248,25 @@ class DiffCovariance:
         ``index: [B]`` global sample indices (dataset row numbers), used only with ``groups``: they decide each
         sample's group; default the running count of this accumulator (``n, n+1, ...``), which is global only on
         a single process reading the data in order.
+
+        Under torch.distributed (more than one rank) a batch that fails validation is not raised here: the
+        error is kept and :meth:`compute` raises it on every rank together (no rank waits for one that failed).
         """
-        px, py = self.features(x, y)
-        if self.groups is not None:
-            return self._update_groups(px, py, index)
+        if (
+            self._pending_error is not None
+        ):  # an earlier batch failed under torch.distributed: compute() raises
+            return self
+        try:
+            px, py = self.features(x, y)
+            if self.groups is not None:
+                return self._update_groups(px, py, index)
+        except SpecError as exc:
+            if not distributed_ready():
+                raise
+            # under torch.distributed a bad batch on one rank (e.g. sigma="auto" fitted on a 1-row first batch)
+            # must not leave the other ranks waiting in compute()'s collectives: it is raised there, on every rank
+            self._pending_error = exc
+            return self
         self.xx.addmm_(px.T, px)  # [Dx, B] @ [B, Dx] -> [Dx, Dx]
         self.xy.addmm_(px.T, py)  # [Dx, B] @ [B, Dy] -> [Dx, Dy]
         self.yy.addmm_(py.T, py)  # [Dy, B] @ [B, Dy] -> [Dy, Dy]
@@ -446,7 +462,10 @@ class DiffCovariance:
         ranks (e.g. ``sigma="auto"`` fitted on each rank's own first batch) raise :class:`SpecError` on every
         rank rather than summing incompatible features. The count is reduced as int64, exactly.
         """
+        from .collectives import agree
+
         dist = torch.distributed
+        agree(self._pending_error)  # a rank whose update failed: the same SpecError on every rank
         self._settle()
         mine = None if self.xx is None else (self.kernel_x, self.kernel_y, self.dims, self.xx.dtype)
         seen: list[Any] = [None] * dist.get_world_size()
@@ -532,6 +551,8 @@ class DiffCovariance:
         """
         eta = check_positive(eta, "eta", max_value=MAX_ETA)
         sync = sync_dist if sync_dist is not None else distributed_ready()
+        if self._pending_error is not None and not sync:
+            raise self._pending_error
         if self.xx is None and not sync:
             raise SpecError("update: no samples were accumulated; call update(x, y) before compute()")
         self._settle()

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -503,12 +504,21 @@ def _w_one_rank_fails(rank: int, port: int, out: str) -> None:
     )
     assert top.indices.shape[1] == 3  # the group still works after the agreed errors
 
+    # a DiffCovariance fitting sigma='auto' on each rank's first batch: rank 1's batch has one row. Its update
+    # keeps the error and compute() raises it on both ranks (rank 0 would otherwise wait in the collectives)
+    acc = st.DiffCovariance(GaussianKernel(rff_dim=4), "cosine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning about fitting on a first batch
+        acc.update(*((x, y) if rank == 0 else (x[:1, :], y[:1])))
+    _expect_same_error(rank, "first_batch_fit", lambda: acc.compute(), r"sigma='auto'.*\(on rank 1\)", out)
+
 
 def test_a_check_failing_on_one_rank_raises_on_every_rank(tmp_path):
     """agree(), fit_on_main (sigma='auto' on rank 0's single row), top_samples(sync_dist=True) with a bad
-    batch on rank 1: the same SpecError on both ranks, within seconds of the failure (one 2-process run)."""
+    batch on rank 1, DiffCovariance fitted on a one-row first batch of rank 1: the same SpecError on both
+    ranks, within seconds of the failure (one 2-process run)."""
     spawn_gloo(_w_one_rank_fails, str(tmp_path), world=2, timeout_s=DIST_TIMEOUT_S)
-    for case in ("agree", "fit_on_main", "top_samples"):
+    for case in ("agree", "fit_on_main", "top_samples", "first_batch_fit"):
         msgs = [(tmp_path / f"{case}.rank{r}").read_text() for r in (0, 1)]
         assert msgs[0] == msgs[1], case
 
