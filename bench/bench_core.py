@@ -30,21 +30,9 @@ import sys
 import time
 
 import torch
+from _timing import sync, timed
 
 import spec_torch as st
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def bench_throughput(device: torch.device, batch: int, dx: int, dy: int, reps: int) -> None:
@@ -60,8 +48,8 @@ def bench_throughput(device: torch.device, batch: int, dx: int, dy: int, reps: i
         torch.matmul(p.T, p)
         t_acc, t_mm = [], []
         for _ in range(reps):  # interleaved so both see the same machine load
-            t_acc.append(_timed(functools.partial(acc.update, x, y), device))
-            t_mm.append(_timed(functools.partial(torch.matmul, p.T, p), device))
+            t_acc.append(timed(functools.partial(acc.update, x, y), device))
+            t_mm.append(timed(functools.partial(torch.matmul, p.T, p), device))
         a, m = statistics.median(t_acc), statistics.median(t_mm)
         name = str(dtype).replace("torch.", "")
         print(
@@ -98,9 +86,9 @@ def bench_reference(device: torch.device, n: int, d: int, batch: int = 256, dtyp
         return acc
 
     ours()  # warm-up
-    t_ours = _timed(ours, device)
-    t_ref = _timed(lambda: _reference_accumulate(px, py, batch), device)
-    t_ours2 = _timed(ours, device)  # again after the reference, so both saw the same load
+    t_ours = timed(ours, device)
+    t_ref = timed(lambda: _reference_accumulate(px, py, batch), device)
+    t_ours2 = timed(ours, device)  # again after the reference, so both saw the same load
     t_ours = min(t_ours, t_ours2)
     ref = _reference_accumulate(px[:512], py[:512], batch)
     mine = st.DiffCovariance("linear", "linear", accumulate_dtype=dtype).update(px[:512], py[:512])
@@ -150,14 +138,14 @@ def end_to_end(n: int, device: str, rff: int, top_k: int, batch: int, dtype: str
     t0 = time.perf_counter()
     for xb, yb in _stream(n, p, q, batch, 0, dev):
         acc.update(xb, yb)
-    _sync(dev)
+    sync(dev)
     t1 = time.perf_counter()
     res = acc.compute(eta=1.0, top_k=top_k)
-    _sync(dev)
+    sync(dev)
     t2 = time.perf_counter()
     modes = res.positive_modes(top_k) + res.negative_modes(top_k)
     res.top_samples(_stream(n, p, q, batch, 0, dev), k=20, modes=modes)
-    _sync(dev)
+    sync(dev)
     t3 = time.perf_counter()
     peak = _peak_rss_bytes()
     gpu_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0

@@ -15,25 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import timed
 
 from spec_torch import SpecAlignLoss
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def interleaved(
@@ -43,7 +30,7 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
-            t = _timed(fn, device)
+            t = timed(fn, device)
             if rep >= warmup:
                 times[name].append(t)
     return {name: statistics.median(ts) for name, ts in times.items()}

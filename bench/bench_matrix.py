@@ -27,12 +27,8 @@ import torch
 import spec_torch as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _timing import sync
 from layer_match import SEED_PAIRS, identification  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -55,15 +51,15 @@ def matrix_vs_pairwise(n: int, d: int, nsets: int, device: torch.device) -> None
     }
     names = list(feats)
     _peak_reset(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     m = st.spec_matrix(feats, kernel="cosine", batch_size=4096)
-    _sync(device)
+    sync(device)
     t_matrix = time.perf_counter() - t0
     peak_matrix = _peak(device)
     t0 = time.perf_counter()
     st.spec_matrix(feats, kernel="cosine", batch_size=4096, cka=False)
-    _sync(device)
+    sync(device)
     t_nocka = time.perf_counter() - t0
     _peak_reset(device)
     t0 = time.perf_counter()
@@ -78,7 +74,7 @@ def matrix_vs_pairwise(n: int, d: int, nsets: int, device: torch.device) -> None
                 accumulate_dtype=torch.float64,
             )
             worst = max(worst, abs(res.spec_diff - float(m.spec_diff[i, j])))
-    _sync(device)
+    sync(device)
     t_pairs = time.perf_counter() - t0
     peak_pairs = _peak(device)
     pairs = nsets * (nsets - 1) // 2

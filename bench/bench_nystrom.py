@@ -24,24 +24,12 @@ import time
 
 import numpy as np
 import torch
+from _timing import timed
 from sklearn.datasets import load_digits
 
 import spec_torch as st
 
 DIMS = (128, 256, 512, 1024)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def digits_pair() -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +107,7 @@ def bench_throughput(device: torch.device, batch: int, m: int, reps: int) -> Non
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(reps):  # interleaved so every entry sees the same machine load
         for name, fn in runs.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["one float32 matmul [B,m]@[m,m]"]
     print(

@@ -22,24 +22,12 @@ import statistics
 import time
 
 import torch
+from _timing import timed
 
 import spec_torch as st
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def _cpu_timed(fn) -> float:
+def _cputimed(fn) -> float:
     """CPU seconds of this process: on a loaded shared machine, the work done rather than the waiting."""
     t0 = time.process_time()
     fn()
@@ -96,11 +84,11 @@ def bench_accumulation(device: torch.device, batch: int, d: int, groups: int, re
     plain.update(x, y), grouped.update(x, y)  # warm-up, state allocation
     t_plain, t_groups, c_plain, c_groups = [], [], [], []
     for _ in range(reps):
-        t_plain.append(_timed(lambda: plain.update(x, y), device))
-        t_groups.append(_timed(lambda: grouped.update(x, y), device))
+        t_plain.append(timed(lambda: plain.update(x, y), device))
+        t_groups.append(timed(lambda: grouped.update(x, y), device))
         if device.type == "cpu":
-            c_plain.append(_cpu_timed(lambda: plain.update(x, y)))
-            c_groups.append(_cpu_timed(lambda: grouped.update(x, y)))
+            c_plain.append(_cputimed(lambda: plain.update(x, y)))
+            c_groups.append(_cputimed(lambda: grouped.update(x, y)))
     mp, mg = statistics.median(t_plain), statistics.median(t_groups)
     line = (
         f"accumulate  batch={batch} D={d}+{d} G={groups:3d} ({torch.get_num_threads()} threads): "
@@ -121,8 +109,8 @@ def bench_replicates(device: torch.device, n: int, d: int, groups: int, replicat
         )
     rows = []
     for label, k in (("full", None), (f"top-{top_k}", top_k)):
-        t_plain = _timed(lambda k=k: acc.compute(top_k=k), device)
-        t_all = _timed(lambda k=k: acc.compute(top_k=k, replicates=replicates), device)
+        t_plain = timed(lambda k=k: acc.compute(top_k=k), device)
+        t_all = timed(lambda k=k: acc.compute(top_k=k, replicates=replicates), device)
         rows.append((label, t_plain, t_all))
     base = rows[0][2] - rows[0][1]
     for label, t_plain, t_all in rows:
