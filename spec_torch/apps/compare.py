@@ -216,13 +216,12 @@ def _build_encoder(enc_cfg: dict[str, Any], which: str):
 
 def _extract_pair(cfg: DictConfig, device: torch.device):
     """Dataset + both encoders -> cached features, paired by sample id."""
-    from .data import build_dataset
+    from .data import dataset_from_config
+    from .extract import extraction_settings
 
     data_cfg = dict(_container(cfg.data))
+    dataset = dataset_from_config(data_cfg)
     name = data_cfg.pop("name")
-    dataset = build_dataset(name, **data_cfg)
-    if len(dataset) == 0:
-        raise SpecError(f"data: the {name} dataset is empty; check its path settings")
     encoders = {w: _build_encoder(_container(cfg[f"encoder_{w}"]), f"encoder_{w}") for w in ("x", "y")}
     for w, enc in encoders.items():
         if enc.modality != dataset.modality:
@@ -234,16 +233,7 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
     for w in ("x", "y"):  # one encoder on the device at a time; both were built first, so both fail fast
         enc = encoders.pop(w)
         caches[w] = distributed.extract_sharded(  # extract_features; under torchrun each rank its block
-            dataset,
-            enc,
-            cache_dir,
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            device=str(device),
-            progress=bool(cfg.get("progress", True)),
-            chunk_rows=int(cfg.get("chunk_rows", 4096)),
-            amp=bool(cfg.get("amp", True)),
-            lock_timeout=float(cfg.get("cache_lock_timeout", 86400)),
+            dataset, enc, cache_dir, **extraction_settings(cfg, device)
         )
         enc_info[w] = {**_container(cfg[f"encoder_{w}"]), **enc.describe(), "cache_key": enc.cache_key()}
         del enc

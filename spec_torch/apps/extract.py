@@ -361,6 +361,20 @@ def _precision(device: torch.device, encoder: Encoder, amp: bool) -> tuple[str, 
 
 
 # ------------------------------------------------------------------------------------------ the driver
+def extraction_settings(cfg: Any, device: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`extract_features` that a pipeline config sets (``batch_size``,
+    ``num_workers``, ``progress``, ``chunk_rows``, ``amp``, ``cache_lock_timeout``), for ``device``."""
+    return {
+        "batch_size": int(cfg.batch_size),
+        "num_workers": int(cfg.num_workers),
+        "device": str(device),
+        "progress": bool(cfg.get("progress", True)),
+        "chunk_rows": int(cfg.get("chunk_rows", 4096)),
+        "amp": bool(cfg.get("amp", True)),
+        "lock_timeout": float(cfg.get("cache_lock_timeout", 86400)),
+    }
+
+
 def extract_features(
     dataset: SampleDataset,
     encoder: Encoder,

@@ -75,14 +75,11 @@ def _build(name: str, enc_cfg: dict[str, Any]):
 
 def _extract_all(cfg: DictConfig, device: torch.device):
     """Dataset + every encoder -> ``({feature set: [n, d] rows}, dataset, ids, info)`` on the common ids."""
-    from .data import build_dataset
+    from .data import dataset_from_config
     from .encoders.layers import LayerEncoder, split_layers
+    from .extract import extraction_settings
 
-    data_cfg = dict(_container(cfg.data))
-    dname = data_cfg.pop("name")
-    dataset = build_dataset(dname, **data_cfg)
-    if len(dataset) == 0:
-        raise SpecError(f"data: the {dname} dataset is empty; check its path settings")
+    dataset = dataset_from_config(_container(cfg.data))
     specs = _container(cfg.encoders)
     encoders = {name: _build(name, dict(e)) for name, e in specs.items()}  # all built first: all fail fast
     for name, enc in encoders.items():
@@ -94,14 +91,7 @@ def _extract_all(cfg: DictConfig, device: torch.device):
     for name in list(encoders):
         enc = encoders.pop(name)
         cache = extract_features(
-            dataset,
-            enc,
-            Path(str(cfg.cache_dir)).expanduser(),
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            device=str(device),
-            progress=bool(cfg.get("progress", True)),
-            amp=bool(cfg.get("amp", True)),
+            dataset, enc, Path(str(cfg.cache_dir)).expanduser(), **extraction_settings(cfg, device)
         )
         caches[name] = cache
         layered = isinstance(enc, LayerEncoder)
@@ -128,7 +118,8 @@ def _extract_all(cfg: DictConfig, device: torch.device):
         for key, arr in group.items():
             features[key] = arr if rows[name] is None else _Rows(arr, rows[name])
     pos = {dataset.sample_id(i): i for i in range(len(dataset))}
-    info = {"name": dname, **data_cfg, "modality": dataset.modality, "size": len(dataset)}
+    data_cfg = _container(cfg.data)
+    info = {**data_cfg, "modality": dataset.modality, "size": len(dataset)}
     return features, dataset, ids, np.asarray([pos[s] for s in ids]), info, enc_info
 
 

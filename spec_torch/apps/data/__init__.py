@@ -21,6 +21,7 @@ from .text import TextFileDataset
 
 __all__ = [
     "build_dataset",
+    "dataset_from_config",
     "SampleDataset",
     "CorruptSample",
     "load_feature_pair",
@@ -43,6 +44,17 @@ DATASETS: dict[str, type[SampleDataset]] = {
     "textfile": TextFileDataset,
     "synthetic": SyntheticShapes,
 }
+
+
+def dataset_from_config(settings: Any) -> SampleDataset:
+    """The dataset of a Hydra ``data`` config (``name`` plus its settings), as the pipelines build it: an
+    empty dataset is refused with a :class:`SpecError` (nothing to compare)."""
+    settings = dict(settings)
+    name = settings.pop("name")
+    dataset = build_dataset(name, **settings)
+    if len(dataset) == 0:
+        raise SpecError(f"data: the {name} dataset is empty; check its path settings")
+    return dataset
 
 
 def build_dataset(name: str, **kwargs: Any) -> SampleDataset:
