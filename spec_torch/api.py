@@ -179,10 +179,21 @@ def spec(
         rows = _fit_rows(n, seed, x.device)
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
     if replicates:
-        if center:
-            raise SpecError("center: not supported together with replicates yet; use center=False")
         return _spec_with_uncertainty(
-            x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+            x,
+            y,
+            kx,
+            ky,
+            eta,
+            method,
+            top_k,
+            batch_size,
+            accumulate_dtype,
+            replicates,
+            seed,
+            level,
+            groups,
+            center,
         )
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
@@ -247,7 +258,7 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
 
 
 def _spec_with_uncertainty(
-    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups
+    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups, center
 ) -> SpecResult:
     """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
     for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
@@ -272,4 +283,6 @@ def _spec_with_uncertainty(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
-    return acc.compute(eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed)
+    return acc.compute(
+        eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed, center=center
+    )

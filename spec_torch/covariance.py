@@ -609,10 +609,12 @@ class DiffCovariance:
             shift=shift,
         )
         if replicates:
-            state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval)
+            state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval, center)
         return result
 
-    def _attach_uncertainty(self, result: SpecResult, eta, top_k, replicates, level, seed, interval) -> None:
+    def _attach_uncertainty(
+        self, result: SpecResult, eta, top_k, replicates, level, seed, interval, center=False
+    ) -> None:
         """Bootstrap / held-out / stability from the group sums into ``result`` (spec_torch.uncertainty)."""
         from .solver import assemble_covariance
         from .uncertainty import estimate
@@ -622,7 +624,13 @@ class DiffCovariance:
                 f"replicates: {replicates} replicates need group-wise sums; create DiffCovariance(..., groups=G)"
             )
         f64 = torch.float64
-        c_full = assemble_covariance(self.xx.to(f64), self.xy.to(f64), self.yy.to(f64), self.n, eta)
+        xx, xy, yy = self.xx.to(f64), self.xy.to(f64), self.yy.to(f64)
+        if center:  # the full-data C the replicates' modes are matched in: centred like the solve
+            sx, sy = self.sum_x.to(f64), self.sum_y.to(f64)
+            xx = xx - torch.outer(sx, sx) / self.n
+            xy = xy - torch.outer(sx, sy) / self.n
+            yy = yy - torch.outer(sy, sy) / self.n
+        c_full = assemble_covariance(xx, xy, yy, self.n, eta)
         out = estimate(
             self.group_state,
             c_full,
@@ -636,6 +644,7 @@ class DiffCovariance:
             seed=seed,
             top_k=top_k,
             interval=interval,
+            center=center,
         )
         result.eigenvalue_ci = out["eigenvalue_ci"]
         result.spec_diff_ci = out["spec_diff_ci"]

@@ -136,8 +136,12 @@ def accumulate_groups(
 
 
 # --------------------------------------------------------------------------- replicate covariances and solves
-def _weighted_covariances(state: dict[str, torch.Tensor], weights: torch.Tensor, eta: float) -> torch.Tensor:
-    """``C_r: [R, D, D]`` of the data sets ``sum_g w_rg (group g)``, ``weights: [R, G]`` (float64)."""
+def _weighted_blocks(
+    state: dict[str, torch.Tensor], weights: torch.Tensor, center: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sums ``xx [R, Dx, Dx]``, ``xy``, ``yy`` and counts ``n [R]`` of the data sets ``sum_g w_rg (group g)``
+    (``weights: [R, G]``, float64); with ``center`` each data set's own feature means are subtracted
+    (``XX - s_x s_x^T / n`` ...: its kernels centred, as :meth:`DiffCovariance.compute` does)."""
     n = weights @ state["count"]  # [R]
     if bool((n <= 0).any()):
         raise SpecError(
@@ -146,6 +150,20 @@ def _weighted_covariances(state: dict[str, torch.Tensor], weights: torch.Tensor,
     xx = torch.einsum("rg,gij->rij", weights, state["xx"])  # [R, Dx, Dx]
     xy = torch.einsum("rg,gij->rij", weights, state["xy"])  # [R, Dx, Dy]
     yy = torch.einsum("rg,gij->rij", weights, state["yy"])  # [R, Dy, Dy]
+    if center:
+        sx = (weights @ state["sum_x"]) / n[:, None].sqrt()  # [R, Dx]: s_x / sqrt(n)
+        sy = (weights @ state["sum_y"]) / n[:, None].sqrt()  # [R, Dy]
+        xx = xx - sx[:, :, None] * sx[:, None, :]
+        xy = xy - sx[:, :, None] * sy[:, None, :]
+        yy = yy - sy[:, :, None] * sy[:, None, :]
+    return xx, xy, yy, n
+
+
+def _weighted_covariances(
+    state: dict[str, torch.Tensor], weights: torch.Tensor, eta: float, center: bool = False
+) -> torch.Tensor:
+    """``C_r: [R, D, D]`` of the data sets ``sum_g w_rg (group g)``, ``weights: [R, G]`` (float64)."""
+    xx, xy, yy, n = _weighted_blocks(state, weights, center)
     s = math.sqrt(eta)
     top = torch.cat([xx, xy * s], dim=2)  # [R, Dx, D]
     bottom = torch.cat([xy.mT * s, yy * eta], dim=2)  # [R, Dy, D]
@@ -182,7 +200,13 @@ def _solve_batch(c: torch.Tensor, jv: torch.Tensor, keep: int) -> tuple[torch.Te
 
 
 def _solve_all(
-    state: dict[str, torch.Tensor], weights: torch.Tensor, eta: float, dx: int, keep: int, top_k: int | None
+    state: dict[str, torch.Tensor],
+    weights: torch.Tensor,
+    eta: float,
+    dx: int,
+    keep: int,
+    top_k: int | None,
+    center: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Solve every resampled data set (rows of ``weights: [R, G]``): lists of ``[K_r]`` and ``[D, K_r]``."""
     d = state["xx"].shape[1] + state["yy"].shape[1]
@@ -193,20 +217,18 @@ def _solve_all(
     evals: list[torch.Tensor] = []
     dirs: list[torch.Tensor] = []
     if top_k is not None and d >= 8 * (top_k + 8):  # the block Krylov solver is cheaper than two eigh
-        n = weights @ state["count"]  # [R]
         for r in range(weights.shape[0]):
-            w = weights[r]  # [G]
-            xx = torch.einsum("g,gij->ij", w, state["xx"])  # [Dx, Dx]: replicate r's sums
-            yy = torch.einsum("g,gij->ij", w, state["yy"])  # [Dy, Dy]
+            xx, xy, yy, n = _weighted_blocks(state, weights[r : r + 1], center)  # replicate r's sums
+            xx, xy, yy = xx[0], xy[0], yy[0]  # [Dx, Dx], [Dx, Dy], [Dy, Dy]
             trace = float(xx.diagonal().sum()) + eta * float(yy.diagonal().sum())
             lam, u, _ = solve_features(
                 xx,
-                torch.einsum("g,gij->ij", w, state["xy"]),
+                xy,
                 yy,
-                float(n[r]),
+                float(n[0]),
                 eta,
                 top_k=top_k,
-                noise=sum_noise(torch.float64, int(n[r]), trace),  # float64 group sums
+                noise=sum_noise(torch.float64, int(n[0]), trace),  # float64 group sums
             )
             evals.append(lam)
             dirs.append(u)
@@ -216,7 +238,7 @@ def _solve_all(
     chunk = max(1, _CHUNK_BYTES // (4 * d * d * 8))
     keep = keep if top_k is None else min(keep, 2 * top_k)
     for start in range(0, weights.shape[0], chunk):
-        c = _weighted_covariances(state, weights[start : start + chunk], eta)
+        c = _weighted_covariances(state, weights[start : start + chunk], eta, center)
         lam, u = _solve_batch(c, jv, keep)
         evals.extend(lam.unbind(0))
         dirs.extend(u.unbind(0))
@@ -305,6 +327,7 @@ def estimate(
     splits: int | None = None,
     top_k: int | None = None,
     interval: str = "percentile",
+    center: bool = False,
 ) -> dict[str, Any]:
     """Bootstrap intervals, held-out eigenvalues and stability of the full-data modes, from group sums.
 
@@ -317,6 +340,8 @@ def estimate(
         splits: random half/half splits of the groups for the held-out eigenvalue (default ``min(R, 10)``).
         top_k: solve replicates for the ``top_k`` modes of each sign (block Krylov where cheaper).
         interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
+        center: each resampled (and held-out) data set centred on its own feature means, as the full-data
+            solve with ``center=True`` (``c_full``, ``eigenvalues`` and ``u`` must then be the centred ones).
 
     Returns:
         ``eigenvalue_ci [K, 2]``, ``spec_diff_ci (lo, hi)``, ``heldout_eigenvalues [K]``, ``stability [K]``,
@@ -346,7 +371,7 @@ def estimate(
         1, draws, torch.ones_like(draws, dtype=f64)
     )
     weights = weights.to(c_full.device)
-    evals, dirs = _solve_all(state, weights, eta, dx, keep, top_k)
+    evals, dirs = _solve_all(state, weights, eta, dx, keep, top_k, center)
     matched, overlap, _ = _match(c_full, cu, norm_u, lam, evals, dirs)  # [R, K] each
     ci = _interval(matched, lam.cpu(), level, interval)
     ci[~live.cpu()] = float("nan")
@@ -364,9 +389,9 @@ def estimate(
         halves[2 * s, perm[: groups // 2]] = 1
         halves[2 * s + 1, perm[groups // 2 :]] = 1
     halves = halves.to(c_full.device)
-    fit_vals, fit_dirs = _solve_all(state, halves, eta, dx, keep, top_k)
+    fit_vals, fit_dirs = _solve_all(state, halves, eta, dx, keep, top_k, center)
     _, _, fitted = _match(c_full, cu, norm_u, lam, fit_vals, fit_dirs)  # [2S, D, K]
-    c_halves = _weighted_covariances(state, halves, eta)  # [2S, D, D]
+    c_halves = _weighted_covariances(state, halves, eta, center)  # [2S, D, D]
     other = torch.arange(2 * splits, device=c_full.device) ^ 1  # evaluate half 2s on 2s+1 and back
     c_eval = c_halves[other]  # [2S, D, D]
     jv = torch.ones(c_full.shape[0], dtype=f64, device=c_full.device)

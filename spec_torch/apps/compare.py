@@ -345,7 +345,7 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
             )
         res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
         return res, cka.compute()
-    plan = _uncertainty_plan(cfg, kx, ky, paired, device, center=center)
+    plan = _uncertainty_plan(cfg, kx, ky, paired, device)
     acc = DiffCovariance(
         kx, ky, accumulate_dtype=dtype, device=device, groups=plan["groups"] or None, group_seed=int(cfg.seed)
     )
@@ -413,9 +413,7 @@ def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterato
         yield torch.from_numpy(np.asarray(idx, dtype=np.int64))
 
 
-def _uncertainty_plan(
-    cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False, center: bool = False
-) -> dict[str, Any]:
+def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False) -> dict[str, Any]:
     """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
     from .._validate import memory_available
     from ..uncertainty import DEFAULT_GROUPS, plan_groups
@@ -449,13 +447,6 @@ def _uncertainty_plan(
     }
     if replicates == 0:
         plan["note"] = "off (uncertainty.replicates = 0)"
-        return plan
-    if center:  # the replicates' group sums are uncentred; centring them is not implemented yet
-        if replicates != "auto":
-            raise SpecError(
-                "uncertainty.replicates: not supported with center=true yet; set uncertainty.replicates=0"
-            )
-        plan["note"] = "off: center=true (intervals are computed for the uncentred kernels only)"
         return plan
     missing = [name for k, name in ((kx, "kernel_x"), (ky, "kernel_y")) if not k.has_features]
     if exact or missing:
@@ -494,7 +485,13 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
         # A probe of 2 replicates (and their held-out splits) measures the cost of one solve on this machine.
         plain_s = time.perf_counter() - t_start if t_start is not None else solve_s
         t_probe = time.perf_counter()
-        acc.compute(eta=float(cfg.eta), top_k=cfg.get("solve_top_k"), replicates=2, seed=int(cfg.seed))
+        acc.compute(
+            eta=float(cfg.eta),
+            top_k=cfg.get("solve_top_k"),
+            center=bool(cfg.get("center", False)),
+            replicates=2,
+            seed=int(cfg.seed),
+        )
         probe_s = time.perf_counter() - t_probe
         per_solve = probe_s / (solves_needed(2) + 1)
         budget = (plan["max_overhead"] - 1) * plain_s - probe_s
@@ -512,6 +509,7 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
     out = acc.compute(
         eta=float(cfg.eta),
         top_k=cfg.get("solve_top_k"),
+        center=bool(cfg.get("center", False)),
         replicates=int(replicates),
         level=plan["level"],
         seed=int(cfg.seed),
