@@ -20,7 +20,6 @@ Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ from ..kernels import resolve_kernel
 from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
-from .config import for_setting, instantiate_target, load_config
+from .config import ACCUMULATE_DTYPES, check_run_settings, for_setting, instantiate_target, load_config
 from .logs import phase, quiet_third_party
 
 __all__ = ["run"]
@@ -118,15 +117,7 @@ def _container(node: Any) -> Any:
 
 def _check_settings(cfg: DictConfig) -> None:
     check_required(cfg)
-    for key in ("top_k", "samples_per_mode", "batch_size", "stream_batch_size"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(f"{key}: expected a positive integer, got {value!r}")
-    eta = cfg.get("eta")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
-        raise SpecError(f"eta: expected a positive number, got {eta!r}")
-    if cfg.get("accumulate_dtype", "float64") not in _ACCUMULATE:
-        raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
+    check_run_settings(cfg, positive=("top_k", "samples_per_mode", "batch_size", "stream_batch_size"))
     if not isinstance(cfg.get("center", False), bool):
         raise SpecError(f"center: expected true or false, got {cfg.center!r}")
     if cfg.get("method", "auto") not in ("auto", "features", "exact"):
@@ -297,7 +288,7 @@ def _fit_kernels(cfg: DictConfig, paired: PairedFeatures, route: str = "exact"):
 
 
 #: dtype of the streamed sums: float64 keeps a million float32 rows summed to full float32 accuracy
-_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+_ACCUMULATE = ACCUMULATE_DTYPES
 
 
 def _stream_batch(cfg: DictConfig) -> int:

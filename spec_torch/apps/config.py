@@ -14,12 +14,14 @@ presets) and ``spec_torch/apps/configs/{data,encoder,kernel}/`` (groups shared b
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import SpecError
@@ -168,3 +170,22 @@ def for_setting(message: str, which: str) -> str:
     """An encoder's error message with its ``encoder.`` settings named as the config key ``which`` holds
     them under (``encoder.checkpoint=`` -> ``encoder_x.checkpoint=``): overrides that work as printed."""
     return re.sub(r"\bencoder\.", f"{which}.", message)
+
+
+#: the ``accumulate_dtype`` settings of the pipelines' configs
+ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_run_settings(cfg: Any, positive: Sequence[str], non_negative: Sequence[str] = ()) -> None:
+    """The settings the pipelines share, checked before any work: integer counts (``positive`` >= 1,
+    ``non_negative`` >= 0), ``eta`` (a finite number > 0) and ``accumulate_dtype`` (float32 or float64)."""
+    for keys, low, what in ((positive, 1, "a positive integer"), (non_negative, 0, "an integer >= 0")):
+        for key in keys:
+            value = cfg.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SpecError(f"{key}: expected {what}, got {value!r}")
+    eta = cfg.get("eta")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
+        raise SpecError(f"eta: expected a positive number, got {eta!r}")
+    if cfg.get("accumulate_dtype", "float64") not in ACCUMULATE_DTYPES:
+        raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.get('accumulate_dtype')!r}")

@@ -12,7 +12,6 @@ Runs in one process (under torchrun every rank would extract everything: not sup
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,14 @@ from ..errors import SpecError
 from ..matrix import spec_matrix
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
-from .config import load_config
+from .config import ACCUMULATE_DTYPES, check_run_settings, load_config
 from .extract import extract_features
 
 __all__ = ["run", "MATRIX_JSON"]
 
 log = logging.getLogger(__name__)
 MATRIX_JSON = "matrix.json"
-_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+_ACCUMULATE = ACCUMULATE_DTYPES
 
 
 def _container(node: Any) -> Any:
@@ -41,15 +40,11 @@ def _container(node: Any) -> Any:
 
 def _check_settings(cfg: DictConfig) -> None:
     check_required(cfg)
-    for key in ("top_k", "top_pairs", "samples_per_mode", "batch_size", "stream_batch_size"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_pairs" else 1):
-            raise SpecError(f"{key}: expected a positive integer, got {value!r}")
-    eta = cfg.get("eta")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0 or not math.isfinite(eta):
-        raise SpecError(f"eta: expected a positive number, got {eta!r}")
-    if cfg.get("accumulate_dtype", "float64") not in _ACCUMULATE:
-        raise SpecError(f"accumulate_dtype: expected float32 or float64, got {cfg.accumulate_dtype!r}")
+    check_run_settings(
+        cfg,
+        positive=("top_k", "samples_per_mode", "batch_size", "stream_batch_size"),
+        non_negative=("top_pairs",),
+    )
     encoders = cfg.get("encoders")
     if not isinstance(encoders, DictConfig) or len(encoders) == 0:
         raise SpecError("encoders: expected a mapping name -> encoder config (family: ..., layers: [...])")
