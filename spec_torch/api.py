@@ -176,7 +176,7 @@ def spec(
     route = "features" if replicates and method != "exact" else choose_route(method, n, p, q, kx, ky)
     kx, ky = kx.for_route(route), ky.for_route(route)
     if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
-        rows = _fit_rows(n, seed, x.device)
+        rows = _fit_rows(n, seed, x.device, size=max(FIT_ROWS, kx.fit_rows, ky.fit_rows))
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
     if replicates:
         return _spec_with_uncertainty(
@@ -239,7 +239,12 @@ def spec(
     )
 
 
-def _fit_rows(n: int, seed: int, device: torch.device, size: int = 2000) -> torch.Tensor:
+#: rows of the seeded uniform sample that data-dependent kernel settings (sigma="auto") are fitted on, or more
+#: where a kernel needs more (:attr:`Kernel.fit_rows`, e.g. Nystrom's landmarks)
+FIT_ROWS = 2000
+
+
+def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> torch.Tensor:
     """A seeded uniform sample of ``min(n, size)`` row indices (sorted), the rows kernels are fitted on."""
     if n <= size:
         return torch.arange(n, device=device)

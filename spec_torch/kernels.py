@@ -62,6 +62,11 @@ class Kernel:
         """True when :meth:`fit` would choose settings from the data's values (not only its width)."""
         return False
 
+    @property
+    def fit_rows(self) -> int:
+        """The fewest rows :meth:`fit` needs (0: any); the fitting sample is grown to it (Nystrom landmarks)."""
+        return 0
+
     def feature_dim(self, p: int) -> int:
         """Feature dimension D for inputs of dimension ``p``."""
         return p

@@ -267,13 +267,6 @@ class MatrixCovariance:
         return out
 
     # ---------------------------------------------------------------- compute
-    def pair_blocks(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """float64 ``(Phi_i^T Phi_i, Phi_i^T Phi_j, Phi_j^T Phi_j)``: sub-blocks of the joint matrix."""
-        sl = self._offsets(self.feature_dims)
-        g = self.gram
-        f64 = torch.float64
-        return g[sl[i], sl[i]].to(f64), g[sl[i], sl[j]].to(f64), g[sl[j], sl[j]].to(f64)
-
     def pair(self, i: int, j: int, eta: float = 1.0, top_k: int | None = None) -> SpecResult:
         """The full :class:`SpecResult` of ``(K_i - eta K_j) / n`` from the sums (no pass over the data): the
         pair's sub-blocks solved by :meth:`DiffCovariance.compute`, so each entry is what ``st.spec`` gives."""

@@ -440,3 +440,11 @@ def test_loss_refuses_a_nystrom_student():
         SpecError, match="kernel_student: Nystrom features are supported on the teacher side only"
     ):
         st.SpecAlignLoss(kernel_student=st.Nystrom("gaussian", landmarks=8), kernel_teacher="cosine")
+
+
+def test_spec_fits_on_at_least_the_landmarks():
+    """st.spec's fitting sample (2,000 rows) grows to the landmarks, as the compare pipeline's does."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2300, 4, generator=g), torch.randn(2300, 3, generator=g)
+    res = st.spec(x, y, st.Nystrom("gaussian", landmarks=2100), "cosine", method="features")
+    assert res.kernel_x.fit_rows == 2100 and res.kernel_x.is_fitted

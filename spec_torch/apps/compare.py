@@ -271,7 +271,7 @@ def _fit_sample(cfg: DictConfig, paired: PairedFeatures, *kernels) -> tuple[torc
     """The same seeded random subset of at most ``FIT_ROWS`` paired rows of both sides: ``([m, p], [m, q])``
     (more when a Nystrom kernel among ``kernels`` needs more rows than that for its landmarks)."""
     rows = np.arange(paired.n)
-    size = max([FIT_ROWS] + [getattr(k, "fit_rows", 0) for k in kernels])  # Nystrom: >= its landmarks
+    size = max([FIT_ROWS] + [k.fit_rows for k in kernels])  # Nystrom: >= its landmarks
     if paired.n > size:
         rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=size, replace=False))
     return paired.gather(rows)
@@ -285,10 +285,6 @@ def _fit_kernels(cfg: DictConfig, paired: PairedFeatures, route: str = "exact"):
         return kx, ky
     xs, ys = _fit_sample(cfg, paired, kx, ky)
     return kx.fit(xs), ky.fit(ys)
-
-
-#: dtype of the streamed sums: float64 keeps a million float32 rows summed to full float32 accuracy
-_ACCUMULATE = ACCUMULATE_DTYPES
 
 
 def _stream_batch(cfg: DictConfig) -> int:
@@ -308,7 +304,7 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
     cka = metrics.LinearCKA()
     solve_top_k = cfg.get("solve_top_k")
     center = bool(cfg.get("center", False))
-    dtype = _ACCUMULATE[cfg.get("accumulate_dtype", "float64")]
+    dtype = ACCUMULATE_DTYPES[cfg.get("accumulate_dtype", "float64")]
     # one route choice for library and pipeline: the cheaper in multiply-adds; the rows are at hand unless
     # they are sharded over torchrun ranks
     at_hand = not distributed.is_distributed()

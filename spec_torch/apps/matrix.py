@@ -31,7 +31,6 @@ __all__ = ["run", "MATRIX_JSON"]
 
 log = logging.getLogger(__name__)
 MATRIX_JSON = "matrix.json"
-_ACCUMULATE = ACCUMULATE_DTYPES
 
 
 def _container(node: Any) -> Any:
@@ -217,7 +216,7 @@ def run(cfg: Any = None) -> dict[str, Any]:
         kernel=kernel,
         eta=float(cfg.eta),
         top_k=cfg.get("solve_top_k"),
-        accumulate_dtype=_ACCUMULATE[str(cfg.get("accumulate_dtype", "float64"))],
+        accumulate_dtype=ACCUMULATE_DTYPES[str(cfg.get("accumulate_dtype", "float64"))],
     )
     if m.route == "joint":
         pairs = _pair_modes(cfg, m, features, n, dataset, index, device)
