@@ -212,6 +212,71 @@ def test_heldout_quotient_is_the_rayleigh_quotient_of_dense_l_b():
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
 
 
+def test_heldout_crossfit_is_the_cross_part_kernel_difference():
+    """u^T C_1 J C_2 u = (A_1 u)^T L_12 (A_2 u), L_12 = (K_x - eta K_y)(part 1, part 2) / sqrt(n_1 n_2): the
+    numerator pairs samples of two disjoint parts only, so neither part's own noise is squared."""
+    from spec_torch.solver import assemble_covariance
+
+    x, y = planted(300)
+    xs, ys = x.double().numpy(), y.double().numpy()
+    eta, parts = 0.5, (slice(100, 180), slice(180, 300))  # n_1 = 80, n_2 = 120, B = rows 100..299
+    covs = []
+    for rows in (*parts, slice(100, 300)):
+        acc = st.DiffCovariance("cosine", "cosine", accumulate_dtype=torch.float64).update(x[rows], y[rows])
+        covs.append(assemble_covariance(acc.xx, acc.xy, acc.yy, acc.n, eta))
+    u = torch.randn(20, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jv = torch.cat([torch.ones(10), -torch.ones(10)]).double()
+    got = unc.heldout_crossfit(*covs, u, jv)
+
+    def feats(rows):  # A rows of a part, unnormalised: [phi_x, sqrt(eta) phi_y]
+        fx = xs[rows] / np.linalg.norm(xs[rows], axis=1, keepdims=True)
+        fy = ys[rows] / np.linalg.norm(ys[rows], axis=1, keepdims=True)
+        return fx, fy, np.hstack([fx, np.sqrt(eta) * fy])
+
+    (fx1, fy1, a1), (fx2, fy2, a2), (_, _, ab) = feats(parts[0]), feats(parts[1]), feats(slice(100, 300))
+    l_12 = (fx1 @ fx2.T - eta * fy1 @ fy2.T) / np.sqrt(80 * 120)  # cosine kernels between the two parts
+    v1, v2, vb = a1 @ u.numpy() / np.sqrt(80), a2 @ u.numpy() / np.sqrt(120), ab @ u.numpy() / np.sqrt(200)
+    want = np.einsum("ik,ij,jk->k", v1, l_12, v2) / (vb * vb).sum(0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+
+
+def noise_dimensions(n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = z (5-d); y = [z, e] with per-sample noise e in m dimensions (N(0, I / m)). Linear kernels: the z parts
+    cancel exactly, and the population spectrum is -1/m with multiplicity m (y's noise directions)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    e = torch.randn(n, m, generator=g, dtype=torch.float64) / m**0.5
+    return z, torch.cat([z, e], 1)
+
+
+@pytest.mark.parametrize("m", [200, 800])
+def test_a_mode_made_of_sampling_fluctuation_is_not_supported(m):
+    """With the noise spread over m >= n / 2 dimensions the in-sample extreme is mostly sampling fluctuation:
+    about (1 + sqrt(m / n))^2 / m against the population -1/m along any direction. The cross-fitted held-out
+    eigenvalue lands near -1/m; the plain quotient of the held-out half would not (it squares that half's
+    noise: measured -2.0/m at m = 200 and -5.1/m at m = 800, against the population -1/m)."""
+    n = 400
+    x, y = noise_dimensions(n, m)
+    res = st.spec(x, y, "linear", "linear", replicates=20, seed=0, groups=16)
+    assert res.uncertainty["heldout"] == "crossfit"
+    lam, held, stab = float(res.eigenvalues[-1]), float(res.heldout_eigenvalues[-1]), float(res.stability[-1])
+    assert lam * m < -2.5  # in-sample inflated: measured -2.86/m (m = 200), -5.64/m (m = 800)
+    assert abs(held * m + 1) < 0.35  # population -1/m; measured -1.13/m and -1.17/m
+    assert stab < 0.5
+    verdict = unc.mode_support(lam, held, stab)
+    # at m = 800 the held-out value keeps 21% of the in-sample one: below HELDOUT_FRACTION (25%)
+    assert verdict == ("not supported by the data" if m == 800 else "not a distinct cluster")
+
+
+def test_heldout_falls_back_to_the_quotient_with_fewer_than_4_groups():
+    x, y = planted(400)
+    res = st.spec(x, y, replicates=10, seed=0, groups=3)
+    assert res.uncertainty["heldout"] == "quotient"
+    acc = grouped(x, y, groups=3)
+    res_acc = acc.compute(replicates=10, seed=0)
+    torch.testing.assert_close(res.heldout_eigenvalues, res_acc.heldout_eigenvalues, rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------- what the numbers say
 def test_planted_cluster_is_supported():
     x, y = planted(1000)
