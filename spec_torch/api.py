@@ -12,9 +12,9 @@ from .covariance import MAX_ETA, DiffCovariance
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
 from .result import SpecResult
-from .solver import check_top_k, solve_exact
+from .solver import check_top_k, largest_magnitude, solve_exact
 
-__all__ = ["spec", "difference_matrix", "choose_route"]
+__all__ = ["spec", "difference_matrix", "choose_route", "shuffled_spec_diff_dense"]
 
 _METHODS = ("auto", "exact", "features")
 
@@ -109,6 +109,55 @@ def difference_matrix(
         col = out.mean(0)  # [n], = row means (L is symmetric)
         out = out - col[None, :] - col[:, None] + col.mean()
     return out
+
+
+def shuffled_spec_diff_dense(
+    x: Any,
+    y: Any,
+    kernel_x: Kernel,
+    kernel_y: Kernel,
+    eta: float = 1.0,
+    center: bool = False,
+    block_size: int = 4096,
+    top_k: int | None = None,
+) -> float:
+    """The permutation reference of :func:`spec_torch.solver.shuffled_spec_diff` from kernel values alone.
+
+    Write each feature as its mean plus a centred part, ``phi = mu + phi^c``. The covariance with the cross
+    block averaged over shuffles is ``C' = blockdiag(XX_c, eta YY_c) / n + m m^T``, ``m = [mu_x; sqrt(eta) mu_y]``:
+    the covariance of 2n + 1 rows (n centred x rows, n centred y rows, and m). Its sample-space operator has
+    the same nonzero eigenvalues as ``J C'`` and needs kernel values only (``K = [k(s_i, s_j)] / n``)::
+
+        [[H K_x H,    0,             a],     a = H K_x 1 / sqrt(n)
+         [0,         -eta H K_y H,   b],     b = -eta H K_y 1 / sqrt(n)
+         [a^T,        b^T,           c]]     c = 1^T (K_x - eta K_y) 1 / n
+
+    Centred, the border vanishes and the value is ``max(lambda_max(H K_x H), eta lambda_max(H K_y H))``.
+    ``x: [n, p]``, ``y: [n, q]`` validated, kernels fitted; float64, in row blocks of ``block_size``.
+    ``top_k`` given: the block Krylov solver for the two ends (:func:`~spec_torch.solver.largest_magnitude`).
+    """
+    n = x.shape[0]
+    out = torch.zeros(2 * n + 1, 2 * n + 1, dtype=torch.float64, device=x.device)
+    border = out[-1, :-1]  # [2n]: a, then b
+    parts = ((kernel_x, x, 1.0, slice(0, n)), (kernel_y, y, -eta, slice(n, 2 * n)))
+    for kernel, data, sign, rows in parts:
+        k = out[rows, rows]  # [n, n] view, filled with K = [k(s_i, s_j)] / n
+        data = data.double()
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            k[start:stop] = kernel.gram(data[start:stop], data).double() / n  # [b, n]
+        k.diagonal().copy_(kernel.diag(data).double() / n)
+        row = k.mean(1)  # [n]: K 1 / n
+        grand = row.mean()  # 1^T K 1 / n^2
+        k.sub_(row[None, :]).sub_(row[:, None]).add_(grand).mul_(sign)  # sign * H K H (K symmetric)
+        border[rows] = sign * math.sqrt(n) * (row - grand)  # H K 1 / sqrt(n)
+        out[-1, -1] += sign * n * grand  # 1^T K 1 / n
+    if center:
+        top_x = torch.linalg.eigvalsh(out[:n, :n])[-1]  # PSD: the top end only
+        top_y = torch.linalg.eigvalsh(-out[n:-1, n:-1])[-1]
+        return max(float(top_x), float(top_y))
+    out[:-1, -1] = border
+    return largest_magnitude(out, iterative=top_k is not None)
 
 
 def spec(
@@ -206,10 +255,14 @@ def spec(
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)
     top_k = check_top_k(top_k, keep)
-    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
+    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks;
+    # then the permutation reference's (2n + 1)-square matrix and eigvalsh's copy of it: 8 n x n
     block = min(n, 4096)
     check_fits(
-        (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
+        (8 * n * n + 2 * block * n) * 8,
+        x.device,
+        f"the exact route with n = {n} (n x n matrices; (2n+1)-square for the permutation reference)",
+        "method",
     )
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
     shift = None
@@ -221,6 +274,8 @@ def spec(
     evals, v, solver = solve_exact(lmat, top_k=top_k, keep=keep, zero_tol=zero_rtol * scale)
     if center:
         shift = col @ v  # [n] @ [n, K] -> [K]
+    del lmat
+    null = shuffled_spec_diff_dense(x, y, kx, ky, eta, center=center, block_size=block, top_k=top_k)
     return SpecResult.from_exact(
         evals,
         v,
@@ -236,6 +291,7 @@ def spec(
         center=center,
         zero_rtol=zero_rtol,
         shift=shift,
+        spec_diff_null=null,
     )
 
 
