@@ -175,6 +175,7 @@ def spec(
     seed: int = 0,
     level: float = 0.9,
     groups: int | None = None,
+    reference: bool = True,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -198,6 +199,10 @@ def spec(
         level: interval level (default 0.9).
         groups: number of groups the samples are split into for the replicates (default 32 when
             ``replicates`` is given; at most n // 2).
+        reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
+            and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
+            on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
+            1x-2.5x the n x n solve. False skips it.
 
     Returns:
         A :class:`SpecResult`.
@@ -243,25 +248,27 @@ def spec(
             level,
             groups,
             center,
+            reference,
         )
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             acc.update(xb, yb)
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, center=center)
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference)
     # the n x n route: the exact kernels, or the features route's dual A J A^T when D > n
     if d is None:
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)
     top_k = check_top_k(top_k, keep)
     # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks;
-    # then the permutation reference's (2n + 1)-square matrix and eigvalsh's copy of it: 8 n x n
+    # after them the permutation reference's (2n + 1)-square matrix and eigvalsh's copy of it: 8 n x n
     block = min(n, 4096)
+    what = "(2n+1)-square for the permutation reference" if reference else "n x n matrices"
     check_fits(
-        (8 * n * n + 2 * block * n) * 8,
+        ((8 if reference else 4) * n * n + 2 * block * n) * 8,
         x.device,
-        f"the exact route with n = {n} (n x n matrices; (2n+1)-square for the permutation reference)",
+        f"the exact route with n = {n} ({what})",
         "method",
     )
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
@@ -275,7 +282,9 @@ def spec(
     if center:
         shift = col @ v  # [n] @ [n, K] -> [K]
     del lmat
-    null = shuffled_spec_diff_dense(x, y, kx, ky, eta, center=center, block_size=block, top_k=top_k)
+    null = None
+    if reference:
+        null = shuffled_spec_diff_dense(x, y, kx, ky, eta, center=center, block_size=block, top_k=top_k)
     return SpecResult.from_exact(
         evals,
         v,
@@ -319,7 +328,21 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
 
 
 def _spec_with_uncertainty(
-    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups, center
+    x,
+    y,
+    kx,
+    ky,
+    eta,
+    method,
+    top_k,
+    batch_size,
+    accumulate_dtype,
+    replicates,
+    seed,
+    level,
+    groups,
+    center,
+    reference,
 ) -> SpecResult:
     """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
     for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
@@ -345,5 +368,12 @@ def _spec_with_uncertainty(
         stop = min(start + batch_size, n)
         acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
     return acc.compute(
-        eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed, center=center
+        eta=eta,
+        top_k=top_k,
+        sync_dist=False,
+        replicates=replicates,
+        level=level,
+        seed=seed,
+        center=center,
+        reference=reference,
     )

@@ -177,6 +177,8 @@ def test_streamed_merged_grouped_and_serialised():
     skipped = a.compute(eta=0.5, reference=False)
     assert skipped.spec_diff_null is None and skipped.spec_diff_ratio is None
     assert skipped.to_dict()["spec_diff_ratio"] is None
+    for method in ("features", "exact"):
+        assert st.spec(x, y, "cosine", "linear", method=method, reference=False).spec_diff_null is None
 
 
 # ------------------------------------------------------------------------------- (b) real shuffles
