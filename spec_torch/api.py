@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive
+from ._validate import (
+    as_matrix,
+    check_accumulate_dtype,
+    check_fits,
+    check_pair,
+    check_positive,
+    memory_available,
+)
 from .covariance import MAX_ETA, DiffCovariance
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
@@ -177,7 +185,7 @@ def spec(
     seed: int = 0,
     level: float = 0.9,
     groups: int | None = None,
-    reference: bool = True,
+    reference: bool | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -204,7 +212,9 @@ def spec(
         reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
             and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
             on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
-            1x-2.5x the n x n solve. False skips it.
+            1x-2.5x the n x n solve. ``None`` (default): computed, except on the n x n routes when that matrix
+            does not fit in memory (then skipped with a warning); True: required (SpecError when it does not
+            fit); False: skipped.
 
     Returns:
         A :class:`SpecResult`.
@@ -257,22 +267,21 @@ def spec(
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             acc.update(xb, yb)
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference)
+        return acc.compute(
+            eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference is not False
+        )
     # the n x n route: the exact kernels, or the features route's dual A J A^T when D > n
     if d is None:
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)
     top_k = check_top_k(top_k, keep)
-    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks;
-    # after them the permutation reference's (2n + 1)-square matrix and eigvalsh's copy of it: 8 n x n
+    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
     block = min(n, 4096)
-    what = "(2n+1)-square for the permutation reference" if reference else "n x n matrices"
     check_fits(
-        ((8 if reference else 4) * n * n + 2 * block * n) * 8,
-        x.device,
-        f"the exact route with n = {n} ({what})",
-        "method",
+        (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
     )
+    # after L is freed, the permutation reference's (2n + 1)-square matrix and eigvalsh's copy: 8 n x n
+    reference = _reference_fits(reference, (8 * n * n + 2 * block * n) * 8, x.device, n)
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
     shift = None
     if center:  # H L H; the column means are kept for scoring: (H L H v)_i = (L v)_i - <means, v>
@@ -317,6 +326,24 @@ def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> 
         return torch.arange(n, device=device)
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
+
+
+def _reference_fits(reference: bool | None, n_bytes: int, device: torch.device, n: int) -> bool:
+    """Whether the n x n routes compute the permutation reference (see :func:`spec`'s ``reference``)."""
+    if reference is False:
+        return False
+    what = f"the permutation reference on the exact route with n = {n} ((2n+1)-square matrix)"
+    if reference is True:
+        check_fits(n_bytes, device, what, "reference")
+        return True
+    if n_bytes > memory_available(device):
+        warnings.warn(
+            f"reference: {what} needs about {n_bytes / 2**30:.1f} GiB on {device}, more than is available; "
+            "spec_diff_null is left None (reference=False skips it without this warning)",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: float) -> float:
@@ -377,5 +404,5 @@ def _spec_with_uncertainty(
         level=level,
         seed=seed,
         center=center,
-        reference=reference,
+        reference=reference is not False,
     )

@@ -182,6 +182,24 @@ def test_streamed_merged_grouped_and_serialised():
         assert st.spec(x, y, "cosine", "linear", method=method, reference=False).spec_diff_null is None
 
 
+def test_exact_route_reference_when_it_does_not_fit(monkeypatch):
+    """The (2n+1)-square matrix needs twice the memory of the exact solve: by default the reference is then
+    skipped with a warning naming ``reference`` (the comparison itself still runs); ``reference=True`` refuses."""
+    import spec_torch.api as api
+
+    x, y = related(n=300)
+    n, block = 300, 300
+    exact_bytes = (4 * n * n + 2 * block * n) * 8  # what the exact solve itself needs (api.spec's estimate)
+    monkeypatch.setattr(api, "memory_available", lambda device: exact_bytes + 1)
+    monkeypatch.setattr("spec_torch._validate.memory_available", lambda device: exact_bytes + 1)
+    with pytest.warns(UserWarning, match="reference"):
+        res = st.spec(x, y, "cosine", "linear", method="exact")
+    assert res.spec_diff_null is None and res.spec_diff > 0
+    with pytest.raises(st.SpecError, match="reference"):
+        st.spec(x, y, "cosine", "linear", method="exact", reference=True)
+    assert st.spec(x, y, "cosine", "linear", method="features").spec_diff_null is not None  # D x D: no n x n
+
+
 # ------------------------------------------------------------------------------- (b) real shuffles
 def _gap(x, y, center, seed=0):
     """(mean SPEC-diff over real shuffles / reference - 1, the reference), cosine kernels, eta = 1."""
