@@ -36,6 +36,7 @@ bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one ru
 	$(PY) bench/bench_nystrom.py
 	$(PY) bench/bench_matrix.py
 	$(PY) bench/bench_rff_error.py
+	$(PY) bench/bench_permutation.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_accumulate_dtype, check_fits, check_pair, check_positive
+from ._validate import (
+    as_matrix,
+    check_accumulate_dtype,
+    check_fits,
+    check_pair,
+    check_positive,
+    memory_available,
+)
 from .covariance import MAX_ETA, DiffCovariance
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
 from .result import SpecResult
-from .solver import check_top_k, solve_exact
+from .solver import check_top_k, largest_magnitude, solve_exact
 
-__all__ = ["spec", "difference_matrix", "choose_route"]
+__all__ = ["spec", "difference_matrix", "choose_route", "shuffled_spec_diff_dense"]
 
 _METHODS = ("auto", "exact", "features")
 
@@ -111,6 +119,57 @@ def difference_matrix(
     return out
 
 
+def shuffled_spec_diff_dense(
+    x: Any,
+    y: Any,
+    kernel_x: Kernel,
+    kernel_y: Kernel,
+    eta: float = 1.0,
+    center: bool = False,
+    block_size: int = 4096,
+    top_k: int | None = None,
+) -> float:
+    """The permutation reference of :func:`spec_torch.solver.shuffled_spec_diff` from kernel values alone.
+
+    Write each feature as its mean plus a centred part, ``phi = mu + phi^c``. The covariance with the cross
+    block averaged over shuffles is ``C' = blockdiag(XX_c, eta YY_c) / n + m m^T``, ``m = [mu_x; sqrt(eta) mu_y]``:
+    the covariance of 2n + 1 rows (n centred x rows, n centred y rows, and m). Its sample-space operator has
+    the same nonzero eigenvalues as ``J C'`` and needs kernel values only (``K = [k(s_i, s_j)] / n``)::
+
+        [[H K_x H,    0,             a],     a = H K_x 1 / sqrt(n)
+         [0,         -eta H K_y H,   b],     b = -eta H K_y 1 / sqrt(n)
+         [a^T,        b^T,           c]]     c = 1^T (K_x - eta K_y) 1 / n
+
+    Centred, the border vanishes and the value is ``max(lambda_max(H K_x H), eta lambda_max(H K_y H))``.
+    ``x: [n, p]``, ``y: [n, q]`` validated, kernels fitted; float64, in row blocks of ``block_size``.
+    ``top_k`` given: the block Krylov solver for the two ends (:func:`~spec_torch.solver.largest_magnitude`).
+    """
+    n = x.shape[0]
+    out = torch.zeros(2 * n + 1, 2 * n + 1, dtype=torch.float64, device=x.device)
+    border = out[-1, :-1]  # [2n]: a, then b
+    parts = ((kernel_x, x, 1.0, slice(0, n)), (kernel_y, y, -eta, slice(n, 2 * n)))
+    for kernel, data, sign, rows in parts:
+        k = out[rows, rows]  # [n, n] view, filled with K = [k(s_i, s_j)] / n
+        data = data.double()
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            k[start:stop] = kernel.gram(data[start:stop], data).double() / n  # [b, n]
+        k.diagonal().copy_(kernel.diag(data).double() / n)
+        row = k.mean(1)  # [n]: K 1 / n
+        grand = row.mean()  # 1^T K 1 / n^2
+        k.sub_(row[None, :]).sub_(row[:, None]).add_(grand).mul_(sign)  # sign * H K H (K symmetric)
+        border[rows] = sign * math.sqrt(n) * (row - grand)  # H K 1 / sqrt(n)
+        out[-1, -1] += sign * n * grand  # 1^T K 1 / n
+    if center and top_k is None:  # no border: the two PSD blocks' tops, cheaper than one solve of size 2n
+        top_x = torch.linalg.eigvalsh(out[:n, :n])[-1]
+        top_y = torch.linalg.eigvalsh(-out[n:-1, n:-1])[-1]
+        return max(float(top_x), float(top_y))
+    if center:  # block Krylov on blockdiag(H K_x H, -eta H K_y H): its two ends are the blocks' tops
+        return largest_magnitude(out[:-1, :-1], iterative=True)
+    out[:-1, -1] = border
+    return largest_magnitude(out, iterative=top_k is not None)
+
+
 def spec(
     x: Any,
     y: Any,
@@ -126,6 +185,7 @@ def spec(
     seed: int = 0,
     level: float = 0.9,
     groups: int | None = None,
+    reference: bool | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -149,6 +209,12 @@ def spec(
         level: interval level (default 0.9).
         groups: number of groups the samples are split into for the replicates (default 32 when
             ``replicates`` is given; at most n // 2).
+        reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
+            and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
+            on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
+            1x-2.5x the n x n solve. ``None`` (default): computed, except on the n x n routes when that matrix
+            does not fit in memory (then skipped with a warning); True: required (SpecError when it does not
+            fit); False: skipped.
 
     Returns:
         A :class:`SpecResult`.
@@ -194,13 +260,16 @@ def spec(
             level,
             groups,
             center,
+            reference,
         )
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             acc.update(xb, yb)
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, center=center)
+        return acc.compute(
+            eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference is not False
+        )
     # the n x n route: the exact kernels, or the features route's dual A J A^T when D > n
     if d is None:
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
@@ -211,6 +280,8 @@ def spec(
     check_fits(
         (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
     )
+    # after L is freed, the permutation reference's (2n + 1)-square matrix and eigvalsh's copy: 8 n x n
+    reference = _reference_fits(reference, (8 * n * n + 2 * block * n) * 8, x.device, n)
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
     shift = None
     if center:  # H L H; the column means are kept for scoring: (H L H v)_i = (L v)_i - <means, v>
@@ -221,6 +292,10 @@ def spec(
     evals, v, solver = solve_exact(lmat, top_k=top_k, keep=keep, zero_tol=zero_rtol * scale)
     if center:
         shift = col @ v  # [n] @ [n, K] -> [K]
+    del lmat
+    null = None
+    if reference:
+        null = shuffled_spec_diff_dense(x, y, kx, ky, eta, center=center, block_size=block, top_k=top_k)
     return SpecResult.from_exact(
         evals,
         v,
@@ -236,6 +311,7 @@ def spec(
         center=center,
         zero_rtol=zero_rtol,
         shift=shift,
+        spec_diff_null=null,
     )
 
 
@@ -252,6 +328,24 @@ def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> 
     return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
 
 
+def _reference_fits(reference: bool | None, n_bytes: int, device: torch.device, n: int) -> bool:
+    """Whether the n x n routes compute the permutation reference (see :func:`spec`'s ``reference``)."""
+    if reference is False:
+        return False
+    what = f"the permutation reference on the exact route with n = {n} ((2n+1)-square matrix)"
+    if reference is True:
+        check_fits(n_bytes, device, what, "reference")
+        return True
+    if n_bytes > memory_available(device):
+        warnings.warn(
+            f"reference: {what} needs about {n_bytes / 2**30:.1f} GiB on {device}, more than is available; "
+            "spec_diff_null is left None (reference=False skips it without this warning)",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
 def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: float) -> float:
     """``(tr K_x + eta tr K_y) / n`` from the kernels' diagonals."""
     tx = float(kx.diag(x.double()).sum())
@@ -263,7 +357,21 @@ def _trace_scale(x: torch.Tensor, y: torch.Tensor, kx: Kernel, ky: Kernel, eta: 
 
 
 def _spec_with_uncertainty(
-    x, y, kx, ky, eta, method, top_k, batch_size, accumulate_dtype, replicates, seed, level, groups, center
+    x,
+    y,
+    kx,
+    ky,
+    eta,
+    method,
+    top_k,
+    batch_size,
+    accumulate_dtype,
+    replicates,
+    seed,
+    level,
+    groups,
+    center,
+    reference,
 ) -> SpecResult:
     """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
     for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
@@ -289,5 +397,12 @@ def _spec_with_uncertainty(
         stop = min(start + batch_size, n)
         acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
     return acc.compute(
-        eta=eta, top_k=top_k, sync_dist=False, replicates=replicates, level=level, seed=seed, center=center
+        eta=eta,
+        top_k=top_k,
+        sync_dist=False,
+        replicates=replicates,
+        level=level,
+        seed=seed,
+        center=center,
+        reference=reference is not False,
     )

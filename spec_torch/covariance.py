@@ -29,7 +29,7 @@ from ._validate import (
 from .errors import SpecError
 from .kernels import Kernel, kernel_from_state, resolve_kernel
 from .result import SpecResult
-from .solver import check_top_k, solve_features, sum_noise
+from .solver import check_top_k, shuffled_spec_diff, solve_features, sum_noise
 
 #: largest eta accepted: eta scales the y sums and sqrt(eta) the scores, both must stay finite in float64
 MAX_ETA = 1e100
@@ -531,6 +531,7 @@ class DiffCovariance:
         level: float = 0.9,
         seed: int = 0,
         interval: str = "percentile",
+        reference: bool = True,
     ) -> SpecResult:
         """Solve for the spectrum of ``(K_x - eta K_y) / n``.
 
@@ -548,6 +549,10 @@ class DiffCovariance:
                 ``0``/``None`` skips them.
             level: level of the intervals (default 0.9). seed: seeds the resampling (deterministic).
             interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
+            reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing
+                shuffled, docs/uncertainty.md): one more factorisation and eigenvalue solve of size <= D, with
+                the ``top_k`` solver when ``top_k`` is given. False skips it (``spec_diff_null`` is None), e.g.
+                for the many pairs of a matrix job.
         """
         eta = check_positive(eta, "eta", max_value=MAX_ETA)
         sync = sync_dist if sync_dist is not None else distributed_ready()
@@ -576,6 +581,10 @@ class DiffCovariance:
                 "(all-zero features, or magnitudes beyond float64)"
             )
         noise = sum_noise(state.xx.dtype, n, trace)
+        # the permutation reference (pairing shuffled), from the uncentred sums: one more solve of size <= D
+        null = None
+        if reference:
+            null = shuffled_spec_diff(xx, yy, sx, sy, n, float(eta), center=center, noise=noise, top_k=top_k)
         if center:  # XX_c = XX - s_x s_x^T / n etc.: H K H on the features route (DESIGN.md, second round)
             xx = xx - torch.outer(sx, sx) / n
             xy = xy - torch.outer(sx, sy) / n
@@ -607,6 +616,7 @@ class DiffCovariance:
             center=center,
             zero_rtol=zero_rtol,
             shift=shift,
+            spec_diff_null=null,
         )
         if replicates:
             state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval, center)

@@ -267,9 +267,12 @@ class MatrixCovariance:
         return out
 
     # ---------------------------------------------------------------- compute
-    def pair(self, i: int, j: int, eta: float = 1.0, top_k: int | None = None) -> SpecResult:
+    def pair(
+        self, i: int, j: int, eta: float = 1.0, top_k: int | None = None, reference: bool = True
+    ) -> SpecResult:
         """The full :class:`SpecResult` of ``(K_i - eta K_j) / n`` from the sums (no pass over the data): the
-        pair's sub-blocks solved by :meth:`DiffCovariance.compute`, so each entry is what ``st.spec`` gives."""
+        pair's sub-blocks solved by :meth:`DiffCovariance.compute`, so each entry is what ``st.spec`` gives.
+        ``reference=False`` skips the permutation reference ``spec_diff_null`` (one more solve)."""
         sl = self._offsets(self.feature_dims)
         g, s = self.gram, self.sums
         a, b = self.names[i], self.names[j]
@@ -284,7 +287,7 @@ class MatrixCovariance:
             count=self.n,
             dims=(self.dims[a], self.dims[b]),
         )
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False)
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, reference=reference)
 
     def cka_matrix(self) -> torch.Tensor:
         """Linear CKA ``[N, N]`` from the raw-row sums (module docstring: the convention)."""
@@ -321,7 +324,7 @@ class MatrixCovariance:
         spec_diff = torch.zeros(nn, nn, dtype=torch.float64)
         lead = torch.zeros(nn, nn, dtype=torch.float64)
         for i, j in _pairs(nn, eta):
-            res = state.pair(i, j, eta=eta, top_k=top_k)
+            res = state.pair(i, j, eta=eta, top_k=top_k, reference=False)  # SPEC-diff and lead only
             _fill(spec_diff, lead, i, j, res.eigenvalues, symmetric=eta == 1.0)
         cka = state.cka_matrix() if state.cka else None
         return SpecMatrix(

@@ -74,6 +74,9 @@ class SpecResult:
             ``top_k``) or ``"dual"`` (features route solved in the n x n dual because D > n).
         center: whether both kernels were centred (``H K H``).
         zero_tol: eigenvalues with ``|lambda| <= zero_tol`` are numerical zeros (not modes).
+        spec_diff_null: the permutation reference, SPEC-diff of the same two marginals paired independently
+            (the cross-covariance replaced by its average over shuffles of the pairing); ``None`` where not
+            computed. spec_diff_ratio: ``spec_diff / spec_diff_null`` (docs/uncertainty.md).
         eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
             heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used.
             ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
@@ -98,6 +101,7 @@ class SpecResult:
         center: bool = False,
         zero_rtol: float = ZERO_RTOL,
         shift: torch.Tensor | None = None,
+        spec_diff_null: float | None = None,
     ) -> None:
         self.eigenvalues = eigenvalues
         self.n = n
@@ -114,6 +118,7 @@ class SpecResult:
         self.solver = solver
         self.center = center
         self.zero_tol = max(zero_rtol, ZERO_RTOL) * scale
+        self.spec_diff_null = None if spec_diff_null is None else float(spec_diff_null)
         if uniformity is None:
             uniformity = torch.zeros(eigenvalues.numel(), dtype=torch.float64)
         nonzero = eigenvalues.abs().to(uniformity.device) > self.zero_tol
@@ -141,6 +146,14 @@ class SpecResult:
         """SPEC-diff: the largest |eigenvalue|."""
         return float(self.eigenvalues.abs().max()) if self.eigenvalues.numel() else 0.0
 
+    @property
+    def spec_diff_ratio(self) -> float | None:
+        """SPEC-diff as a fraction of :attr:`spec_diff_null` (about 0: the same kernel geometry; about 1: as
+        different as unrelated embeddings with these marginals). ``None`` without a (nonzero) reference."""
+        if not self.spec_diff_null:
+            return None
+        return self.spec_diff / self.spec_diff_null
+
     def positive_modes(self, k: int) -> list[int]:
         """Indices of the (at most) ``k`` largest positive eigenvalues: clusters x captures and y does not."""
         pos = [i for i, lam in enumerate(self.eigenvalues.tolist()) if lam > self._zero_tol()]
@@ -166,6 +179,8 @@ class SpecResult:
             "uniformity": [float(u) for u in self.uniformity.tolist()],
             "uniform_threshold": UNIFORM_THRESHOLD,
             "spec_diff": self.spec_diff,
+            "spec_diff_null": self.spec_diff_null,
+            "spec_diff_ratio": self.spec_diff_ratio,
             "n": self.n,
             "eta": self.eta,
             "method": self.method,

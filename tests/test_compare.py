@@ -222,6 +222,11 @@ def test_features_cli_writes_the_spec_json_contract(features_run, feature_files)
             assert entry["top_scores"] == sorted(entry["top_scores"], reverse=True)
             assert {"tightness_x", "tightness_y"} <= set(entry)
     assert (out / "report.html").is_file() and (out / "plots" / "spectrum.png").is_file()
+    # the permutation reference: spec.json, one summary line, the report's words
+    assert spec["spec_diff_ratio"] == pytest.approx(spec["spec_diff"] / spec["spec_diff_null"])
+    words = f"SPEC-diff is {spec['spec_diff_ratio']:.0%} of the value for unrelated embeddings"
+    assert words in proc.stdout + proc.stderr
+    assert words in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_features_spec_json_matches_core_api_and_dense_oracle(features_run, feature_files):
@@ -242,6 +247,7 @@ def test_features_spec_json_matches_core_api_and_dense_oracle(features_run, feat
         spec["eigenvalues"], res.eigenvalues.numpy(), rtol=0, atol=SAME_ROUTE_RTOL * res.spec_diff
     )
     assert spec["spec_diff"] == pytest.approx(res.spec_diff, rel=SAME_ROUTE_RTOL)
+    assert spec["spec_diff_null"] == pytest.approx(res.spec_diff_null, rel=SAME_ROUTE_RTOL)
 
     oracle_ev, oracle_v = spectrum(difference(x, y, "cosine", "cosine"), keep=len(spec["eigenvalues"]))
     np.testing.assert_allclose(spec["eigenvalues"], oracle_ev, rtol=0, atol=EIG_RTOL * res.spec_diff)
@@ -626,6 +632,9 @@ def test_route_rff_auto_center_and_uniformity_in_spec_json(work, feature_files):
     assert entries and all(0 <= e["uniformity"] <= 1 for e in entries)
     for e in entries:
         assert e["uniformity"] == pytest.approx(float(res.uniformity[e["index"]]), abs=1e-9)
+    assert spec["spec_diff_null"] == pytest.approx(
+        res.spec_diff_null, rel=1e-9
+    )  # no feature map: kernel values
     feat = run(compose_cfg([*base, "method=features", f"output_dir={work / 'route_dual'}"]))
     assert feat["method"] == "features" and feat["solver"] == "dual"  # D = 2000 + 4 > n = 90
     assert feat["kernel_x"]["rff_dim"] == st.kernels.AUTO_RFF_DIM

@@ -234,6 +234,7 @@ def _library_checks(rank: int, out_dir: str) -> dict:
         "n_local": acc.n,
         "n_synced": synced.n,
         "evals": synced.eigenvalues,
+        "null": synced.spec_diff_null,  # the permutation reference, from the all-reduced sums
         "evals_local": local.eigenvalues,
         "top": top,
         "empty": empty,
@@ -365,6 +366,7 @@ def test_diff_covariance_all_reduces_by_default(ranks):
     for rank, got in enumerate(r["lib"] for r in ranks[1]):
         assert got["n_synced"] == N_LIB and got["n_local"] == len(sd.shard_range(N_LIB, rank, WORLD))
         torch.testing.assert_close(got["evals"], ref.eigenvalues, rtol=0, atol=F64_RTOL * ref.spec_diff)
+        assert got["null"] == pytest.approx(ref.spec_diff_null, rel=F64_RTOL)
     assert torch.equal(ranks[1][0]["lib"]["evals"], ranks[1][1]["lib"]["evals"])  # one solve, same everywhere
 
 
@@ -478,6 +480,7 @@ def test_compare_on_precomputed_features_two_ranks_equal_one_process(ranks, rout
         np.testing.assert_allclose(
             two["eigenvalues"], one["eigenvalues"], rtol=0, atol=F32_RTOL * one["spec_diff"]
         )
+        assert two["spec_diff_null"] == pytest.approx(one["spec_diff_null"], rel=F32_RTOL)
         for direction in ("x", "y"):
             assert [m["top_ids"] for m in two["modes"][direction]] == [
                 m["top_ids"] for m in one["modes"][direction]

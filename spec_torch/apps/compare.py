@@ -478,6 +478,7 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
             center=bool(cfg.get("center", False)),
             replicates=2,
             seed=int(cfg.seed),
+            reference=False,  # a timing probe: only the replicates' cost is measured
         )
         probe_s = time.perf_counter() - t_probe
         per_solve = probe_s / (solves_needed(2) + 1)
@@ -793,6 +794,8 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
         + f"  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
         f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
     )
+    if flags.reference_line(summary):  # the permutation reference, one line
+        log.info(f"  {flags.reference_line(summary)}; 0% = the same kernel geometry")
     for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):
         for e in summary["modes"][direction]:
             line = f"  mode {direction}{e['rank']} ({what}): eigenvalue {e['eigenvalue']:+.4g}"

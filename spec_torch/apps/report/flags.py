@@ -5,6 +5,8 @@
   cluster: its eigenvalue measures how much the two kernels' *average* similarity (their levels) differ, e.g.
   cosine vs Gaussian. Centring both kernels (``center=true``) removes it.
 - Random-feature error: the ``approximation`` estimate of :func:`spec_torch.rff_error_estimate`.
+- The permutation reference: SPEC-diff as a fraction of its value with the pairing shuffled
+  (``spec_diff_ratio``, ``spec_diff_null``; docs/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from typing import Any
 
 from ...result import UNIFORM_THRESHOLD
 
-__all__ = ["UNIFORM_THRESHOLD", "uniform_modes", "uniform_tag", "UNIFORM_MEANING", "approximation_line"]
+__all__ = [
+    "UNIFORM_THRESHOLD",
+    "uniform_modes",
+    "uniform_tag",
+    "UNIFORM_MEANING",
+    "approximation_line",
+    "reference_phrase",
+    "reference_line",
+    "REFERENCE_MEANING",
+]
 
 # a mode whose ``uniformity`` exceeds UNIFORM_THRESHOLD (the library's, spec_torch.result) is flagged as
 # uniform (kernel levels, not a cluster). For a random unit vector uniformity is about ``1/sqrt(n)``; a real
@@ -68,3 +79,28 @@ def approximation_line(approx: Mapping[str, Any] | None) -> str:
         f"(magnitude {'inflated' if bias >= 0 else 'deflated'} by {abs(bias):.1%} on average, seed spread "
         f"{float(approx['seed_spread']):.1%}; exact vs random features on {approx['subsample']} rows)"
     )
+
+
+REFERENCE_MEANING = (
+    "0% means the same kernel geometry (e.g. a rotated copy); about 100% means as different as two "
+    "embeddings paired at random (with centred kernels it cannot exceed 100%). It is a scale for SPEC-diff, "
+    "not a test: whether SPEC-diff is above sampling noise is what its interval says."
+)
+
+
+def reference_phrase(spec: Mapping[str, Any]) -> str:
+    """``"38% of the value for unrelated embeddings ..."`` from spec.json ``spec_diff_ratio`` and
+    ``spec_diff_null``, or ``""`` when the reference is absent."""
+    ratio, null = spec.get("spec_diff_ratio"), spec.get("spec_diff_null")
+    if ratio is None or null is None:
+        return ""
+    return (
+        f"{float(ratio):.0%} of the value for unrelated embeddings with the same marginals "
+        f"(pairing shuffled: {float(null):.4g})"
+    )
+
+
+def reference_line(spec: Mapping[str, Any]) -> str:
+    """SPEC-diff against its permutation reference in plain words, or ``""`` when it is absent."""
+    phrase = reference_phrase(spec)
+    return f"SPEC-diff is {phrase}" if phrase else ""

@@ -305,7 +305,12 @@ def verdict(spec: Mapping[str, Any], modes: Sequence[ModeView], names: Mapping[s
     if not parts:
         return "No mode was reported, so this run says nothing about which groups either encoder holds."
     sd = spec.get("spec_diff")
-    strength = f" SPEC-diff, the largest |λ|, is {sd:.3g}." if isinstance(sd, (int, float)) else ""
+    reference = flags.reference_phrase(spec)
+    strength = (
+        f" SPEC-diff, the largest |λ|, is {sd:.3g}" + (f", {reference}." if reference else ".")
+        if isinstance(sd, (int, float))
+        else ""
+    )
     return " ".join(parts) + strength
 
 
@@ -341,7 +346,7 @@ def _flags(flags: Sequence[str]) -> str:
 _KNOWN_KEYS = {
     "eigenvalues", "spec_diff", "n", "eta", "method", "kernel_x", "kernel_y", "kernels", "encoder_x",
     "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title", "metrics", "report",
-    "approximation",
+    "approximation", "spec_diff_null", "spec_diff_ratio",
 }  # fmt: skip
 
 
@@ -375,6 +380,16 @@ def _header(
         ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖(K_X − η K_Y) / n‖"),
         ("samples n", spec.get("n"), "compared" + (f", {skipped} skipped" if skipped else "")),
     ]
+    ratio = spec.get("spec_diff_ratio")
+    if ratio is not None:  # the permutation reference (docs/uncertainty.md)
+        stats.insert(
+            1,
+            (
+                "SPEC-diff vs unrelated",
+                f"{float(ratio):.0%}",
+                f"of {_fmt(spec.get('spec_diff_null'))}, its value with the pairing shuffled",
+            ),
+        )
     for key, label, desc in _CONTEXT:
         value = extra.get(key)
         if isinstance(value, Mapping):
@@ -442,8 +457,15 @@ def _context(extra: Mapping[str, Any]) -> str:
 
 def _trust_notes(spec: Mapping[str, Any], names: dict[str, str]) -> str:
     """What the numbers above do not say by themselves: modes that are uniform (kernel levels, not a
-    cluster; from the mode entries' ``uniformity``) and the random-feature error (``approximation``)."""
+    cluster; from the mode entries' ``uniformity``), the random-feature error (``approximation``) and SPEC-diff
+    against its permutation reference (``spec_diff_ratio``)."""
     out = []
+    reference = flags.reference_line(spec)
+    if reference:
+        out.append(
+            f'<div class="mode"><h3>Is SPEC-diff large?</h3><p>{_e(reference)}. {_e(flags.REFERENCE_MEANING)} '
+            "See docs/uncertainty.md.</p></div>"
+        )
     flagged = flags.uniform_modes(spec.get("modes"))
     if flagged:
         rows = [
