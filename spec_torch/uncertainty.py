@@ -90,12 +90,18 @@ def accumulate_groups(
 ) -> None:
     """Add a batch to the group sums in place, the FLOPs of the plain update.
 
-    Rows are sorted by group. ``batched`` (default: on CUDA, or on CPU with more than one thread) stacks them
+    Rows are sorted by group. On the CPU (default) one ``addmm`` per group and block: ``3 G`` products of
+    ``b_g = B / G`` rows each. ``batched`` (default on CUDA, where ``3 G`` small launches cost more) stacks them
     into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest group in the batch, a few percent above
-    ``B / G`` for batches of thousands) and does one ``baddbmm`` per block: 3 large products instead of 3 G
-    small ones. Otherwise one ``addmm`` per group and block. Measured on a shared 2-core CPU, B = 8192,
-    D = 400 + 400, G = 32, CPU time against the plain update: 1 thread, per group 1.24-1.28x, batched 1.6x;
-    2 threads, per group 4.9-5.0x (many small multithreaded GEMMs), batched 1.9-2.2x.
+    ``B / G`` for batches of thousands) and does one ``baddbmm`` per block.
+
+    A group's product runs near the speed of one large GEMM only with hundreds of rows. Measured on an idle
+    2-core CPU, float64, ``addmm`` of ``[D, k] @ [k, D]`` against one large GEMM (1 and 2 threads): 1.8-2.3x at
+    k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512. :class:`~spec_torch.DiffCovariance` therefore
+    stages rows until every group has about ``k`` of them (``spec_torch.covariance._stage_rows``). Per update of
+    G = 32 groups against the plain update: per group 2.0-2.2x at B = 2048 (64 rows per group), 1.13-1.43x at
+    B = 8192, 1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere).
+    With staging, the whole pass costs the ratios of docs/uncertainty.md ("Cost").
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,
@@ -112,7 +118,7 @@ def accumulate_groups(
     state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     state["count"] += sizes.to(f64)
     if batched is None:
-        batched = px.is_cuda or torch.get_num_threads() > 1
+        batched = px.is_cuda
     if not batched:
         px, py, start = px[order], py[order], 0
         for g, size in enumerate(sizes.tolist()):
