@@ -150,6 +150,131 @@ def test_merge_adds_group_sums():
         a.merge(st.DiffCovariance("cosine", "cosine", groups=8).update(x[:10], y[:10]))
 
 
+# ------------------------------------------------------------------------------------- the staging buffer
+#: float64 sums of the same <= 1,100 rows added in another order (staged, flushed, direct): relative rounding
+#: below n eps = 2.4e-13 of the largest term
+ORDER_RTOL = 1e-12
+#: linear kernels on 10 + 10 inputs with G = 4: k = max(64, (3 * 100) // 40) = 64 rows per group, S = 256
+STAGE_G, STAGE_S = 4, 256
+
+
+def _oracle_groups(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
+    """Dense numpy group sums of linear features: ``xx [G, p, p]``, ``xy``, ``yy``, ``sum_x``, ``sum_y``, ``count``."""
+    gid = unc.assign_groups(index, STAGE_G, 0).numpy()
+    xn, yn = x.double().numpy(), y.double().numpy()
+    out: dict[str, list] = {k: [] for k in ("xx", "xy", "yy", "sum_x", "sum_y", "count")}
+    for g in range(STAGE_G):
+        a, b = xn[gid == g], yn[gid == g]  # [n_g, p], [n_g, q]
+        for key, value in (("xx", a.T @ a), ("xy", a.T @ b), ("yy", b.T @ b)):
+            out[key].append(value)
+        out["sum_x"].append(a.sum(0))
+        out["sum_y"].append(b.sum(0))
+        out["count"].append(float(len(a)))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _assert_groups_equal(state: dict[str, torch.Tensor], oracle: dict[str, np.ndarray]) -> None:
+    for key, want in oracle.items():
+        np.testing.assert_allclose(state[key].numpy(), want, rtol=ORDER_RTOL, atol=SUM_ATOL, err_msg=key)
+
+
+def _stream(acc: st.DiffCovariance, x, y, sizes, start: int = 0) -> int:
+    """Feed rows ``start ...`` in batches of ``sizes`` with their global indices; returns the next row."""
+    for b in sizes:
+        acc.update(x[start : start + b], y[start : start + b], index=torch.arange(start, start + b))
+        start += b
+    return start
+
+
+def test_stage_capacity_formula():
+    from spec_torch.covariance import _stage_rows
+
+    assert _stage_rows(STAGE_G, 10, 10) == STAGE_S  # small D: the 64-row floor
+    assert _stage_rows(32, 400, 400) == 32 * 300  # 3 d / 4 rows per group: buffer = half the group sums
+    assert _stage_rows(32, 2000, 2000) == 32 * 512  # the 512-row cap
+    for g, dx, dy in ((32, 400, 400), (16, 300, 900), (8, 2000, 100)):
+        buffer, sums = _stage_rows(g, dx, dy) * (dx + dy), g * (dx * dx + dx * dy + dy * dy)
+        assert buffer <= sums / 2
+
+
+@pytest.mark.parametrize(
+    ("sizes", "flushes", "staged"),
+    [
+        ([100] * 11, 4, 1100 - 4 * STAGE_S),  # below S: every flush but the 1st straddles a batch
+        ([STAGE_S] * 4, 0, 0),  # equal to S with an empty buffer: straight in, nothing staged
+        ([700, 400], 0, 0),  # above S: straight in
+        (
+            [100, 300, 50, 600],
+            2,
+            0,
+        ),  # 100 staged; 300 fills it (flush) and stages 144; 600 fills (flush), 538 in
+        ([600, 100, 30], 0, 130),  # straight in, then staged
+    ],
+)
+def test_staged_group_sums_match_a_dense_oracle(sizes, flushes, staged):
+    x, y = planted(sum(sizes), seed=2)
+    acc = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(acc, x, y, sizes)
+    assert acc._stage[0].shape == (STAGE_S, 10)
+    assert (acc._flushes, acc._staged) == (flushes, staged)  # the path the rows took
+    _assert_groups_equal(acc.group_state, _oracle_groups(x, y, torch.arange(len(x))))
+    assert acc._staged == 0 and acc._flushes == flushes + (staged > 0)  # reading group_state flushed
+    xn, yn = x.double().numpy(), y.double().numpy()
+    state = acc.state_dict()  # the totals, set from the group sums
+    np.testing.assert_allclose(state["xy"].numpy(), xn.T @ yn, rtol=ORDER_RTOL, atol=SUM_ATOL)
+    np.testing.assert_allclose(state["sum_x"].numpy(), xn.sum(0), rtol=ORDER_RTOL, atol=SUM_ATOL)
+    assert state["count"] == len(x)
+
+
+def test_checkpoint_taken_while_rows_are_staged():
+    """state_dict flushes the staged rows (a complete checkpoint); load_state_dict drops rows staged before it."""
+    x, y = planted(700, seed=3)
+    first = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(first, x, y, [100, 200])  # one flush, 44 rows staged
+    assert (first._flushes, first._staged) == (1, 44)
+    saved = first.state_dict()
+    assert first._staged == 0
+    oracle = _oracle_groups(x[:300], y[:300], torch.arange(300))
+    _assert_groups_equal({k[6:]: v for k, v in saved.items() if k.startswith("group_")}, oracle)
+    resumed = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(resumed, x, y, [120])  # rows staged before the load: dropped with the sums they belonged to
+    assert resumed._staged == 120
+    resumed.load_state_dict(saved)
+    assert resumed._staged == 0
+    _stream(resumed, x, y, [150, 250], start=300)
+    assert resumed._staged > 0
+    _assert_groups_equal(resumed.group_state, _oracle_groups(x, y, torch.arange(700)))
+    assert resumed.n == 700
+
+
+def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run():
+    x, y = planted(1100, seed=4)
+    a = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    b = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    start = _stream(a, x, y, [150, 200])  # one flush, 94 staged
+    _stream(b, x, y, [100] * 7 + [50], start=start)  # 2 flushes, 238 staged
+    assert a._staged and b._staged and a._flushes and b._flushes
+    a.merge(b)  # flushes both
+    assert (a._staged, b._staged) == (0, 0)
+    _assert_groups_equal(a.group_state, _oracle_groups(x, y, torch.arange(1100)))
+    direct = st.DiffCovariance("linear", "linear", groups=STAGE_G).update(x, y, index=torch.arange(1100))
+    assert (direct._flushes, direct._staged) == (0, 0)  # 1,100 >= S rows at once: the unstaged path
+    staged = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(staged, x, y, [90] * 12 + [20])
+    assert staged._staged == 1100 - staged._flushes * STAGE_S > 0
+    r_direct = direct.compute(replicates=20, seed=3)
+    r_staged = staged.compute(replicates=20, seed=3)  # flushes the staged rows first
+    assert staged._staged == 0
+    torch.testing.assert_close(r_staged.eigenvalues, r_direct.eigenvalues, rtol=1e-10, atol=1e-12)
+    assert bool(torch.isfinite(r_direct.eigenvalue_ci[[0, -1]]).all())  # the extreme modes have intervals
+    close = {"rtol": 1e-9, "atol": 1e-12, "equal_nan": True}  # NaN: zero modes (x, y share 9 of 10 axes)
+    torch.testing.assert_close(r_staged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
+    torch.testing.assert_close(r_staged.heldout_eigenvalues, r_direct.heldout_eigenvalues, **close)
+    torch.testing.assert_close(r_staged.stability, r_direct.stability, equal_nan=True)
+    r_merged = a.compute(replicates=20, seed=3)
+    torch.testing.assert_close(r_merged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
+
+
 # ------------------------------------------------------------------------------- solves against the oracle
 def test_replicate_solve_matches_dense_oracle_on_duplicated_rows():
     """A bootstrap weight w_g = 2 is group g's rows twice: the batched solve equals eigh of that data's L."""
