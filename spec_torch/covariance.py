@@ -129,11 +129,14 @@ class DiffCovariance:
             raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
         self.groups, self.group_seed = groups, group_seed
         self._group_sums: dict[str, torch.Tensor] | None = None  # read through group_state (flushes first)
-        # with groups, rows wait here until G * k of them can be added with ~k rows per group GEMM (_flush):
-        # features [S, Dx], [S, Dy] (float64) and their groups [S]; _staged rows are filled
-        self._stage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._staged = 0
-        self._flushes = 0  # flushes of a staged buffer so far (tests check that the staged path ran)
+        # with groups, each group's rows wait in its slot of a staging buffer until k of them are there, so
+        # every group GEMM sees k rows whatever the batch size (_stage_or_add): features [G k + 1, Dx] and
+        # [G k + 1, Dy] (float64; group g's slot is rows g k ... g k + k - 1, the last row a discard row);
+        # _fill[g] rows of group g are staged
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slot = 0  # k, rows per group slot (_stage_rows)
+        self._fill = [0] * (groups or 0)
+        self._flushes = 0  # group slots flushed so far (tests check that the staged path ran)
         self._pending_error: SpecError | None = None  # a failed update under torch.distributed (see update)
         self._stale = False  # with groups: xx, xy, yy lag the group sums until _settle()
 
@@ -146,7 +149,12 @@ class DiffCovariance:
     @group_state.setter
     def group_state(self, sums: dict[str, torch.Tensor] | None) -> None:
         """Replace the group sums; rows staged for the old ones are dropped (the next update sizes a new buffer)."""
-        self._group_sums, self._stage, self._staged = sums, None, 0
+        self._group_sums, self._stage, self._fill = sums, None, [0] * (self.groups or 0)
+
+    @property
+    def _staged(self) -> int:
+        """Rows staged and not yet in the group sums."""
+        return sum(self._fill)
 
     def _settle(self) -> None:
         """With groups, updates sum into the groups only: flush the staged rows, then set the block totals to
@@ -343,49 +351,70 @@ class DiffCovariance:
     def _stage_or_add(self, px: torch.Tensor, py: torch.Tensor, gid: torch.Tensor) -> None:
         """Add ``px: [B, Dx]``, ``py: [B, Dy]`` with groups ``gid: [B]`` to the group sums through the staging
         buffer: a group's GEMM with few rows runs far below the speed of a large one (``B / G = 64`` rows per
-        group costs about 2x the plain update), so rows are added once ``S = G k`` of them are staged (about
-        ``k`` rows per group GEMM). Rows arriving ``S`` or more at a time while nothing is staged go straight in.
+        group costs about 2x the plain update), so each group's rows are copied into its slot of ``k`` rows and
+        added by one GEMM per block when the slot is full. Rows arriving ``S = G k`` or more at a time while
+        nothing is staged go straight in (``B / G >= k`` rows per group GEMM already).
         """
         from .uncertainty import accumulate_groups
 
+        f64, groups = torch.float64, self.groups
         if self._stage is None:
-            dx, dy = px.shape[1], py.shape[1]
-            rows = _stage_rows(self.groups, dx, dy)
-            f64, dev = torch.float64, self._group_sums["count"].device
+            self._slot = _stage_rows(groups, px.shape[1], py.shape[1]) // groups
+            rows, dev = (
+                groups * self._slot + 1,
+                self._group_sums["count"].device,
+            )  # G k slot rows, 1 discard row
             self._stage = (
-                torch.empty(rows, dx, dtype=f64, device=dev),  # [S, Dx]
-                torch.empty(rows, dy, dtype=f64, device=dev),  # [S, Dy]
-                torch.empty(rows, dtype=torch.long, device=dev),  # [S]
+                torch.empty(rows, px.shape[1], dtype=f64, device=dev),  # [G k + 1, Dx]
+                torch.empty(rows, py.shape[1], dtype=f64, device=dev),  # [G k + 1, Dy]
             )
-        stage_x, stage_y, stage_gid = self._stage
-        capacity, start, b = stage_x.shape[0], 0, px.shape[0]
-        while start < b:
-            if (
-                self._staged == 0 and b - start >= capacity
-            ):  # enough rows for large per-group GEMMs as they are
-                accumulate_groups(self._group_sums, px[start:], py[start:], gid[start:])
-                return
-            take = min(capacity - self._staged, b - start)
-            rows = slice(self._staged, self._staged + take)
-            stage_x[rows] = px[start : start + take]  # [take, Dx], cast to float64
-            stage_y[rows] = py[start : start + take]  # [take, Dy]
-            stage_gid[rows] = gid[start : start + take]  # [take]
-            self._staged += take
-            start += take
-            if self._staged == capacity:
-                self._flush()
+        (stage_x, stage_y), k = self._stage, self._slot
+        if self._staged == 0 and px.shape[0] >= groups * k:
+            accumulate_groups(self._group_sums, px, py, gid)
+            return
+        # each row's position in its group's stream since the group's last flush: pos = fill + rank in batch
+        sizes = torch.bincount(gid, minlength=groups)  # [G]
+        order = torch.argsort(gid, stable=True)  # [B]: the rows of one group become contiguous
+        first = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(gid.shape[0], device=gid.device) - first[gid[order]]  # [B]
+        fill = torch.tensor(self._fill, device=gid.device)  # [G]
+        pos = fill[gid] + rank  # [B]
+        lap, dest = pos // k, gid * k + pos % k  # [B] how many slot-fulls precede the row; its buffer row
+        discard = stage_x.shape[0] - 1
+        # the rows that fit now, in one copy; the others (a full slot's overflow) go to the discard row
+        first_lap = torch.where(lap == 0, dest, discard)  # [B]
+        stage_x.index_copy_(0, first_lap, px.to(f64))  # [B, Dx] -> staged rows
+        stage_y.index_copy_(0, first_lap, py.to(f64))  # [B, Dy]
+        total = [f + n for f, n in zip(self._fill, sizes.tolist())]  # rows of each group, staged + new
+        for r in range(1, max(total) // k + 1):
+            for g, t in enumerate(total):
+                if t >= r * k:  # slot g holds k rows: add them
+                    self._flush_group(g, k)
+            later = (lap == r).nonzero().squeeze(1)  # [b_r] rows of the next slot-full
+            if later.numel():
+                stage_x.index_copy_(0, dest[later], px[later].to(f64))  # [b_r, Dx]
+                stage_y.index_copy_(0, dest[later], py[later].to(f64))  # [b_r, Dy]
+        self._fill = [t % k for t in total]
+
+    def _flush_group(self, g: int, n: int) -> None:
+        """Add the ``n`` rows staged in group ``g``'s slot to its sums (one GEMM per block)."""
+        (stage_x, stage_y), k, sums = self._stage, self._slot, self._group_sums
+        a, b = stage_x[g * k : g * k + n], stage_y[g * k : g * k + n]  # [n, Dx], [n, Dy]
+        sums["xx"][g].addmm_(a.T, a)  # [Dx, n] @ [n, Dx] -> [Dx, Dx]
+        sums["xy"][g].addmm_(a.T, b)  # [Dx, n] @ [n, Dy] -> [Dx, Dy]
+        sums["yy"][g].addmm_(b.T, b)  # [Dy, n] @ [n, Dy] -> [Dy, Dy]
+        sums["sum_x"][g] += a.sum(0)  # [Dx]
+        sums["sum_y"][g] += b.sum(0)  # [Dy]
+        sums["count"][g] += n
+        self._flushes += 1
 
     def _flush(self) -> None:
-        """Add the staged rows to the group sums (one GEMM per group and block, ~k rows each) and empty the buffer."""
-        from .uncertainty import accumulate_groups
-
-        if self._staged:
-            stage_x, stage_y, stage_gid = self._stage
-            s, self._staged = self._staged, 0
-            accumulate_groups(
-                self._group_sums, stage_x[:s], stage_y[:s], stage_gid[:s]
-            )  # [s, Dx], [s, Dy], [s]
-            self._flushes += 1
+        """Add every group's staged rows to the group sums (fewer than k rows per GEMM) and empty the buffer."""
+        for g, fill in enumerate(self._fill):
+            if fill:
+                self._flush_group(g, fill)
+                self._fill[g] = 0
 
     def merge(self, other: DiffCovariance) -> DiffCovariance:
         """Add another accumulator's sums (same kernels, same fitted frequencies) into this one."""

@@ -91,7 +91,8 @@ def accumulate_groups(
     """Add a batch to the group sums in place, the FLOPs of the plain update.
 
     Rows are sorted by group. On the CPU (default) one ``addmm`` per group and block: ``3 G`` products of
-    ``b_g = B / G`` rows each. ``batched`` (default on CUDA, where ``3 G`` small launches cost more) stacks them
+    ``b_g = B / G`` rows each, every group's rows copied into one small reused ``[b_max, D]`` buffer the products
+    then read from cache (no ``[B, D]`` sorted copy). ``batched`` (default on CUDA, where ``3 G`` small launches cost more) stacks them
     into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest group in the batch, a few percent above
     ``B / G`` for batches of thousands) and does one ``baddbmm`` per block.
 
@@ -113,22 +114,29 @@ def accumulate_groups(
     px, py = px.to(f64), py.to(f64)
     sizes = torch.bincount(gid, minlength=groups)  # [G]
     order = torch.argsort(gid, stable=True)  # rows of one group become contiguous
-    gid_sorted = gid[order]  # [B]
-    state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
-    state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     state["count"] += sizes.to(f64)
     if batched is None:
         batched = px.is_cuda
     if not batched:
-        px, py, start = px[order], py[order], 0
-        for g, size in enumerate(sizes.tolist()):
-            a, b = px[start : start + size], py[start : start + size]  # [b_g, Dx], [b_g, Dy]
+        sizes_list, start = sizes.tolist(), 0
+        # one group's rows at a time, copied into a small reused buffer the GEMMs then read from cache
+        a_buf = px.new_empty(max(sizes_list), px.shape[1])  # [b_max, Dx]
+        b_buf = py.new_empty(max(sizes_list), py.shape[1])  # [b_max, Dy]
+        for g, size in enumerate(sizes_list):
+            rows = order[start : start + size]  # [b_g] group g's rows
             start += size
             if size:
+                a = torch.index_select(px, 0, rows, out=a_buf[:size])  # [b_g, Dx]
+                b = torch.index_select(py, 0, rows, out=b_buf[:size])  # [b_g, Dy]
                 state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
                 state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
                 state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
+                state["sum_x"][g] += a.sum(0)  # [Dx]
+                state["sum_y"][g] += b.sum(0)  # [Dy]
         return
+    gid_sorted = gid[order]  # [B]
+    state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
+    state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     starts = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
     slot = torch.arange(gid.shape[0], device=gid.device) - starts[gid_sorted]  # [B] row within its group
     b_max = int(sizes.max())
