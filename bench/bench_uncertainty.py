@@ -83,7 +83,7 @@ def _stream_pass(acc: st.DiffCovariance, x: torch.Tensor, y: torch.Tensor, batch
 
 def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n: int, reps: int) -> None:
     """Wall and CPU time of a pass of ``n`` rows in batches of ``batch``: grouped (staging and its flushes
-    included) against plain, the same data, passes interleaved, medians of ``reps``."""
+    included) against plain, the same data, passes interleaved, medians of ``reps`` (times and pair ratios)."""
     from spec_torch.covariance import _stage_rows
 
     block = 8192  # distinct rows; the pass cycles through them
@@ -99,20 +99,26 @@ def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n:
     flushes = grouped._flushes
     wall: dict[str, list[float]] = {"plain": [], "groups": []}
     cpu: dict[str, list[float]] = {"plain": [], "groups": []}
-    for _ in range(reps):
-        for name, acc in (("plain", plain), ("groups", grouped)):
+    runs = [("plain", plain), ("groups", grouped)]
+    for rep in range(reps):
+        for name, acc in runs if rep % 2 == 0 else runs[::-1]:  # alternate the order: load drifts
             c0 = time.process_time()
             wall[name].append(timed(lambda acc=acc: _stream_pass(acc, x, y, batch, n), device))
             cpu[name].append(time.process_time() - c0)
-    mp, mg = statistics.median(wall["plain"]), statistics.median(wall["groups"])
+
+    def ratio(t: dict[str, list[float]]) -> float:
+        """Median over repetitions of grouped / plain, each pair run back to back (a shared machine's load
+        changes between repetitions more than within one)."""
+        return statistics.median(g / p for g, p in zip(t["groups"], t["plain"]))
+
     k = _stage_rows(groups, d, d) // groups
     line = (
         f"accumulate  D={d}+{d} G={groups:2d} k={k:3d} batch={batch:5d} n={n} ({torch.get_num_threads()} threads, "
-        f"{(grouped._flushes - flushes) / reps:.0f} flushes/pass): plain {mp:6.2f} s  groups {mg:6.2f} s  "
-        f"wall ratio {mg / mp:5.2f}x"
+        f"{(grouped._flushes - flushes) / reps:.0f} slot flushes/pass): plain {statistics.median(wall['plain']):6.2f} s"
+        f"  groups {statistics.median(wall['groups']):6.2f} s  wall ratio {ratio(wall):5.2f}x"
     )
     if device.type == "cpu":
-        line += f"  CPU-time ratio {statistics.median(cpu['groups']) / statistics.median(cpu['plain']):5.2f}x"
+        line += f"  CPU-time ratio {ratio(cpu):5.2f}x"
     print(line + "  (target <= 1.3x)", flush=True)
 
 
@@ -160,7 +166,7 @@ def main() -> None:
         n, d_rep, r, draws, n_pop = 8192, 200, 10, 20, 200_000
     else:
         accumulation = [(400, g, (1024, 2048, 8192), 32768, 3) for g in (16, 32)]
-        accumulation += [(2000, 32, (1024, 8192), 16384, 1)]  # one pass = one buffer of 32 x 512 rows
+        accumulation += [(2000, 32, (1024, 8192), 16384, 3)]  # one pass = 32 slots of 512 rows
         n, d_rep, r, draws, n_pop = 16384, 500, 50, 200, 1_000_000
     if args.dim:
         accumulation = [a for a in accumulation if a[0] == args.dim]

@@ -138,7 +138,7 @@ class DiffCovariance:
         self._fill = [0] * (groups or 0)
         self._flushes = 0  # group slots flushed so far (tests check that the staged path ran)
         self._pending_error: SpecError | None = None  # a failed update under torch.distributed (see update)
-        self._stale = False  # with groups: xx, xy, yy lag the group sums until _settle()
+        self._stale = False  # with groups: xx, xy, yy, sum_x, sum_y lag the group sums until _settle()
 
     @property
     def group_state(self) -> dict[str, torch.Tensor] | None:
@@ -157,11 +157,11 @@ class DiffCovariance:
         return sum(self._fill)
 
     def _settle(self) -> None:
-        """With groups, updates sum into the groups only: flush the staged rows, then set the block totals to
-        the group sums' sum (float64 sums)."""
+        """With groups, updates sum into the groups only: flush the staged rows, then set the totals (blocks and
+        feature sums) to the group sums' sum (float64 sums)."""
         self._flush()
         if self._group_sums is not None and self._stale:
-            for key in ("xx", "xy", "yy"):
+            for key in ("xx", "xy", "yy", "sum_x", "sum_y"):
                 getattr(self, key).copy_(self._group_sums[key].sum(0))
             self._stale = False
 
@@ -342,9 +342,9 @@ class DiffCovariance:
             )
         gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
         self._stage_or_add(px, py, gid)
-        self._stale = True  # the block totals are the group sums' sum, formed once by _settle()
-        self.sum_x.add_(px.sum(0))
-        self.sum_y.add_(py.sum(0))
+        self._stale = (
+            True  # the totals (blocks, feature sums) are the group sums' sum, formed once by _settle()
+        )
         self.count += b
         return self
 
