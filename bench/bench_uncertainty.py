@@ -2,7 +2,7 @@
 
     python bench/bench_uncertainty.py              # the full set (tens of minutes on 2 CPU cores)
     python bench/bench_uncertainty.py --quick      # small sizes, a smoke run
-    python bench/bench_uncertainty.py --part accumulation --dim 400   # one part, one size
+    python bench/bench_uncertainty.py --part accumulation --dim 400 --threads 2   # one part, size, thread count
     python bench/bench_uncertainty.py --device cuda
 
 1. Accumulation overhead of G groups: a pass of n rows through ``DiffCovariance(groups=G).update`` (the staging
@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -119,7 +120,8 @@ def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n:
     )
     if device.type == "cpu":
         line += f"  CPU-time ratio {ratio(cpu):5.2f}x"
-    print(line + "  (target <= 1.3x)", flush=True)
+    # other processes' load distorts multithreaded timings most (a descheduled thread stalls every product)
+    print(line + f"  (target <= 1.3x; load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def bench_replicates(device: torch.device, n: int, d: int, groups: int, replicates: int, top_k: int) -> None:
@@ -157,6 +159,9 @@ def main() -> None:
         help="run one part",
     )
     parser.add_argument("--dim", type=int, help="accumulation: only this D per side")
+    parser.add_argument(
+        "--threads", type=int, help="accumulation: only this thread count (default 1 and all)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -173,7 +178,10 @@ def main() -> None:
     print(f"# spec_torch uncertainty benchmarks on {device} ({torch.get_num_threads()} threads)")
     threads = torch.get_num_threads()
     if args.part in ("all", "accumulation"):
-        for n_threads in sorted({1, threads}) if device.type == "cpu" else [threads]:
+        counts = (
+            [args.threads] if args.threads else sorted({1, threads}) if device.type == "cpu" else [threads]
+        )
+        for n_threads in counts:
             torch.set_num_threads(n_threads)
             for d, groups, batches, n_rows, reps in accumulation:
                 for batch in batches:
