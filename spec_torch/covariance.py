@@ -40,8 +40,9 @@ _STATE = ("xx", "xy", "yy", "sum_x", "sum_y", "count")
 _FORMAT = "spec_torch.DiffCovariance/1"  # tag of state_dict(); bump when the saved entries change
 
 
-#: rows per group GEMM a flush of the staging buffer aims at: addmm of [D, k] @ [k, D] costs about 1.8-2.3x
-#: one large GEMM at k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512 (CPU, float64)
+#: rows k of a group's slot in the staging buffer, i.e. of each group GEMM: addmm of [D, k] @ [k, D] costs about
+#: 1.8-2.3x one large GEMM at k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512
+#: (CPU, float64, 1 and 2 threads)
 STAGE_ROWS_PER_GROUP = 512
 #: fewest rows per group GEMM, whatever the memory bound
 MIN_STAGE_ROWS_PER_GROUP = 64
@@ -342,9 +343,7 @@ class DiffCovariance:
             )
         gid = assign_groups(index, self.groups, self.group_seed).to(px.device)  # [B]
         self._stage_or_add(px, py, gid)
-        self._stale = (
-            True  # the totals (blocks, feature sums) are the group sums' sum, formed once by _settle()
-        )
+        self._stale = True  # the totals (blocks, feature sums) are the group sums' sum, formed by _settle()
         self.count += b
         return self
 
@@ -360,10 +359,8 @@ class DiffCovariance:
         f64, groups = torch.float64, self.groups
         if self._stage is None:
             self._slot = _stage_rows(groups, px.shape[1], py.shape[1]) // groups
-            rows, dev = (
-                groups * self._slot + 1,
-                self._group_sums["count"].device,
-            )  # G k slot rows, 1 discard row
+            rows = groups * self._slot + 1  # G k slot rows and the discard row
+            dev = self._group_sums["count"].device
             self._stage = (
                 torch.empty(rows, px.shape[1], dtype=f64, device=dev),  # [G k + 1, Dx]
                 torch.empty(rows, py.shape[1], dtype=f64, device=dev),  # [G k + 1, Dy]
