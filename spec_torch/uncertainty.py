@@ -91,18 +91,21 @@ def accumulate_groups(
     """Add a batch to the group sums in place, the FLOPs of the plain update.
 
     Rows are sorted by group. On the CPU (default) one ``addmm`` per group and block: ``3 G`` products of
-    ``b_g = B / G`` rows each, every group's rows copied into one small reused ``[b_max, D]`` buffer the products
-    then read from cache (no ``[B, D]`` sorted copy). ``batched`` (default on CUDA, where ``3 G`` small launches cost more) stacks them
-    into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest group in the batch, a few percent above
-    ``B / G`` for batches of thousands) and does one ``baddbmm`` per block.
+    ``b_g = B / G`` rows each, every group's rows copied into one small reused ``[b_max, D]`` buffer the
+    products then read from cache (no sorted ``[B, D]`` copy). ``batched`` (default on CUDA, where ``3 G``
+    small launches cost more) stacks them into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest
+    group in the batch, a few percent above ``B / G`` for batches of thousands) and does one ``baddbmm`` per
+    block.
 
     A group's product runs near the speed of one large GEMM only with hundreds of rows. Measured on an idle
-    2-core CPU, float64, ``addmm`` of ``[D, k] @ [k, D]`` against one large GEMM (1 and 2 threads): 1.8-2.3x at
-    k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512. :class:`~spec_torch.DiffCovariance` therefore
-    stages rows until every group has about ``k`` of them (``spec_torch.covariance._stage_rows``). Per update of
-    G = 32 groups against the plain update: per group 2.0-2.2x at B = 2048 (64 rows per group), 1.13-1.43x at
-    B = 8192, 1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere).
-    With staging, the whole pass costs the ratios of docs/uncertainty.md ("Cost").
+    2-core CPU, float64, ``addmm`` of ``[D, k] @ [k, D]`` against one large GEMM (1 and 2 threads): 1.8-2.3x
+    at k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512. Per update of G = 32 groups
+    against the plain update: per group 2.0-2.2x at B = 2048 (64 rows per group), 1.13-1.43x at B = 8192,
+    1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere). So
+    :class:`~spec_torch.DiffCovariance` stages each group's rows until it has k of them
+    (``spec_torch.covariance._stage_rows``; k = 300-512 at these sizes) and calls this function only for
+    batches of at least ``G k`` rows: a pass in batches of 1,024-8,192 rows then costs 1.02-1.28x the plain
+    pass at D = 400 + 400 and 2,000 + 2,000, 1 and 2 threads (docs/uncertainty.md, "Cost").
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,
