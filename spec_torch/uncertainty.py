@@ -103,8 +103,8 @@ def accumulate_groups(
     against the plain update: per group 2.0-2.2x at B = 2048 (64 rows per group), 1.13-1.43x at B = 8192,
     1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere). So
     :class:`~spec_torch.DiffCovariance` stages each group's rows until it has k of them
-    (``spec_torch.covariance._stage_rows``; k = 300-512 at these sizes) and calls this function only for
-    batches of at least ``G k`` rows: a pass in batches of 1,024-8,192 rows then costs 1.02-1.28x the plain
+    (``spec_torch.covariance._stage_rows``; k = 327-512 at these sizes) and calls this function only for
+    batches of at least ``G k`` rows: a pass in batches of 1,024-8,192 rows then costs 1.03-1.25x the plain
     pass at D = 400 + 400 and 2,000 + 2,000, 1 and 2 threads (docs/uncertainty.md, "Cost").
 
     Args:

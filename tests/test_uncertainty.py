@@ -218,15 +218,30 @@ def _stream(acc: st.DiffCovariance, x, y, sizes, start: int = 0) -> int:
     return start
 
 
+@pytest.fixture
+def slots_of_64(monkeypatch):
+    """Slots of STAGE_K = 64 rows (the floor) whatever the memory allowance, so small tests fill them."""
+    monkeypatch.setattr("spec_torch.covariance.STAGE_ROWS_PER_GROUP", STAGE_K)
+
+
 def test_stage_capacity_formula():
+    from spec_torch.covariance import STAGE_MIN_BYTES, _stage_rows
+
+    assert _stage_rows(32, 400, 400) == 32 * (STAGE_MIN_BYTES // (32 * 800 * 8))  # 327: the 64 MiB allowance
+    assert _stage_rows(8, 2000, 2000) == 8 * 512  # the 512-row cap
+    assert _stage_rows(32, 200, 200) == 32 * 512  # small D: 64 MiB hold 512 rows per group
+    assert _stage_rows(1024, 80, 80) == 1024 * 64  # the 64-row floor (half the sums allow 60 rows, 64 MiB 51)
+    for g, dx, dy in ((32, 400, 400), (16, 300, 900), (8, 2000, 100), (32, 200, 200), (1024, 80, 80)):
+        buffer, sums = _stage_rows(g, dx, dy) * (dx + dy) * 8, g * (dx * dx + dx * dy + dy * dy) * 8
+        k = _stage_rows(g, dx, dy) // g
+        assert buffer <= max(sums / 2, STAGE_MIN_BYTES) or k == 64
+        assert 64 <= k <= 512
+
+
+def test_small_test_slots(slots_of_64):
     from spec_torch.covariance import _stage_rows
 
-    assert _stage_rows(STAGE_G, 10, 10) == STAGE_S  # small D: the 64-row floor
-    assert _stage_rows(32, 400, 400) == 32 * 300  # 3 d / 4 rows per group: buffer = half the group sums
-    assert _stage_rows(32, 2000, 2000) == 32 * 512  # the 512-row cap
-    for g, dx, dy in ((32, 400, 400), (16, 300, 900), (8, 2000, 100)):
-        buffer, sums = _stage_rows(g, dx, dy) * (dx + dy), g * (dx * dx + dx * dy + dy * dy)
-        assert buffer <= sums / 2
+    assert _stage_rows(STAGE_G, 10, 10) == STAGE_S
 
 
 @pytest.mark.parametrize(
@@ -239,7 +254,7 @@ def test_stage_capacity_formula():
         ([600, 100, 30], 1),  # straight in, then staged
     ],
 )
-def test_staged_group_sums_match_a_dense_oracle(sizes, direct):
+def test_staged_group_sums_match_a_dense_oracle(sizes, direct, slots_of_64):
     """``direct``: how many leading batches skip the slots (at least S rows, nothing staged)."""
     x, y = planted(sum(sizes), seed=2)
     acc = st.DiffCovariance("linear", "linear", groups=STAGE_G)
@@ -256,7 +271,7 @@ def test_staged_group_sums_match_a_dense_oracle(sizes, direct):
     assert state["count"] == len(x)
 
 
-def test_checkpoint_taken_while_rows_are_staged():
+def test_checkpoint_taken_while_rows_are_staged(slots_of_64):
     """state_dict flushes the staged rows (a complete checkpoint); load_state_dict drops rows staged before it."""
     x, y = planted(700, seed=3)
     first = st.DiffCovariance("linear", "linear", groups=STAGE_G)
@@ -277,7 +292,7 @@ def test_checkpoint_taken_while_rows_are_staged():
     assert resumed.n == 700
 
 
-def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run():
+def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run(slots_of_64):
     """merge and compute flush the staged rows; the results equal a run that went straight in, to rounding."""
     x, y = planted(1100, seed=4)
     a = st.DiffCovariance("linear", "linear", groups=STAGE_G)
