@@ -1,12 +1,15 @@
 """Benchmarks of SPEC's uncertainty (spec_torch.uncertainty), printed as ratios measured side by side in one run.
 
-    python bench/bench_uncertainty.py              # the full set (several minutes on 2 CPU cores)
+    python bench/bench_uncertainty.py              # the full set (tens of minutes on 2 CPU cores)
     python bench/bench_uncertainty.py --quick      # small sizes, a smoke run
+    python bench/bench_uncertainty.py --part accumulation --dim 400 --threads 2   # one part, size, thread count
     python bench/bench_uncertainty.py --device cuda
 
-1. Accumulation overhead of G groups: ``DiffCovariance(groups=G).update`` against the plain
-   ``DiffCovariance.update`` (both float64 sums, the same features, repetitions interleaved, medians), at the
-   sizes of bench_core.py's throughput test (batch 8,192, 2,000 features per side) and G = 16, 32.
+1. Accumulation overhead of G groups: a pass of n rows through ``DiffCovariance(groups=G).update`` (the staging
+   buffer and its flushes included, ending with a flush) against the same pass through the plain
+   ``DiffCovariance.update`` (both float64 sums, the same features, passes interleaved, medians), for user
+   batch sizes 1,024, 2,048 and 8,192, 1 thread and all threads, at D = 400 and 2,000 features per side
+   (bench_core.py's throughput size; --quick: 200), G = 16, 32 (G = 32 only at D = 2,000).
 2. Solve time of R bootstrap replicates plus the held-out splits (``compute(replicates=R)`` minus the plain
    ``compute``) with the full solver and with the top-k solver (top 20 modes of each sign), same sums.
 3. Coverage of the 90% intervals for isolated eigenvalues: a fixed population (a planted cluster x holds and
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,13 +29,6 @@ import torch
 from _timing import timed
 
 import spec_torch as st
-
-
-def _cputimed(fn) -> float:
-    """CPU seconds of this process: on a loaded shared machine, the work done rather than the waiting."""
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 # ----------------------------------------------------------------------------- coverage (also used by tests)
@@ -75,28 +72,56 @@ def coverage(
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
-def bench_accumulation(device: torch.device, batch: int, d: int, groups: int, reps: int) -> None:
+def _stream_pass(acc: st.DiffCovariance, x: torch.Tensor, y: torch.Tensor, batch: int, n: int) -> None:
+    """Stream ``n`` rows in batches of ``batch`` (cycling through ``x: [m, D]``, ``y: [m, D]``), then settle:
+    the grouped accumulator flushes its staged rows and forms the totals, as ``compute()`` would."""
+    m = x.shape[0]
+    for start in range(0, n, batch):
+        lo = start % m
+        acc.update(x[lo : lo + batch], y[lo : lo + batch])  # [batch, D] each
+    acc._settle()
+
+
+def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n: int, reps: int) -> None:
+    """Wall and CPU time of a pass of ``n`` rows in batches of ``batch``: grouped (staging and its flushes
+    included) against plain, the same data, passes interleaved, medians of ``reps`` (times and pair ratios)."""
+    from spec_torch.covariance import _stage_rows
+
+    block = 8192  # distinct rows; the pass cycles through them
+    assert block % batch == 0 and n % batch == 0
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, d, generator=g, dtype=torch.float64).to(device)  # [B, Dx]
-    y = torch.randn(batch, d, generator=g, dtype=torch.float64).to(device)  # [B, Dy]
+    x = torch.randn(block, d, generator=g, dtype=torch.float64).to(device)  # [block, Dx]
+    y = torch.randn(block, d, generator=g, dtype=torch.float64).to(device)  # [block, Dy]
     plain = st.DiffCovariance("linear", "linear")
     grouped = st.DiffCovariance("linear", "linear", groups=groups)
-    plain.update(x, y), grouped.update(x, y)  # warm-up, state allocation
-    t_plain, t_groups, c_plain, c_groups = [], [], [], []
-    for _ in range(reps):
-        t_plain.append(timed(lambda: plain.update(x, y), device))
-        t_groups.append(timed(lambda: grouped.update(x, y), device))
-        if device.type == "cpu":
-            c_plain.append(_cputimed(lambda: plain.update(x, y)))
-            c_groups.append(_cputimed(lambda: grouped.update(x, y)))
-    mp, mg = statistics.median(t_plain), statistics.median(t_groups)
+    for acc in (plain, grouped):  # warm-up, state allocation
+        acc.update(x[:batch], y[:batch])
+        acc._settle()
+    flushes = grouped._flushes
+    wall: dict[str, list[float]] = {"plain": [], "groups": []}
+    cpu: dict[str, list[float]] = {"plain": [], "groups": []}
+    runs = [("plain", plain), ("groups", grouped)]
+    for rep in range(reps):
+        for name, acc in runs if rep % 2 == 0 else runs[::-1]:  # alternate the order: load drifts
+            c0 = time.process_time()
+            wall[name].append(timed(lambda acc=acc: _stream_pass(acc, x, y, batch, n), device))
+            cpu[name].append(time.process_time() - c0)
+
+    def ratio(t: dict[str, list[float]]) -> float:
+        """Median over repetitions of grouped / plain, each pair run back to back (a shared machine's load
+        changes between repetitions more than within one)."""
+        return statistics.median(g / p for g, p in zip(t["groups"], t["plain"]))
+
+    k = _stage_rows(groups, d, d) // groups
     line = (
-        f"accumulate  batch={batch} D={d}+{d} G={groups:3d} ({torch.get_num_threads()} threads): "
-        f"plain {mp * 1e3:8.1f} ms  groups {mg * 1e3:8.1f} ms  wall ratio {mg / mp:5.2f}x"
+        f"accumulate  D={d}+{d} G={groups:2d} k={k:3d} batch={batch:5d} n={n} ({torch.get_num_threads()} threads, "
+        f"{(grouped._flushes - flushes) / reps:.0f} slot flushes/pass): plain {statistics.median(wall['plain']):6.2f} s"
+        f"  groups {statistics.median(wall['groups']):6.2f} s  wall ratio {ratio(wall):5.2f}x"
     )
-    if c_plain:
-        line += f"  CPU-time ratio {statistics.median(c_groups) / statistics.median(c_plain):5.2f}x"
-    print(line + "  (target <= 1.3x)")
+    if device.type == "cpu":
+        line += f"  CPU-time ratio {ratio(cpu):5.2f}x"
+    # other processes' load distorts multithreaded timings most (a descheduled thread stalls every product)
+    print(line + f"  (target <= 1.3x; load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def bench_replicates(device: torch.device, n: int, d: int, groups: int, replicates: int, top_k: int) -> None:
@@ -127,21 +152,45 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--part",
+        choices=("all", "accumulation", "replicates", "coverage"),
+        default="all",
+        help="run one part",
+    )
+    parser.add_argument("--dim", type=int, help="accumulation: only this D per side")
+    parser.add_argument(
+        "--threads", type=int, help="accumulation: only this thread count (default 1 and all)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    # accumulation: (D per side, groups, batch sizes, rows per pass, repetitions)
     if args.quick:
-        d, batch, reps, n, r, draws, n_pop = 200, 2048, 3, 8192, 10, 20, 200_000
+        accumulation = [(200, g, (1024, 2048, 8192), 16384, 3) for g in (16, 32)]
+        n, d_rep, r, draws, n_pop = 8192, 200, 10, 20, 200_000
     else:
-        d, batch, reps, n, r, draws, n_pop = 2000, 8192, 5, 16384, 50, 200, 1_000_000
+        accumulation = [(400, g, (1024, 2048, 8192), 32768, 3) for g in (16, 32)]
+        accumulation += [(2000, 32, (1024, 8192), 16384, 3)]  # one pass = 32 slots of 512 rows
+        n, d_rep, r, draws, n_pop = 16384, 500, 50, 200, 1_000_000
+    if args.dim:
+        accumulation = [a for a in accumulation if a[0] == args.dim]
     print(f"# spec_torch uncertainty benchmarks on {device} ({torch.get_num_threads()} threads)")
     threads = torch.get_num_threads()
-    for n_threads in sorted({1, threads}) if device.type == "cpu" else [threads]:
-        torch.set_num_threads(n_threads)
-        for groups in (16, 32):
-            bench_accumulation(device, batch, d, groups, reps)
-    torch.set_num_threads(threads)
-    bench_replicates(device, n, d // 4 if not args.quick else d, 32, r, 20)
+    if args.part in ("all", "accumulation"):
+        counts = (
+            [args.threads] if args.threads else sorted({1, threads}) if device.type == "cpu" else [threads]
+        )
+        for n_threads in counts:
+            torch.set_num_threads(n_threads)
+            for d, groups, batches, n_rows, reps in accumulation:
+                for batch in batches:
+                    bench_accumulation(device, d, groups, batch, n_rows, reps)
+        torch.set_num_threads(threads)
+    if args.part in ("all", "replicates"):
+        bench_replicates(device, n, d_rep, 32, r, 20)
+    if args.part not in ("all", "coverage"):
+        return
     for n_draw in (400, 1000):
         t0 = time.perf_counter()
         cov = coverage(draws, n=n_draw, n_pop=n_pop)

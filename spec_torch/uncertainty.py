@@ -91,12 +91,22 @@ def accumulate_groups(
 ) -> None:
     """Add a batch to the group sums in place, the FLOPs of the plain update.
 
-    Rows are sorted by group. ``batched`` (default: on CUDA, or on CPU with more than one thread) stacks them
-    into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest group in the batch, a few percent above
-    ``B / G`` for batches of thousands) and does one ``baddbmm`` per block: 3 large products instead of 3 G
-    small ones. Otherwise one ``addmm`` per group and block. Measured on a shared 2-core CPU, B = 8192,
-    D = 400 + 400, G = 32, CPU time against the plain update: 1 thread, per group 1.24-1.28x, batched 1.6x;
-    2 threads, per group 4.9-5.0x (many small multithreaded GEMMs), batched 1.9-2.2x.
+    Rows are sorted by group. On the CPU (default) one ``addmm`` per group and block: ``3 G`` products of
+    ``b_g = B / G`` rows each, every group's rows copied into one small reused ``[b_max, D]`` buffer the
+    products then read from cache (no sorted ``[B, D]`` copy). ``batched`` (default on CUDA, where ``3 G``
+    small launches cost more) stacks them into a zero-padded ``[G, b_max, D]`` tensor (``b_max``: the largest
+    group in the batch, a few percent above ``B / G`` for batches of thousands) and does one ``baddbmm`` per
+    block.
+
+    A group's product runs near the speed of one large GEMM only with hundreds of rows. Measured on an idle
+    2-core CPU, float64, ``addmm`` of ``[D, k] @ [k, D]`` against one large GEMM (1 and 2 threads): 1.8-2.3x
+    at k = 64, 1.3-1.5x at k = 128, 1.04-1.16x at k = 256, 1.0-1.12x from k = 512. Per update of G = 32 groups
+    against the plain update: per group 2.0-2.2x at B = 2048 (64 rows per group), 1.13-1.43x at B = 8192,
+    1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere). So
+    :class:`~spec_torch.DiffCovariance` stages each group's rows until it has k of them
+    (``spec_torch.covariance._stage_rows``; k = 327-512 at these sizes) and calls this function only for
+    batches of at least ``G k`` rows: a pass in batches of 1,024-8,192 rows then costs 1.03-1.25x the plain
+    pass at D = 400 + 400 and 2,000 + 2,000, 1 and 2 threads (docs/uncertainty.md, "Cost").
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,
@@ -108,22 +118,29 @@ def accumulate_groups(
     px, py = px.to(f64), py.to(f64)
     sizes = torch.bincount(gid, minlength=groups)  # [G]
     order = torch.argsort(gid, stable=True)  # rows of one group become contiguous
-    gid_sorted = gid[order]  # [B]
-    state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
-    state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     state["count"] += sizes.to(f64)
     if batched is None:
-        batched = px.is_cuda or torch.get_num_threads() > 1
+        batched = px.is_cuda
     if not batched:
-        px, py, start = px[order], py[order], 0
-        for g, size in enumerate(sizes.tolist()):
-            a, b = px[start : start + size], py[start : start + size]  # [b_g, Dx], [b_g, Dy]
+        sizes_list, start = sizes.tolist(), 0
+        # one group's rows at a time, copied into a small reused buffer the GEMMs then read from cache
+        a_buf = px.new_empty(max(sizes_list), px.shape[1])  # [b_max, Dx]
+        b_buf = py.new_empty(max(sizes_list), py.shape[1])  # [b_max, Dy]
+        for g, size in enumerate(sizes_list):
+            rows = order[start : start + size]  # [b_g] group g's rows
             start += size
             if size:
+                a = torch.index_select(px, 0, rows, out=a_buf[:size])  # [b_g, Dx]
+                b = torch.index_select(py, 0, rows, out=b_buf[:size])  # [b_g, Dy]
                 state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
                 state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
                 state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
+                state["sum_x"][g] += a.sum(0)  # [Dx]
+                state["sum_y"][g] += b.sum(0)  # [Dy]
         return
+    gid_sorted = gid[order]  # [B]
+    state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
+    state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
     starts = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
     slot = torch.arange(gid.shape[0], device=gid.device) - starts[gid_sorted]  # [B] row within its group
     b_max = int(sizes.max())

@@ -26,6 +26,9 @@ SUM_ATOL = 1e-10
 #: eigenvalues from the batched replicate solve vs the dense oracle (float64, well-conditioned C)
 EIG_ATOL = 1e-10
 
+#: shapes of the group sums of 10 + 10 linear features, without the leading G
+_GROUP_SHAPES = {"xx": (10, 10), "xy": (10, 10), "yy": (10, 10), "sum_x": (10,), "sum_y": (10,), "count": ()}
+
 _BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_uncertainty.py"
 
 
@@ -111,6 +114,25 @@ def test_batched_and_per_group_accumulation_agree():
     torch.testing.assert_close(states[1]["xy"][3], px[rows].T @ py[rows], atol=SUM_ATOL, rtol=0)
 
 
+def test_per_group_products_are_the_cpu_default_whatever_the_threads(monkeypatch):
+    """The padded batched product is slower on the CPU at every size measured: only CUDA defaults to it."""
+    from helpers import torch_threads
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("baddbmm_ used on the CPU by default")
+
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", refuse)
+    x, y = planted(300)
+    gid = unc.assign_groups(torch.arange(300), 5, 0)
+    state = {k: torch.zeros(5, *shape, dtype=torch.float64) for k, shape in _GROUP_SHAPES.items()}
+    with torch_threads(2):
+        unc.accumulate_groups(state, x.double(), y.double(), gid)
+    rows = (gid == 2).numpy()
+    np.testing.assert_allclose(
+        state["xy"][2].numpy(), x.double().numpy()[rows].T @ y.double().numpy()[rows], atol=SUM_ATOL
+    )
+
+
 def test_same_groups_and_intervals_for_any_batch_size_and_row_order():
     x, y = planted(600)
     ref = grouped(x, y, batch=600)
@@ -148,6 +170,155 @@ def test_merge_adds_group_sums():
         torch.testing.assert_close(merged.group_state[key], t, atol=SUM_ATOL, rtol=0)
     with pytest.raises(st.SpecError, match="groups=8"):
         a.merge(st.DiffCovariance("cosine", "cosine", groups=8).update(x[:10], y[:10]))
+
+
+# ------------------------------------------------------------------------------------- the staging buffer
+#: float64 sums of the same <= 1,100 rows added in another order (staged, flushed, direct): relative rounding
+#: below n eps = 2.4e-13 of the largest term
+ORDER_RTOL = 1e-12
+#: eigenvalues, intervals and held-out values from those sums: ORDER_RTOL rounding carried through the
+#: Cholesky / eigh solves and the bootstrap's weighted sums of a well-conditioned C (p = 10, n = 1,100)
+SOLVE_RTOL, SOLVE_ATOL = 1e-9, 1e-12
+#: linear kernels on 10 + 10 inputs with G = 4: k = max(64, (3 * 100) // 40) = 64 rows per group slot, S = 256
+STAGE_G, STAGE_K = 4, 64
+STAGE_S = STAGE_G * STAGE_K
+
+
+def _slot_path(index: torch.Tensor) -> tuple[int, int]:
+    """(full slots flushed, rows left staged) when rows ``index`` all go through the group slots."""
+    counts = torch.bincount(unc.assign_groups(index, STAGE_G, 0), minlength=STAGE_G).tolist()
+    return sum(n // STAGE_K for n in counts), sum(n % STAGE_K for n in counts)
+
+
+def _oracle_groups(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, np.ndarray]:
+    """Dense numpy group sums of linear features: ``xx [G, p, p]``, ``xy``, ``yy``, ``sum_x``, ``sum_y``, ``count``."""
+    gid = unc.assign_groups(index, STAGE_G, 0).numpy()
+    xn, yn = x.double().numpy(), y.double().numpy()
+    out: dict[str, list] = {k: [] for k in ("xx", "xy", "yy", "sum_x", "sum_y", "count")}
+    for g in range(STAGE_G):
+        a, b = xn[gid == g], yn[gid == g]  # [n_g, p], [n_g, q]
+        for key, value in (("xx", a.T @ a), ("xy", a.T @ b), ("yy", b.T @ b)):
+            out[key].append(value)
+        out["sum_x"].append(a.sum(0))
+        out["sum_y"].append(b.sum(0))
+        out["count"].append(float(len(a)))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _assert_groups_equal(state: dict[str, torch.Tensor], oracle: dict[str, np.ndarray]) -> None:
+    for key, want in oracle.items():
+        np.testing.assert_allclose(state[key].numpy(), want, rtol=ORDER_RTOL, atol=SUM_ATOL, err_msg=key)
+
+
+def _stream(acc: st.DiffCovariance, x, y, sizes, start: int = 0) -> int:
+    """Feed rows ``start ...`` in batches of ``sizes`` with their global indices; returns the next row."""
+    for b in sizes:
+        acc.update(x[start : start + b], y[start : start + b], index=torch.arange(start, start + b))
+        start += b
+    return start
+
+
+@pytest.fixture
+def slots_of_64(monkeypatch):
+    """Slots of STAGE_K = 64 rows (the floor) whatever the memory allowance, so small tests fill them."""
+    monkeypatch.setattr("spec_torch.covariance.STAGE_ROWS_PER_GROUP", STAGE_K)
+
+
+def test_stage_capacity_formula():
+    from spec_torch.covariance import STAGE_MIN_BYTES, _stage_rows
+
+    assert _stage_rows(32, 400, 400) == 32 * (STAGE_MIN_BYTES // (32 * 800 * 8))  # 327: the 64 MiB allowance
+    assert _stage_rows(8, 2000, 2000) == 8 * 512  # the 512-row cap
+    assert _stage_rows(32, 200, 200) == 32 * 512  # small D: 64 MiB hold 512 rows per group
+    assert _stage_rows(1024, 80, 80) == 1024 * 64  # the 64-row floor (half the sums allow 60 rows, 64 MiB 51)
+    for g, dx, dy in ((32, 400, 400), (16, 300, 900), (8, 2000, 100), (32, 200, 200), (1024, 80, 80)):
+        buffer, sums = _stage_rows(g, dx, dy) * (dx + dy) * 8, g * (dx * dx + dx * dy + dy * dy) * 8
+        k = _stage_rows(g, dx, dy) // g
+        assert buffer <= max(sums / 2, STAGE_MIN_BYTES) or k == 64
+        assert 64 <= k <= 512
+
+
+def test_small_test_slots(slots_of_64):
+    from spec_torch.covariance import _stage_rows
+
+    assert _stage_rows(STAGE_G, 10, 10) == STAGE_S
+
+
+@pytest.mark.parametrize(
+    ("sizes", "direct"),
+    [
+        ([100] * 11, 0),  # below S: through the slots, slots fill within a batch and across batches
+        ([STAGE_S] * 4, 4),  # equal to S with nothing staged: straight in
+        ([700, 400], 2),  # above S: straight in
+        ([100, 300, 50, 600], 0),  # 600 >= S arrives while rows are staged: several slot-fulls in one batch
+        ([600, 100, 30], 1),  # straight in, then staged
+    ],
+)
+def test_staged_group_sums_match_a_dense_oracle(sizes, direct, slots_of_64):
+    """``direct``: how many leading batches skip the slots (at least S rows, nothing staged)."""
+    x, y = planted(sum(sizes), seed=2)
+    acc = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(acc, x, y, sizes)
+    assert acc._stage[0].shape == (STAGE_S + 1, 10)
+    flushes, staged = _slot_path(torch.arange(sum(sizes[:direct]), len(x)))
+    assert (acc._flushes, acc._staged) == (flushes, staged)  # the path the rows took
+    _assert_groups_equal(acc.group_state, _oracle_groups(x, y, torch.arange(len(x))))
+    assert acc._staged == 0  # reading group_state flushed the partial slots
+    xn, yn = x.double().numpy(), y.double().numpy()
+    state = acc.state_dict()  # the totals, set from the group sums
+    np.testing.assert_allclose(state["xy"].numpy(), xn.T @ yn, rtol=ORDER_RTOL, atol=SUM_ATOL)
+    np.testing.assert_allclose(state["sum_x"].numpy(), xn.sum(0), rtol=ORDER_RTOL, atol=SUM_ATOL)
+    assert state["count"] == len(x)
+
+
+def test_checkpoint_taken_while_rows_are_staged(slots_of_64):
+    """state_dict flushes the staged rows (a complete checkpoint); load_state_dict drops rows staged before it."""
+    x, y = planted(700, seed=3)
+    first = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(first, x, y, [100, 200])
+    assert (first._flushes, first._staged) == _slot_path(torch.arange(300)) and first._staged > 0
+    saved = first.state_dict()
+    assert first._staged == 0
+    oracle = _oracle_groups(x[:300], y[:300], torch.arange(300))
+    _assert_groups_equal({k[6:]: v for k, v in saved.items() if k.startswith("group_")}, oracle)
+    resumed = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(resumed, x, y, [120])  # rows staged before the load: dropped with the sums they belonged to
+    assert resumed._staged == 120
+    resumed.load_state_dict(saved)
+    assert resumed._staged == 0
+    _stream(resumed, x, y, [150, 250], start=300)
+    assert resumed._staged > 0
+    _assert_groups_equal(resumed.group_state, _oracle_groups(x, y, torch.arange(700)))
+    assert resumed.n == 700
+
+
+def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run(slots_of_64):
+    """merge and compute flush the staged rows; the results equal a run that went straight in, to rounding."""
+    x, y = planted(1100, seed=4)
+    a = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    b = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    start = _stream(a, x, y, [150, 200])
+    _stream(b, x, y, [100] * 7 + [50], start=start)
+    assert a._staged and b._staged and a._flushes and b._flushes
+    a.merge(b)  # flushes both
+    assert (a._staged, b._staged) == (0, 0)
+    _assert_groups_equal(a.group_state, _oracle_groups(x, y, torch.arange(1100)))
+    direct = st.DiffCovariance("linear", "linear", groups=STAGE_G).update(x, y, index=torch.arange(1100))
+    assert (direct._flushes, direct._staged) == (0, 0)  # 1,100 >= S rows at once: the unstaged path
+    staged = st.DiffCovariance("linear", "linear", groups=STAGE_G)
+    _stream(staged, x, y, [90] * 12 + [20])
+    assert (staged._flushes, staged._staged) == _slot_path(torch.arange(1100)) and staged._staged > 0
+    r_direct = direct.compute(replicates=20, seed=3)
+    r_staged = staged.compute(replicates=20, seed=3)  # flushes the staged rows first
+    assert staged._staged == 0
+    torch.testing.assert_close(r_staged.eigenvalues, r_direct.eigenvalues, rtol=SOLVE_RTOL, atol=SOLVE_ATOL)
+    assert bool(torch.isfinite(r_direct.eigenvalue_ci[[0, -1]]).all())  # the extreme modes have intervals
+    close = {"rtol": SOLVE_RTOL, "atol": SOLVE_ATOL, "equal_nan": True}  # NaN: zero modes (x, y share 9 axes)
+    torch.testing.assert_close(r_staged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
+    torch.testing.assert_close(r_staged.heldout_eigenvalues, r_direct.heldout_eigenvalues, **close)
+    torch.testing.assert_close(r_staged.stability, r_direct.stability, equal_nan=True)
+    r_merged = a.compute(replicates=20, seed=3)
+    torch.testing.assert_close(r_merged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
 
 
 # ------------------------------------------------------------------------------- solves against the oracle
