@@ -563,9 +563,8 @@ class DiffCovariance:
             self.device = self.xx.device
         else:
             self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
-        self.group_state = (
-            group_state  # rows staged before the load are dropped with the sums they belonged to
-        )
+        # rows staged before the load are dropped with the sums they belonged to (the group_state setter)
+        self.group_state = group_state
         self._stale = False
         saved_input = state.get("input_dtype")
         if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
