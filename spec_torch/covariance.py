@@ -360,7 +360,7 @@ class DiffCovariance:
         added by one GEMM per block when the slot is full. Rows arriving ``S = G k`` or more at a time while
         nothing is staged go straight in (``B / G >= k`` rows per group GEMM already).
         """
-        from .uncertainty import accumulate_groups
+        from .uncertainty import accumulate_groups, rank_in_group
 
         f64, groups = torch.float64, self.groups
         if self._stage is None:
@@ -376,11 +376,7 @@ class DiffCovariance:
             accumulate_groups(self._group_sums, px, py, gid)
             return
         # each row's position in its group's stream since the group's last flush: pos = fill + rank in batch
-        sizes = torch.bincount(gid, minlength=groups)  # [G]
-        order = torch.argsort(gid, stable=True)  # [B]: the rows of one group become contiguous
-        first = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(gid.shape[0], device=gid.device) - first[gid[order]]  # [B]
+        sizes, _, rank = rank_in_group(gid, groups)  # [G], [B] rank of each row within its group
         fill = torch.tensor(self._fill, device=gid.device)  # [G]
         pos = fill[gid] + rank  # [B]
         lap, dest = pos // k, gid * k + pos % k  # [B] how many slot-fulls precede the row; its buffer row
@@ -402,14 +398,13 @@ class DiffCovariance:
 
     def _flush_group(self, g: int, n: int) -> None:
         """Add the ``n`` rows staged in group ``g``'s slot to its sums (one GEMM per block)."""
-        (stage_x, stage_y), k, sums = self._stage, self._slot, self._group_sums
-        a, b = stage_x[g * k : g * k + n], stage_y[g * k : g * k + n]  # [n, Dx], [n, Dy]
-        sums["xx"][g].addmm_(a.T, a)  # [Dx, n] @ [n, Dx] -> [Dx, Dx]
-        sums["xy"][g].addmm_(a.T, b)  # [Dx, n] @ [n, Dy] -> [Dx, Dy]
-        sums["yy"][g].addmm_(b.T, b)  # [Dy, n] @ [n, Dy] -> [Dy, Dy]
-        sums["sum_x"][g] += a.sum(0)  # [Dx]
-        sums["sum_y"][g] += b.sum(0)  # [Dy]
-        sums["count"][g] += n
+        from .uncertainty import add_to_group
+
+        (stage_x, stage_y), k = self._stage, self._slot
+        add_to_group(
+            self._group_sums, g, stage_x[g * k : g * k + n], stage_y[g * k : g * k + n]
+        )  # [n, Dx], [n, Dy]
+        self._group_sums["count"][g] += n
         self._flushes += 1
 
     def _flush(self) -> None:
@@ -737,13 +732,19 @@ class DiffCovariance:
             spec_diff_null=null,
         )
         if replicates:
-            state._attach_uncertainty(result, float(eta), top_k, replicates, level, seed, interval, center)
+            blocks = (xx, xy, yy)  # float64, centred like the solve
+            state._attach_uncertainty(
+                result, blocks, float(eta), top_k, replicates, level, seed, interval, center
+            )
         return result
 
     def _attach_uncertainty(
-        self, result: SpecResult, eta, top_k, replicates, level, seed, interval, center=False
+        self, result: SpecResult, blocks, eta, top_k, replicates, level, seed, interval, center=False
     ) -> None:
-        """Bootstrap / held-out / stability from the group sums into ``result`` (spec_torch.uncertainty)."""
+        """Bootstrap / held-out / stability from the group sums into ``result`` (spec_torch.uncertainty).
+
+        ``blocks``: the ``(XX, XY, YY)`` sums the full-data solve used (float64, centred with ``center``): the
+        full-data C the replicates' modes are matched in."""
         from .solver import assemble_covariance
         from .uncertainty import estimate
 
@@ -751,14 +752,7 @@ class DiffCovariance:
             raise SpecError(
                 f"replicates: {replicates} replicates need group-wise sums; create DiffCovariance(..., groups=G)"
             )
-        f64 = torch.float64
-        xx, xy, yy = self.xx.to(f64), self.xy.to(f64), self.yy.to(f64)
-        if center:  # the full-data C the replicates' modes are matched in: centred like the solve
-            sx, sy = self.sum_x.to(f64), self.sum_y.to(f64)
-            xx = xx - torch.outer(sx, sx) / self.n
-            xy = xy - torch.outer(sx, sy) / self.n
-            yy = yy - torch.outer(sy, sy) / self.n
-        c_full = assemble_covariance(xx, xy, yy, self.n, eta)
+        c_full = assemble_covariance(*blocks, self.n, eta)
         out = estimate(
             self.group_state,
             c_full,

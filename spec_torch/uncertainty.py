@@ -81,6 +81,31 @@ def assign_groups(index: torch.Tensor, groups: int, seed: int = 0) -> torch.Tens
     return torch.from_numpy((h % np.uint64(groups)).astype(np.int64)).to(index.device)
 
 
+def rank_in_group(gid: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's place among the rows of its group, in batch order.
+
+    Returns:
+        ``sizes [G]`` rows per group, ``order [B]`` a stable sort of the rows by group (one group's rows
+        contiguous), and ``rank [B]`` each row's position within its group (0, 1, ... in batch order).
+    """
+    sizes = torch.bincount(gid, minlength=groups)  # [G]
+    order = torch.argsort(gid, stable=True)  # [B]
+    first = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(gid.shape[0], device=gid.device) - first[gid[order]]  # [B]
+    return sizes, order, rank
+
+
+def add_to_group(state: dict[str, torch.Tensor], g: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Add rows ``a: [b, Dx]``, ``b: [b, Dy]`` (float64) to group ``g``'s sums, one GEMM per block; not its
+    ``count``, which the caller adds."""
+    state["xx"][g].addmm_(a.T, a)  # [Dx, b] @ [b, Dx] -> [Dx, Dx]
+    state["xy"][g].addmm_(a.T, b)  # [Dx, b] @ [b, Dy] -> [Dx, Dy]
+    state["yy"][g].addmm_(b.T, b)  # [Dy, b] @ [b, Dy] -> [Dy, Dy]
+    state["sum_x"][g] += a.sum(0)  # [Dx]
+    state["sum_y"][g] += b.sum(0)  # [Dy]
+
+
 @torch.no_grad()
 def accumulate_groups(
     state: dict[str, torch.Tensor],
@@ -116,8 +141,7 @@ def accumulate_groups(
     f64 = torch.float64
     groups = state["count"].shape[0]
     px, py = px.to(f64), py.to(f64)
-    sizes = torch.bincount(gid, minlength=groups)  # [G]
-    order = torch.argsort(gid, stable=True)  # rows of one group become contiguous
+    sizes, order, rank = rank_in_group(gid, groups)
     state["count"] += sizes.to(f64)
     if batched is None:
         batched = px.is_cuda
@@ -132,22 +156,15 @@ def accumulate_groups(
             if size:
                 a = torch.index_select(px, 0, rows, out=a_buf[:size])  # [b_g, Dx]
                 b = torch.index_select(py, 0, rows, out=b_buf[:size])  # [b_g, Dy]
-                state["xx"][g].addmm_(a.T, a)  # [Dx, b_g] @ [b_g, Dx] -> [Dx, Dx]
-                state["xy"][g].addmm_(a.T, b)  # [Dx, b_g] @ [b_g, Dy] -> [Dx, Dy]
-                state["yy"][g].addmm_(b.T, b)  # [Dy, b_g] @ [b_g, Dy] -> [Dy, Dy]
-                state["sum_x"][g] += a.sum(0)  # [Dx]
-                state["sum_y"][g] += b.sum(0)  # [Dy]
+                add_to_group(state, g, a, b)
         return
-    gid_sorted = gid[order]  # [B]
     state["sum_x"].index_add_(0, gid, px)  # [G, Dx]
     state["sum_y"].index_add_(0, gid, py)  # [G, Dy]
-    starts = torch.cumsum(sizes, 0) - sizes  # [G] first sorted row of each group
-    slot = torch.arange(gid.shape[0], device=gid.device) - starts[gid_sorted]  # [B] row within its group
     b_max = int(sizes.max())
     stack_x = px.new_zeros(groups, b_max, px.shape[1])  # [G, b_max, Dx]
     stack_y = py.new_zeros(groups, b_max, py.shape[1])  # [G, b_max, Dy]
-    stack_x[gid_sorted, slot] = px[order]
-    stack_y[gid_sorted, slot] = py[order]
+    stack_x[gid, rank] = px  # row i to its group's row rank[i]
+    stack_y[gid, rank] = py
     state["xx"].baddbmm_(stack_x.mT, stack_x)  # [G, Dx, b] @ [G, b, Dx] -> [G, Dx, Dx]
     state["xy"].baddbmm_(stack_x.mT, stack_y)  # [G, Dx, b] @ [G, b, Dy] -> [G, Dx, Dy]
     state["yy"].baddbmm_(stack_y.mT, stack_y)  # [G, Dy, b] @ [G, b, Dy] -> [G, Dy, Dy]
@@ -302,10 +319,7 @@ def heldout_quotient(c_b: torch.Tensor, u: torch.Tensor, jv: torch.Tensor) -> to
     Returns:
         ``[..., K]``; 0 where ``A_B u = 0``.
     """
-    cb_u = c_b @ u  # [..., D, K]: C_B u
-    num = (cb_u * (jv[:, None] * cb_u)).sum(-2)  # u^T C_B J C_B u
-    den = (u * cb_u).sum(-2)  # u^T C_B u = ||A_B u||^2
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+    return heldout_crossfit(c_b, c_b, c_b, u, jv)  # both parts the whole held-out set
 
 
 def heldout_crossfit(
