@@ -23,6 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: the library's routes vs the dense float64 oracles, relative to the reference: eigenvalue solvers are
 #: backward stable (error ~ size * eps * ||M||, 1e-13 here); 1e-9 leaves room, a wrong formula is off by > 1e-3
 ORACLE_RTOL = 1e-9
+#: the block Krylov solver stops at residual <= rtol ||S|| (solver._top_k_both_signs): the extreme Ritz value is
+#: then accurate to far better than this
+KRYLOV_RTOL = 1e-6
 #: mean SPEC-diff over 30 real shuffles vs the reference, relative, at n = 500: gaps of -2.7% .. +1.6% measured by
 #: bench_permutation.py (docs/uncertainty.md), -2.5% .. -0.04% on this file's data; the cross block fluctuates by
 #: O(1/sqrt n) around its average
@@ -125,6 +128,27 @@ def test_reference_matches_dense_oracles(kind, center, eta):
     ):
         assert res.spec_diff_null == pytest.approx(want, rel=ORACLE_RTOL), (res.method, res.solver)
         assert res.spec_diff_ratio == pytest.approx(res.spec_diff / want, rel=ORACLE_RTOL)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_exact_route_reference_converges_in_the_krylov_solver(center, monkeypatch):
+    """The n x n routes take the reference's two ends from the block Krylov solver: on class-sorted digits in
+    float32 (the default path, a hard case) it converges without its eigvalsh fallback and agrees with the
+    dense oracle."""
+    from sklearn.datasets import load_digits
+
+    data, labels = load_digits(return_X_y=True)
+    order = np.argsort(labels, kind="stable")[:600]  # class-sorted rows
+    x = data[order].astype(np.float32)
+    y = (data[order] @ np.random.default_rng(0).standard_normal((64, 8))).astype(np.float32)
+    want = sample_oracle(*(gram(a.astype(np.float64), "cosine") for a in (x, y)), 1.0, center)
+
+    def no_eigvalsh(*args, **kwargs):  # the Krylov solver's fallback (and a full solve) would call it
+        raise AssertionError("the reference was not found by the block Krylov solver")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", no_eigvalsh)
+    res = st.spec(x, y, "cosine", "cosine", method="exact", center=center)
+    assert res.spec_diff_null == pytest.approx(want, rel=KRYLOV_RTOL)
 
 
 @pytest.mark.parametrize("center", [False, True])
