@@ -82,9 +82,20 @@ def _stream_pass(acc: st.DiffCovariance, x: torch.Tensor, y: torch.Tensor, batch
     acc._settle()
 
 
+class _Unstaged(st.DiffCovariance):
+    """The grouped accumulator without its staging buffer: every batch straight to accumulate_groups, one
+    product per group and block of ``B / G`` rows (how it was before the buffer), for comparison."""
+
+    def _stage_or_add(self, px: torch.Tensor, py: torch.Tensor, gid: torch.Tensor) -> None:
+        from spec_torch.uncertainty import accumulate_groups
+
+        accumulate_groups(self._group_sums, px, py, gid)
+
+
 def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n: int, reps: int) -> None:
     """Wall and CPU time of a pass of ``n`` rows in batches of ``batch``: grouped (staging and its flushes
-    included) against plain, the same data, passes interleaved, medians of ``reps`` (times and pair ratios)."""
+    included) against plain, the same data, passes interleaved, medians of ``reps`` (times and pair ratios);
+    the grouped pass without staging too."""
     from spec_torch.covariance import _stage_rows
 
     block = 8192  # distinct rows; the pass cycles through them
@@ -94,23 +105,24 @@ def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n:
     y = torch.randn(block, d, generator=g, dtype=torch.float64).to(device)  # [block, Dy]
     plain = st.DiffCovariance("linear", "linear")
     grouped = st.DiffCovariance("linear", "linear", groups=groups)
-    for acc in (plain, grouped):  # warm-up, state allocation
+    unstaged = _Unstaged("linear", "linear", groups=groups)
+    for acc in (plain, grouped, unstaged):  # warm-up, state allocation
         acc.update(x[:batch], y[:batch])
         acc._settle()
     flushes = grouped._flushes
-    wall: dict[str, list[float]] = {"plain": [], "groups": []}
-    cpu: dict[str, list[float]] = {"plain": [], "groups": []}
-    runs = [("plain", plain), ("groups", grouped)]
+    wall: dict[str, list[float]] = {"plain": [], "groups": [], "unstaged": []}
+    cpu: dict[str, list[float]] = {"plain": [], "groups": [], "unstaged": []}
+    runs = [("plain", plain), ("groups", grouped), ("unstaged", unstaged)]
     for rep in range(reps):
         for name, acc in runs if rep % 2 == 0 else runs[::-1]:  # alternate the order: load drifts
             c0 = time.process_time()
             wall[name].append(timed(lambda acc=acc: _stream_pass(acc, x, y, batch, n), device))
             cpu[name].append(time.process_time() - c0)
 
-    def ratio(t: dict[str, list[float]]) -> float:
-        """Median over repetitions of grouped / plain, each pair run back to back (a shared machine's load
+    def ratio(t: dict[str, list[float]], name: str = "groups") -> float:
+        """Median over repetitions of ``name`` / plain, each pair run back to back (a shared machine's load
         changes between repetitions more than within one)."""
-        return statistics.median(g / p for g, p in zip(t["groups"], t["plain"]))
+        return statistics.median(g / p for g, p in zip(t[name], t["plain"]))
 
     k = _stage_rows(groups, d, d) // groups
     line = (
@@ -120,6 +132,7 @@ def bench_accumulation(device: torch.device, d: int, groups: int, batch: int, n:
     )
     if device.type == "cpu":
         line += f"  CPU-time ratio {ratio(cpu):5.2f}x"
+    line += f"  (unstaged {ratio(wall, 'unstaged'):4.2f}x)"
     # other processes' load distorts multithreaded timings most (a descheduled thread stalls every product)
     print(line + f"  (target <= 1.3x; load {os.getloadavg()[0]:.1f})", flush=True)
 

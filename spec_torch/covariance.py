@@ -46,6 +46,11 @@ _FORMAT = "spec_torch.DiffCovariance/1"  # tag of state_dict(); bump when the sa
 STAGE_ROWS_PER_GROUP = 512
 #: fewest rows per group GEMM, whatever the memory bound
 MIN_STAGE_ROWS_PER_GROUP = 64
+#: a batch with this many rows per group on average (or a full slot's k, if fewer) goes straight in while nothing
+#: is staged: its group GEMMs are already near full speed and the copy into the slots would cost more
+#: (bench_uncertainty.py, D = 400 + 400, G = 32, B = 8,192, 1 thread: straight in 1.02x the plain pass,
+#: through the slots 1.16x)
+DIRECT_ROWS_PER_GROUP = 256
 #: the staging buffer may always use this much, even beyond half the group sums (small D: at d = 200 per side,
 #: G = 32, half the group sums allow only k = 150 rows, measured 1.35-1.57x the plain update against 1.26-1.31x
 #: at k = 512)
@@ -357,9 +362,9 @@ class DiffCovariance:
         """Add ``px: [B, Dx]``, ``py: [B, Dy]`` with groups ``gid: [B]`` to the group sums through the staging
         buffer: a group's GEMM with few rows runs far below the speed of a large one (``B / G = 64`` rows per
         group costs about 2x the plain update), so each group's rows are copied into its slot of ``k`` rows and
-        added by one GEMM per block when the slot is full. Rows arriving ``S = G k`` or more at a time while
-        nothing is staged go straight in (``B / G >= k`` rows per group GEMM already).
-        """
+        added by one GEMM per block when the slot is full. A batch of at least ``G min(k, 256)`` rows
+        (:data:`DIRECT_ROWS_PER_GROUP`) arriving while nothing is staged goes straight in: its group GEMMs
+        already see enough rows."""
         from .uncertainty import accumulate_groups, rank_in_group
 
         f64, groups = torch.float64, self.groups
@@ -372,7 +377,7 @@ class DiffCovariance:
                 torch.empty(rows, py.shape[1], dtype=f64, device=dev),  # [G k + 1, Dy]
             )
         (stage_x, stage_y), k = self._stage, self._slot
-        if self._staged == 0 and px.shape[0] >= groups * k:
+        if self._staged == 0 and px.shape[0] >= groups * min(k, DIRECT_ROWS_PER_GROUP):
             accumulate_groups(self._group_sums, px, py, gid)
             return
         # each row's position in its group's stream since the group's last flush: pos = fill + rank in batch

@@ -130,8 +130,8 @@ def accumulate_groups(
     1.09x at D = 2000 + 2000; the padded batched variant 1.34-2.85x (slower on the CPU everywhere). So
     :class:`~spec_torch.DiffCovariance` stages each group's rows until it has k of them
     (``spec_torch.covariance._stage_rows``; k = 327-512 at these sizes) and calls this function only for
-    batches of at least ``G k`` rows: a pass in batches of 1,024-8,192 rows then costs 1.03-1.25x the plain
-    pass at D = 400 + 400 and 2,000 + 2,000, 1 and 2 threads (docs/uncertainty.md, "Cost").
+    batches of at least ``G min(k, 256)`` rows: a pass in batches of 1,024-8,192 rows then costs 1.01-1.33x the
+    plain pass at D = 400 + 400 and 2,000 + 2,000, 1 and 2 threads (docs/uncertainty.md, "Cost").
 
     Args:
         state: ``xx [G, Dx, Dx]``, ``xy [G, Dx, Dy]``, ``yy [G, Dy, Dy]``, ``sum_x [G, Dx]``, ``sum_y [G, Dy]``,

@@ -271,6 +271,21 @@ def test_staged_group_sums_match_a_dense_oracle(sizes, direct, slots_of_64):
     assert state["count"] == len(x)
 
 
+def test_batches_with_enough_rows_per_group_skip_the_slots():
+    """Slots of k = 512 rows (the 64 MiB allowance at D = 10 + 10, G = 4): a batch of G * 256 rows
+    (DIRECT_ROWS_PER_GROUP) with nothing staged goes straight in, one row fewer goes through the slots; both
+    equal the dense oracle."""
+    from spec_torch.covariance import DIRECT_ROWS_PER_GROUP, _stage_rows
+
+    assert _stage_rows(STAGE_G, 10, 10) // STAGE_G == 512 > DIRECT_ROWS_PER_GROUP
+    direct_rows = STAGE_G * DIRECT_ROWS_PER_GROUP
+    for rows, staged in ((direct_rows, False), (direct_rows - 1, True)):
+        x, y = planted(rows, seed=4)
+        acc = st.DiffCovariance("linear", "linear", groups=STAGE_G).update(x, y)
+        assert (acc._staged > 0) == staged  # no slot fills (fewer than 512 rows per group)
+        _assert_groups_equal(acc.group_state, _oracle_groups(x, y, torch.arange(rows)))
+
+
 def test_checkpoint_taken_while_rows_are_staged(slots_of_64):
     """state_dict flushes the staged rows (a complete checkpoint); load_state_dict drops rows staged before it."""
     x, y = planted(700, seed=3)
