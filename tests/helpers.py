@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 import time
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -40,3 +42,20 @@ def spawn_gloo(fn, *args, world: int, timeout_s: float) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {world} Gloo workers did not finish in {timeout_s} s (a collective mismatch?)")
+
+
+@contextmanager
+def gloo_group(rank: int, port: int, world: int, timeout_s: float | None = None) -> Iterator[None]:
+    """A Gloo process group for one ``spawn_gloo`` worker (one intra-op thread), destroyed on the way out,
+    error or not. Without the destroy, Gloo's worker threads outlive the interpreter's teardown and the
+    process can die with SIGABRT ("terminate called without an active exception"; pytorch/pytorch#190489),
+    which made a passing run fail once in CI."""
+    torch.set_num_threads(1)
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **kwargs
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

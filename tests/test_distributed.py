@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import free_port, spawn_gloo
+from helpers import free_port, gloo_group, spawn_gloo
 from PIL import Image, ImageDraw
 
 import spec_torch as st
@@ -46,11 +46,6 @@ GAUSS = ["kernel@kernel_y=gaussian", "kernel_y.sigma=auto", "kernel_y.rff_dim=64
 
 def _spawn(fn, *args) -> None:
     spawn_gloo(fn, *args, world=WORLD, timeout_s=TIMEOUT_S)
-
-
-def _init(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
 
 
 # ------------------------------------------------------------------------------ helpers, one process
@@ -329,8 +324,7 @@ def _extraction_error_on_one_rank(rank: int, work: Path) -> dict:
 
 
 def _worker(rank: int, port: int, work: str) -> None:
-    _init(rank, port)
-    try:
+    with gloo_group(rank, port, world=WORLD):
         result = {
             "lib": _library_checks(rank, work),
             "features": _compare_features(Path(work) / "features"),
@@ -339,8 +333,6 @@ def _worker(rank: int, port: int, work: str) -> None:
             "align": _align_interrupted_then_resumed(rank, Path(work) / "align" / "two"),
         }
         torch.save(result, os.path.join(work, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ is monkeypatched, and unwritable paths sit under a regular file (ENOTDIR).
 
 from __future__ import annotations
 
-import datetime
 import errno
 import io
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import spawn_gloo
+from helpers import gloo_group, spawn_gloo
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -443,19 +442,6 @@ def test_stale_temporaries_of_the_target_are_cleaned(tmp_path):
 DIST_TIMEOUT_S = 60  # the whole 2-process run; each case finishes in seconds when the ranks agree
 
 
-def _gloo(rank: int, port: int) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S),
-    )
-
-
 def _expect_same_error(rank: int, case: str, fn, pattern: str, out: str) -> None:
     try:
         fn()
@@ -467,8 +453,12 @@ def _expect_same_error(rank: int, case: str, fn, pattern: str, out: str) -> None
 
 
 def _w_one_rank_fails(rank: int, port: int, out: str) -> None:
+    with gloo_group(rank, port, world=2, timeout_s=DIST_TIMEOUT_S):
+        _one_rank_fails_cases(rank, out)
+
+
+def _one_rank_fails_cases(rank: int, out: str) -> None:
     """Each case: a check fails on one rank only; every rank must raise the same SpecError (no hang)."""
-    _gloo(rank, port)
     sd.agree(None)  # nobody failed: returns on every rank
     _expect_same_error(
         rank,

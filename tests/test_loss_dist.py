@@ -10,8 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import spawn_gloo
+from helpers import gloo_group, spawn_gloo
 
 import spec_torch as st
 from spec_torch import SpecAlignLoss
@@ -67,9 +66,7 @@ def _rows(rank: int) -> slice:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, world=WORLD):
         x, y = _data()
         results = {}
         for name, kwargs in CONFIGS.items():
@@ -84,8 +81,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "solver": fn.last_solver,
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -154,22 +149,20 @@ def _error_cases(rank: int) -> dict:
 def _error_worker(rank: int, port: int, out_dir: str) -> None:
     import spec_torch.loss as loss_module
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     real = loss_module.memory_available
-    try:
-        messages = {}
-        for name, (kwargs, s, t) in _error_cases(rank).items():
-            loss_module.memory_available = (lambda device: 0) if name == "memory" and rank == 1 else real
-            try:
-                SpecAlignLoss(**kwargs)(s, t)
-                messages[name] = None
-            except st.SpecError as exc:
-                messages[name] = str(exc)
-        torch.save(messages, os.path.join(out_dir, f"errors{rank}.pt"))
-    finally:
-        loss_module.memory_available = real
-        dist.destroy_process_group()
+    with gloo_group(rank, port, world=WORLD):
+        try:
+            messages = {}
+            for name, (kwargs, s, t) in _error_cases(rank).items():
+                loss_module.memory_available = (lambda device: 0) if name == "memory" and rank == 1 else real
+                try:
+                    SpecAlignLoss(**kwargs)(s, t)
+                    messages[name] = None
+                except st.SpecError as exc:
+                    messages[name] = str(exc)
+            torch.save(messages, os.path.join(out_dir, f"errors{rank}.pt"))
+        finally:
+            loss_module.memory_available = real
 
 
 @pytest.fixture(scope="module")

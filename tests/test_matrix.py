@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import spawn_gloo
+from helpers import gloo_group, spawn_gloo
 from oracle import difference
 
 import spec_torch as st
@@ -235,16 +234,12 @@ def test_most_different_and_to_dict():
 
 # ------------------------------------------------------------------------------------------- DDP
 def _dist_worker(rank: int, port: int, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, world=2):
         f = feature_sets()
         rows = slice(0, 100) if rank == 0 else slice(100, 240)  # unequal shards
         m = st.spec_matrix({k: v[rows] for k, v in f.items()}, eta=0.6, batch_size=64)
         if rank == 0:
             torch.save({"spec_diff": m.spec_diff, "lead": m.lead, "cka": m.cka, "n": m.n}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):

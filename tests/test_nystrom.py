@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.distributed as dist
-from helpers import spawn_gloo
+from helpers import gloo_group, spawn_gloo
 from hydra import compose, initialize_config_dir
 from oracle import gram, spectrum
 
@@ -273,9 +272,7 @@ def _dist_kernels() -> tuple[st.Nystrom, st.Nystrom]:
 
 
 def _dist_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, world=2):
         x, y = _dist_data()
         if rank == 1:  # a different fitting sample on rank 1: fit_on_main must use rank 0's
             x, y = x.flip(0), y.flip(0)
@@ -288,8 +285,6 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
             .compute(eta=0.8)
         )
         torch.save({"eig": res.eigenvalues, "state": kx.state_tensors()}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):

@@ -12,8 +12,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import spawn_gloo
+from helpers import gloo_group, spawn_gloo
 from oracle import difference, spectrum
 
 import spec_torch as st
@@ -548,8 +547,7 @@ def test_bad_input_raises_named_errors():
 
 # ----------------------------------------------------------------------------------------- 2 Gloo ranks
 def _rank_worker(rank: int, port: int, path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, world=2):
         x, y = planted(600)
         shard = torch.arange(rank, 600, 2)  # interleaved shards: rank r reads rows r, r+2, ...
         acc = st.DiffCovariance("cosine", "cosine", groups=16)
@@ -560,8 +558,6 @@ def _rank_worker(rank: int, port: int, path: str) -> None:
             torch.save(
                 {"ci": res.eigenvalue_ci, "held": res.heldout_eigenvalues, "stab": res.stability}, path
             )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_one_vs_two_gloo_ranks():
