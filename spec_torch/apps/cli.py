@@ -140,7 +140,9 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
     missing folder, no permission), becomes one ``error: ...`` line on stderr and exit status 2.
 
     Before running, the result files (:data:`RESULT_FILES`) of an earlier run in the same output folder are
-    removed (rank 0 only), and ``seed`` is checked.
+    removed (rank 0 only), and ``seed`` is checked. Under torchrun the process group is destroyed on the way
+    out, error or not: left to the interpreter's teardown, Gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception").
     """
     try:
         if distributed.is_main_process():
@@ -156,6 +158,8 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
         _fail(
             f"cannot access{where}: {exc.strerror or exc} (free space, fix the permissions, or choose another path)"
         )
+    finally:
+        distributed.destroy_distributed()
 
 
 def _fail(message: str) -> None:
