@@ -115,6 +115,16 @@ def test_each_command_help_lists_only_its_own_presets():
         listed = re.search(r"experiment: (.*)", proc.stdout).group(1)
         assert set(listed.split(", ")) == own, (command, listed)
         assert not any(p in proc.stdout for p in other)
+        # the groups every command shares, under the keys this command chooses them by
+        x, y = ("encoder_x", "encoder_y") if command == "compare" else ("student", "teacher")
+        for group, keys, member in (
+            ("data", "data", "synthetic"),
+            ("encoder", f"encoder@{x}, encoder@{y}", "minilm"),
+        ):
+            listed = re.search(rf"^{re.escape(keys)}: (.*)$", proc.stdout, re.M)
+            assert listed, (command, group, proc.stdout[:600])
+            options = {p.stem for p in (config_dir() / group).glob("*.yaml")}
+            assert set(listed.group(1).split(", ")) == options and member in options, (command, group)
 
 
 def test_top_level_usage_and_unknown_command():

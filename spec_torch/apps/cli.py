@@ -111,10 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: the OmegaConf resolver that the commands' ``hydra.help.template`` calls to list the shared groups
+#: (:func:`spec_torch.apps.config.shared_groups_help`)
+GROUPS_RESOLVER = "spec_torch_shared_groups"
+
+
 def hydra_command(command: Command, args: Sequence[str]) -> None:
     """Run ``command`` through ``@hydra.main`` with its packaged configs and the overrides ``args``."""
     import hydra
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    from .config import shared_groups_help
+
+    if not OmegaConf.has_resolver(GROUPS_RESOLVER):
+        OmegaConf.register_new_resolver(GROUPS_RESOLVER, shared_groups_help)
 
     def _run(cfg: DictConfig) -> None:
         command.load()(cfg)  # imported after Hydra parsed the command line: --help stays fast

@@ -58,6 +58,25 @@ def _groups(command: str) -> dict[str, str]:
     return out
 
 
+def shared_groups_help(command: str) -> str:
+    """What ``spec-torch COMMAND --help`` lists for the groups shared by every command (``data/``,
+    ``encoder/``, ``kernel/``): one line per shared group of the command's defaults, with the keys it is
+    chosen under and its packaged options (``encoder@encoder_x, encoder@encoder_y: minilm, ...``).
+
+    Hydra's own listing (``$APP_CONFIG_GROUPS``) shows only the command's folder (its ``experiment/``
+    presets): the shared folders join the search path later, from the primary config's ``hydra.searchpath``.
+    """
+    used_as: dict[str, list[str]] = {}
+    for key in _groups(command).values():
+        group = key.partition("@")[0]
+        if group != "experiment" and (config_dir() / group).is_dir():
+            used_as.setdefault(group, []).append(key)
+    return "\n".join(
+        f"{', '.join(keys)}: {', '.join(sorted(p.stem for p in (config_dir() / group).glob('*.yaml')))}"
+        for group, keys in used_as.items()
+    )
+
+
 def group_overrides(command: str, settings: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Split a dict of settings into Hydra group choices (``{"data": "features"}`` -> ``data=features``,
     ``{"encoder_x": "minilm"}`` -> ``encoder@encoder_x=minilm``, ``experiment``) and values to merge."""
