@@ -170,8 +170,12 @@ def _kernels(cfg: DictConfig, features: dict[str, Any], n: int, device: torch.de
     if kernel.is_fitted or not distributed.is_distributed():
         return kernel
     first = range(min(n, int(cfg.stream_batch_size)))
-    batch = next(iter(_Batches(features, first, len(first), device))) if distributed.is_main_process() else {}
-    return {k: distributed.fit_on_main(kernel, batch.get(k)) for k in features}
+
+    def fit() -> dict[str, Any]:  # on rank 0: its read or fit error is raised on every rank
+        batch = next(iter(_Batches(features, first, len(first), device)))
+        return {k: kernel.fit(x) for k, x in batch.items()}
+
+    return distributed.run_on_main(fit)
 
 
 def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, Any]]:
