@@ -17,6 +17,9 @@ Examples::
     python scripts/matrix.py data=imagefolder data.root=/my/images \\
         +encoders.cnn='{family: timm, model: resnet50.a1_in1k, pretrained: true, layers: all}'
 
+    # several processes (GPUs) on one node: each extracts and streams its block of the data; rank 0 writes
+    torchrun --nproc_per_node=8 scripts/matrix.py experiment=matrix_imagenet_models data.root=/data/imagenet/val
+
 Bad input prints one line ``error: ...`` to stderr and exits with status 2; no matrix.json is written.
 """
 

@@ -7,6 +7,8 @@
   state all-reduce, an error on rank 0 raised on every rank.
 - ``torchrun --nproc_per_node=2 scripts/compare.py``: spec.json equals a 1-process run (precomputed features,
   and an image folder extracted per rank with a corrupt image); one run directory, written by rank 0 only.
+- ``torchrun --nproc_per_node=2 scripts/matrix.py``: matrix.json equals a 1-process run (a layered encoder
+  cut from the sharded cache, an auto-sigma kernel); written by rank 0 only, one cache per rank and encoder.
 - A rank that dies mid-extraction leaves a cache that the rerun resumes (only the missing rows are embedded).
 
 SpecAlignLoss over 2 ranks (value and gradient for every norm) is tested in tests/test_loss_dist.py.
@@ -78,6 +80,12 @@ def test_row_concat_reads_like_concatenate():
     np.testing.assert_array_equal(rc[rows], full[rows])
     with pytest.raises(SpecError, match=r"row indices must lie in \[0, 11\)"):
         rc[np.array([11])]
+    cols = rc[:, 1:3]  # a layered cache cut into its layers: column views, read later
+    assert isinstance(cols, sd.RowConcat) and cols.shape == (11, 2)
+    np.testing.assert_array_equal(cols[2:9], full[2:9, 1:3])
+    np.testing.assert_array_equal(cols[rows], full[rows, 1:3])
+    with pytest.raises(SpecError, match=r"a\[:, i:j\]"):
+        rc[1:3, 0]
     with pytest.raises(SpecError, match="same row shape"):
         sd.RowConcat([np.zeros((2, 3)), np.zeros((2, 4))])
 
@@ -728,6 +736,86 @@ def test_torchrun_extraction_writes_one_cache_per_rank(torchrun_compare):
     assert len(folders) == 4  # 2 encoders x 2 ranks
     shards = sorted(tuple(json.loads((f / "complete.json").read_text())["dataset"]["shard"]) for f in folders)
     assert shards == [(0, 14, 28), (0, 14, 28), (14, 28, 28), (14, 28, 28)]  # no image twice, none dropped
+
+
+# ------------------------------------------------------------------------- torchrun scripts/matrix.py
+MATRIX_SCRIPT = ROOT / "scripts" / "matrix.py"
+#: the offline demo, small: 6 feature sets (2 encoders + a CNN's 4 layers, cut from one sharded cache), a
+#: Gaussian kernel whose sigma=auto is fitted on the first stream batch (rank 0's rows [0, 16) under torchrun),
+#: several batches per rank
+MATRIX = [
+    "experiment=matrix_demo",
+    "data.n=48",
+    "samples_per_mode=6",
+    "stream_batch_size=16",
+    "kernel=gaussian",
+    "kernel.sigma=auto",
+    "kernel.rff_dim=64",
+    "report=false",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def torchrun_matrix(tmp_path_factory):
+    """``torchrun --nproc_per_node=2 scripts/matrix.py`` of the small offline demo, in the preset's run dir
+    under its working directory, and the same matrix in one process (in-process)."""
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.apps.matrix import run
+
+    work = tmp_path_factory.mktemp("torchrun_matrix")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
+    cmd = [
+        str(TORCHRUN),
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={free_port()}",
+        str(MATRIX_SCRIPT),
+        *MATRIX,
+    ]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/matrix"), version_base="1.3"):
+        cfg = compose(
+            config_name="matrix",
+            overrides=[*MATRIX, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
+        )
+    one = run(cfg)  # meanwhile: 1 process
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return work, out, one
+
+
+def test_torchrun_matrix_equals_one_process(torchrun_matrix):
+    work, _, one = torchrun_matrix
+    (path,) = list((work / "outputs").rglob("matrix.json"))
+    two = json.loads(path.read_text())
+    assert two["names"] == one["names"] and len(one["names"]) == 6
+    assert two["n"] == one["n"] == 48 and two["settings"]["route"] == "joint"
+    assert two["settings"]["kernels"] == one["settings"]["kernels"]  # the same auto sigmas: rank 0's rows
+    for key in ("spec_diff", "lead", "cka"):  # float64 sums: only the summation order differs
+        np.testing.assert_allclose(two[key], one[key], rtol=F64_RTOL, atol=1e-14)
+    assert [(p["x"], p["y"]) for p in two["pairs"]] == [(p["x"], p["y"]) for p in one["pairs"]]
+    assert len(one["pairs"]) == 3
+    for a, b in zip(two["pairs"], one["pairs"]):
+        assert [m["index"] for m in a["modes"]] == [m["index"] for m in b["modes"]] and a["modes"]
+        for ma, mb in zip(a["modes"], b["modes"]):
+            assert set(ma["top_rows"]) == set(mb["top_rows"])  # merged over ranks, global rows
+            np.testing.assert_allclose(sorted(ma["top_scores"]), sorted(mb["top_scores"]), rtol=0, atol=1e-9)
+
+
+def test_torchrun_matrix_written_by_rank_zero_with_one_cache_per_rank(torchrun_matrix):
+    work, stdout, _ = torchrun_matrix
+    run_dir = work / "outputs" / "matrix_demo"  # the preset's hydra.run.dir
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "matrix.json", "matrix.log"]
+    assert stdout.count("SPEC matrix:") == 1  # one summary: rank 0's
+    folders = sorted((work / "cache").iterdir())
+    assert len(folders) == 6  # 3 encoders x 2 ranks
+    shards = sorted(tuple(json.loads((f / "complete.json").read_text())["dataset"]["shard"]) for f in folders)
+    assert shards == [(0, 24, 48)] * 3 + [(24, 48, 48)] * 3
 
 
 # -------------------------------------------------------------------------- torchrun scripts/align.py

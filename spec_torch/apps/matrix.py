@@ -6,7 +6,11 @@ split into named feature sets ``<encoder>/<layer>``); stream all feature sets th
 once; for the ``top_pairs`` most different pairs score their top modes in both directions from the joint sums
 (:meth:`SpecMatrix.pair`, one scoring pass per pair); write ``matrix.json`` then ``report.html``.
 
-Runs in one process (under torchrun every rank would extract everything: not supported here).
+Under torchrun (``torchrun --nproc_per_node=2 scripts/matrix.py experiment=matrix_demo``, or ``torchrun
+--nproc_per_node=2 -m spec_torch matrix ...``) each rank extracts its contiguous block of the dataset into a
+cache of its own (:func:`~spec_torch.apps.sharding.extract_sharded`) and streams only its block of the common
+rows; the matrix sums are all-reduced and each pair's top samples merged over the ranks, so every rank holds
+the one-process result. Rank 0 alone writes ``matrix.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from .._validate import resolve_device
 from ..errors import SpecError
 from ..matrix import spec_matrix
+from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
 from .config import ACCUMULATE_DTYPES, check_run_settings, load_config
-from .extract import extract_features
 
 __all__ = ["run", "MATRIX_JSON"]
 
@@ -84,7 +88,7 @@ def _extract_all(cfg: DictConfig, device: torch.device):
     caches, sets, enc_info = {}, {}, {}
     for name in list(encoders):
         enc = encoders.pop(name)
-        cache = extract_features(
+        cache = distributed.extract_sharded(  # extract_features; under torchrun each rank its block
             dataset, enc, Path(str(cfg.cache_dir)).expanduser(), **extraction_settings(cfg, device)
         )
         caches[name] = cache
@@ -129,23 +133,57 @@ class _Rows:
 
 
 class _Batches:
-    """Re-iterable batches ``{name: [B, d] float32 tensor}`` of rows ``[start, stop)`` (the groups route re-reads)."""
+    """Re-iterable batches ``{name: [B, d] float32 tensor}`` of the common rows ``rows`` (a contiguous range;
+    the groups route re-reads)."""
 
-    def __init__(self, features: dict[str, Any], n: int, batch: int, device: torch.device) -> None:
-        self.features, self.n, self.batch, self.device = features, n, batch, device
+    def __init__(self, features: dict[str, Any], rows: range, batch: int, device: torch.device) -> None:
+        self.features, self.rows, self.batch, self.device = features, rows, batch, device
 
     def __iter__(self):
-        for s in range(0, self.n, self.batch):
+        for s in range(self.rows.start, self.rows.stop, self.batch):
+            e = min(s + self.batch, self.rows.stop)
             yield {
-                k: torch.from_numpy(np.array(v[s : s + self.batch], dtype=np.float32)).to(self.device)
+                k: torch.from_numpy(np.array(v[s:e], dtype=np.float32)).to(self.device)
                 for k, v in self.features.items()
             }
 
 
+def _my_rows(n: int) -> range:
+    """The common rows this process streams: all of them, or under torchrun this rank's contiguous block."""
+    if not distributed.is_distributed():
+        return range(n)
+    if n < distributed.get_world_size():  # n is the same on every rank: every rank raises
+        raise SpecError(
+            f"data: {n} common samples cannot be split over {distributed.get_world_size()} ranks; "
+            "use fewer processes (--nproc_per_node)"
+        )
+    return distributed.shard_range(n)
+
+
+def _kernels(cfg: DictConfig, features: dict[str, Any], n: int, device: torch.device) -> Any:
+    """The ``kernel`` setting; under torchrun a data-dependent one (``sigma: auto``) is fitted per feature set
+    on rank 0, on the rows one process fits it on (its first stream batch), and sent to every rank: each rank
+    fitting on its own block would make the ranks' sums describe different kernels."""
+    from ..kernels import resolve_kernel
+
+    kernel = resolve_kernel(_container(cfg.kernel), "kernel")
+    if kernel.is_fitted or not distributed.is_distributed():
+        return kernel
+    first = range(min(n, int(cfg.stream_batch_size)))
+
+    def fit() -> dict[str, Any]:  # on rank 0: its read or fit error is raised on every rank
+        batch = next(iter(_Batches(features, first, len(first), device)))
+        return {k: kernel.fit(x) for k, x in batch.items()}
+
+    return distributed.run_on_main(fit)
+
+
 def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, Any]]:
-    """For the most different pairs: top modes of both signs, their top samples (one scoring pass per pair)."""
+    """For the most different pairs: top modes of both signs, their top samples (one scoring pass per pair;
+    under torchrun each rank scores its block and the candidates are merged over the ranks)."""
     out = []
     k = min(int(cfg.samples_per_mode), n)
+    mine = _my_rows(n)
     for i, j in m.most_different(int(cfg.top_pairs)):
         a, b = m.names[i], m.names[j]
         res = m.pair(i, j)
@@ -154,9 +192,15 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
             continue
         batches = (
             (t[a], t[b])
-            for t in _Batches({a: features[a], b: features[b]}, n, int(cfg.stream_batch_size), device)
+            for t in _Batches({a: features[a], b: features[b]}, mine, int(cfg.stream_batch_size), device)
         )
-        top = res.top_samples(batches, k=k, modes=chosen["x"] + chosen["y"])
+        top = res.top_samples(
+            batches,
+            k=k,
+            modes=chosen["x"] + chosen["y"],
+            offset=mine.start,
+            sync_dist=distributed.is_distributed(),
+        )
         modes = []
         for direction, picked in chosen.items():
             for rank, mode in enumerate(picked):
@@ -195,24 +239,23 @@ def run(cfg: Any = None) -> dict[str, Any]:
     Hydra overrides, a dict, a partial DictConfig or None), as :func:`spec_torch.apps.config.load_config`.
 
     Writes into ``cfg.output_dir`` (default: the Hydra run dir): ``report.html`` and its plots (if
-    ``cfg.report``) and, last, ``matrix.json``.
+    ``cfg.report``) and, last, ``matrix.json``. Under torchrun rank 0 alone writes; every rank returns the
+    same dict.
     """
     cfg = load_config("matrix", cfg)
     _check_settings(cfg)
-    out_dir = prepare_output_dir(cfg)
+    out_dir = distributed.run_on_main(lambda: prepare_output_dir(cfg))  # torchrun: rank 0 owns the run dir
     path = out_dir / MATRIX_JSON
-    if path.exists():  # a rerun in the same directory: the old result must not pass for this run's
-        path.unlink()
+    if distributed.is_main_process() and path.exists():  # a rerun in the same directory: the old result
+        path.unlink()  # must not pass for this run's
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("device", "auto"))
     features, dataset, ids, index, data_info, enc_info = _extract_all(cfg, device)
     n = len(ids)
     log.info("SPEC matrix of %d feature sets on %d samples", len(features), n)
-    from ..kernels import resolve_kernel
-
-    kernel = resolve_kernel(_container(cfg.kernel), "kernel")
-    m = spec_matrix(
-        _Batches(features, n, int(cfg.stream_batch_size), device),
+    kernel = _kernels(cfg, features, n, device)
+    m = spec_matrix(  # under torchrun: this rank's block; the sums are all-reduced over the ranks
+        _Batches(features, _my_rows(n), int(cfg.stream_batch_size), device),
         kernel=kernel,
         eta=float(cfg.eta),
         top_k=cfg.get("solve_top_k"),
@@ -235,6 +278,8 @@ def run(cfg: Any = None) -> dict[str, Any]:
         kernel_config=_container(cfg.kernel),
     )
     summary.update(dataset=data_info, encoders=enc_info, pairs=pairs, skipped=len(dataset) - n)
+    if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
+        return summary
     if cfg.get("report", True):
         from .report.matrix_html import write_matrix_report
 

@@ -295,7 +295,8 @@ class RowConcat:
     """Row blocks ``[n_r, d]`` of several arrays (e.g. per-rank ``np.memmap`` caches) read as one ``[N, d]``.
 
     Supports ``len``, ``shape``, ``a[i:j]`` (a contiguous slice, ``step`` 1) and ``a[rows]`` with an integer
-    array; both return a numpy array and read only the rows asked for.
+    array; both return a numpy array and read only the rows asked for. ``a[:, i:j]`` (all rows, a column
+    slice) reads nothing: it is the RowConcat of the parts' column views (a layered cache split into layers).
     """
 
     def __init__(self, parts: Sequence[Any]) -> None:
@@ -312,7 +313,11 @@ class RowConcat:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, key: Any) -> np.ndarray:
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):
+            if len(key) != 2 or key[0] != slice(None) or not isinstance(key[1], slice):
+                raise SpecError(f"key: RowConcat supports a[:, i:j] as a 2-D key, got {key!r}")
+            return RowConcat([p[:, key[1]] for p in self.parts])  # [N, j - i], lazy on memmaps
         if isinstance(key, slice):
             start, stop, step = key.indices(self.shape[0])
             if step != 1:
