@@ -233,7 +233,16 @@ def _library_checks(rank: int, out_dir: str) -> dict:
     except SpecError as exc:
         error = str(exc)
     written = sd.write_on_main(Path(out_dir) / "shared.txt", lambda tmp: tmp.write_text(f"rank {rank}"))
+    from spec_torch.apps.matrix import _my_rows
+
+    try:  # the matrix job with fewer common rows than ranks: the same error on every rank (n is global)
+        _my_rows(1)
+        matrix_rows = None
+    except SpecError as exc:
+        matrix_rows = str(exc)
     return {
+        "matrix_rows": matrix_rows,
+        "matrix_block": _my_rows(5),
         "n_local": acc.n,
         "n_synced": synced.n,
         "evals": synced.eigenvalues,
@@ -407,6 +416,11 @@ def test_collective_helpers(ranks):
         assert got["error"] == "output_dir: not writable (test)"  # rank 0's error, raised on every rank
         assert got["shared"] == "rank 0"  # written by rank 0 only, complete before any rank read it
         assert got["rank0_obj"] == {"rank": 0} and got["gathered"] == [0, 10]
+        assert got["matrix_rows"].startswith("data: 1 common samples cannot be split over 2 ranks")
+    assert [r["lib"]["matrix_block"] for r in ranks[1]] == [
+        range(0, 3),
+        range(3, 5),
+    ]  # the blocks tile the rows
 
 
 def test_an_extraction_error_on_one_rank_is_raised_on_every_rank(ranks):
