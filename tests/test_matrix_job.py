@@ -142,3 +142,21 @@ def test_script_prints_one_error_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith(
         "error: top_k: expected a positive integer"
     )
+
+
+def test_auto_sigma_is_fitted_on_a_sample_of_all_rows_not_the_first_batch(demo):
+    """kernel sigma='auto': the job fits each set's kernel on a seeded uniform sample of the common rows (all
+    48 here), as compare does, so the fitted kernels and the matrix do not depend on stream_batch_size (on
+    the first batch, 16 rows against 48 would give other bandwidths)."""
+    tmp, _ = demo
+    runs = []
+    for batch in (16, 48):
+        cfg = _tiny(tmp, "kernel=gaussian", "kernel.sigma=auto", "kernel.rff_dim=64", "report=false")
+        cfg.stream_batch_size, cfg.top_pairs = batch, 0
+        cfg.output_dir = str(tmp / f"auto{batch}")
+        runs.append(run(cfg))
+    kernels = [r["settings"]["kernels"] for r in runs]
+    assert kernels[0] == kernels[1]
+    assert len({str(k) for k in kernels[0].values()}) == len(kernels[0])  # one bandwidth per set, not shared
+    a, b = (np.asarray(r["spec_diff"]) for r in runs)
+    assert np.allclose(a, b, rtol=TOL, atol=1e-12)

@@ -161,19 +161,29 @@ def _my_rows(n: int) -> range:
 
 
 def _kernels(cfg: DictConfig, features: dict[str, Any], n: int, device: torch.device) -> Any:
-    """The ``kernel`` setting; under torchrun a data-dependent one (``sigma: auto``) is fitted per feature set
-    on rank 0, on the rows one process fits it on (its first stream batch), and sent to every rank: each rank
-    fitting on its own block would make the ranks' sums describe different kernels."""
+    """The ``kernel`` setting, as one kernel (fitted or needing no fit) or, when it is data-dependent
+    (``sigma: auto``), a dict feature set -> kernel fitted on that set's rows of one seeded uniform sample of
+    the common rows (``seed``; :data:`spec_torch.api.FIT_ROWS` rows, more for Nystrom landmarks), as the
+    compare job does: not on the first stream batch, which depends on ``stream_batch_size`` and on the row
+    order (a class-sorted dataset's first batch is one class). Under torchrun rank 0 fits and sends the
+    kernels: every rank's sums must describe the same kernels, and rank 0's error is raised on every rank.
+    """
+    from ..api import FIT_ROWS
     from ..kernels import resolve_kernel
 
     kernel = resolve_kernel(_container(cfg.kernel), "kernel")
-    if kernel.is_fitted or not distributed.is_distributed():
+    if kernel.is_fitted:
         return kernel
-    first = range(min(n, int(cfg.stream_batch_size)))
+    rows = np.arange(n)
+    size = max(FIT_ROWS, kernel.fit_rows)
+    if n > size:
+        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(n, size=size, replace=False))
 
-    def fit() -> dict[str, Any]:  # on rank 0: its read or fit error is raised on every rank
-        batch = next(iter(_Batches(features, first, len(first), device)))
-        return {k: kernel.fit(x) for k, x in batch.items()}
+    def fit() -> dict[str, Any]:
+        return {
+            k: kernel.fit(torch.from_numpy(np.asarray(v[rows], dtype=np.float32)).to(device))
+            for k, v in features.items()
+        }
 
     return distributed.run_on_main(fit)
 
