@@ -20,6 +20,7 @@ It is computed from a second joint matrix of the raw rows (the same matrix when 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,35 @@ def _resolve_kernels(kernel: Any, names: Sequence[str]) -> dict[str, Kernel]:
                 f"kernel[{n!r}]: {k!r} has no finite feature map; give GaussianKernel(rff_dim=...) for the matrix"
             )
     return out
+
+
+def _fit_first_batch(kernels: dict[str, Kernel], batch: Mapping[str, torch.Tensor]) -> dict[str, Kernel]:
+    """Unfitted kernels fitted on a stream's first batch (all a stream offers before the sums start), with a
+    warning when the fit reads the data's values (``sigma="auto"``): then the result depends on the batch
+    size and the row order."""
+    if any(not k.is_fitted and k.fit_uses_data for k in kernels.values()):
+        warnings.warn(
+            "spec_matrix: fitting the kernels (sigma='auto') on the first batch only; the result then depends "
+            "on batch_size and row order. Pass one dict of all rows (fitted on a seeded uniform sample), or "
+            "kernels fitted on a uniform sample (kernel.fit(sample)).",
+            stacklevel=3,
+        )
+    return {k: v if v.is_fitted else v.fit(batch[k]) for k, v in kernels.items()}
+
+
+def _fit_on_sample(
+    kernels: dict[str, Kernel], full: Mapping[str, torch.Tensor], seed: int
+) -> dict[str, Kernel]:
+    """Unfitted kernels fitted on their sets' rows of one seeded uniform sample of all ``n`` rows, as
+    :func:`spec_torch.spec` does (:data:`spec_torch.api.FIT_ROWS` rows, more for Nystrom landmarks)."""
+    from .api import FIT_ROWS, _fit_rows  # api imports this module
+
+    if all(k.is_fitted for k in kernels.values()):
+        return kernels
+    first = next(iter(full.values()))  # [n, d]
+    size = max([FIT_ROWS] + [k.fit_rows for k in kernels.values()])
+    rows = _fit_rows(first.shape[0], seed, first.device, size)
+    return {k: v if v.is_fitted else v.fit(full[k][rows]) for k, v in kernels.items()}
 
 
 def _check_batch(batch: Any, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -152,7 +182,7 @@ class MatrixCovariance:
         self.names = list(batch)
         if self.kernels is None:
             self.kernels = _resolve_kernels(self.kernel_spec, self.names)
-        self.kernels = {k: (v if v.is_fitted else v.fit(batch[k])) for k, v in self.kernels.items()}
+        self.kernels = _fit_first_batch(self.kernels, batch)
         self.dims = {k: batch[k].shape[1] for k in self.names}
         self.device = self.device or next(iter(batch.values())).device
         d = sum(self.feature_dims)
@@ -528,6 +558,7 @@ def spec_matrix(
     accumulate_dtype: torch.dtype = torch.float64,
     max_dim: int | None = None,
     sync_dist: bool | None = None,
+    seed: int = 0,
 ) -> SpecMatrix:
     """SPEC-diff, lead and linear CKA of every pair of N embeddings of the same samples, in one pass.
 
@@ -550,6 +581,10 @@ def spec_matrix(
             and reused.
         sync_dist: all-reduce the sums over ``torch.distributed`` ranks (each streaming its own shard);
             ``None``: when a process group with > 1 rank is initialised.
+        seed: of the sample that data-dependent kernels (``sigma="auto"``) are fitted on when ``features`` is
+            one dict: a seeded uniform sample of all rows (as :func:`spec_torch.spec`), so the result does not
+            depend on ``batch_size`` or the row order. A stream offers only its first batch (with a warning);
+            fit the kernels on a uniform sample yourself there (``kernel.fit(sample)``).
 
     Returns:
         A :class:`SpecMatrix`.
@@ -567,6 +602,9 @@ def spec_matrix(
     check_positive(batch_size, "batch_size", integer=True)
     if max_dim is not None:
         check_positive(max_dim, "max_dim", integer=True)
+    if isinstance(features, Mapping):  # all rows at hand: fit on a uniform sample of them, not on a batch
+        features = _check_batch(features, None)
+        kernel = _fit_on_sample(_resolve_kernels(kernel, list(features)), features, seed)
     batches = _batches(features, batch_size)
     it = iter(batches)
     try:
@@ -575,8 +613,7 @@ def spec_matrix(
         raise SpecError("features: the iterable yielded no batches") from None
     first = _check_batch(first, None)
     names = list(first)
-    kernels = _resolve_kernels(kernel, names)
-    kernels = {k: (v if v.is_fitted else v.fit(first[k])) for k, v in kernels.items()}
+    kernels = _fit_first_batch(_resolve_kernels(kernel, names), first)
     dims = [kernels[k].feature_dim(first[k].shape[1]) for k in names]
     raw_dims = [first[k].shape[1] for k in names]
     raw_separate = cka and not all(k.name == "linear" for k in kernels.values())

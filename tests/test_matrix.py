@@ -86,6 +86,23 @@ def test_gaussian_rff_kernels_per_set_match_spec_with_the_same_fitted_kernels():
     assert m.kernels["a"] == kernels["a"]
 
 
+def test_auto_sigma_on_one_dict_is_fitted_on_a_sample_of_all_rows_as_spec_does():
+    """sigma='auto' with all rows at hand: each set's kernel is fitted on a seeded uniform sample of all rows
+    (st.spec's rule), so the matrix does not depend on batch_size even on class-sorted rows; the entry equals
+    st.spec with the same unfitted kernels and seed. A stream is fitted on its first batch, with a warning."""
+    f = feature_sets()  # "clusters": rows sorted by group, so a first batch of 60 rows is one group
+    kernel = st.GaussianKernel(sigma="auto", rff_dim=32, seed=3)
+    small, whole = (st.spec_matrix(f, kernel=kernel, batch_size=b, seed=5) for b in (60, 10_000))
+    assert {k: v.sigma for k, v in small.kernels.items()} == {k: v.sigma for k, v in whole.kernels.items()}
+    assert torch.allclose(small.spec_diff, whole.spec_diff, rtol=0, atol=1e-12)
+    ref = st.spec(f["a"], f["clusters"], kernel_x=kernel, kernel_y=kernel, method="features", seed=5)
+    assert abs(float(whole.spec_diff[0, 3]) - ref.spec_diff) <= TOL64 * ref.spec_diff
+    batches = [{k: v[s : s + 60] for k, v in f.items()} for s in range(0, 240, 60)]
+    with pytest.warns(UserWarning, match="first batch only"):
+        streamed = st.spec_matrix(batches, kernel=kernel)
+    assert streamed.kernels["clusters"].sigma != whole.kernels["clusters"].sigma  # one group's bandwidth
+
+
 def test_pair_is_the_full_result_without_another_pass():
     f = feature_sets()
     m = st.spec_matrix(f, eta=0.8)
