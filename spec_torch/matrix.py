@@ -623,6 +623,13 @@ def spec_matrix(
         # what fits: D^2 sums (and as many raw) plus a pair's solve, with D the joint dimension held at once
         item = torch.empty((), dtype=accumulate_dtype).element_size()
         max_dim = int(math.sqrt(memory_available(device) / (2 * item + 8 * _SOLVE_COPIES)))
+    if sync_dist or (sync_dist is None and distributed_ready()):
+        # the ranks' sums are added up, so every rank must take the same route with the same groups: the
+        # tightest rank's limit for all (each rank checks only its own free memory)
+        from .collectives import all_gather_object
+
+        limits = [m for m in all_gather_object(max_dim) if m is not None]
+        max_dim = min(limits) if limits else None
     fits = max_dim is None or sum(dims) <= max_dim
     if fits:
         acc = MatrixCovariance(kernels, accumulate_dtype=accumulate_dtype, cka=cka)

@@ -255,8 +255,20 @@ def _dist_worker(rank: int, port: int, out_path: str) -> None:
         f = feature_sets()
         rows = slice(0, 100) if rank == 0 else slice(100, 240)  # unequal shards
         m = st.spec_matrix({k: v[rows] for k, v in f.items()}, eta=0.6, batch_size=64)
+        # rank 1 alone short of memory (20 kB: every set alone): both ranks must take its groups route
+        import spec_torch.matrix as sm
+
+        real = sm.memory_available
+        sm.memory_available = (lambda device: 20_000) if rank == 1 else real
+        try:
+            tight = st.spec_matrix({k: v[rows] for k, v in f.items()}, eta=0.6, batch_size=64)
+        finally:
+            sm.memory_available = real
         if rank == 0:
-            torch.save({"spec_diff": m.spec_diff, "lead": m.lead, "cka": m.cka, "n": m.n}, out_path)
+            torch.save(
+                {"spec_diff": m.spec_diff, "lead": m.lead, "cka": m.cka, "n": m.n, "tight": tight.to_dict()},
+                out_path,
+            )
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
@@ -267,6 +279,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert got["n"] == 240
     for key in ("spec_diff", "lead", "cka"):
         assert torch.allclose(got[key], getattr(ref, key), rtol=DIST_RTOL, atol=1e-14)
+    tight = got["tight"]  # rank 0 had the memory for the joint route; rank 1's limit decided for both
+    assert tight["settings"]["route"] == "groups" and tight["settings"]["passes"] == 10
+    assert np.allclose(tight["spec_diff"], ref.spec_diff.numpy(), rtol=DIST_RTOL, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------ layer correspondence
