@@ -755,7 +755,7 @@ def test_torchrun_extraction_writes_one_cache_per_rank(torchrun_compare):
 # ------------------------------------------------------------------------- torchrun scripts/matrix.py
 MATRIX_SCRIPT = ROOT / "scripts" / "matrix.py"
 #: the offline demo, small: 6 feature sets (2 encoders + a CNN's 4 layers, cut from one sharded cache), a
-#: Gaussian kernel whose sigma=auto is fitted on the first stream batch (rank 0's rows [0, 16) under torchrun),
+#: Gaussian kernel whose sigma=auto is fitted on a seeded sample of all 48 rows (by rank 0 under torchrun),
 #: several batches per rank
 MATRIX = [
     "experiment=matrix_demo",
@@ -819,6 +819,23 @@ def test_torchrun_matrix_equals_one_process(torchrun_matrix):
         for ma, mb in zip(a["modes"], b["modes"]):
             assert set(ma["top_rows"]) == set(mb["top_rows"])  # merged over ranks, global rows
             np.testing.assert_allclose(sorted(ma["top_scores"]), sorted(mb["top_scores"]), rtol=0, atol=1e-9)
+
+
+def test_torchrun_matrix_error_is_one_line_on_every_rank(tmp_path):
+    """An error found after the sharded extraction (1 sample: nothing to compare) stops both ranks with the
+    same one-line error, exit status 2 each (torchrun then fails), and no matrix.json."""
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(tmp_path / "cache")
+    )
+    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(MATRIX_SCRIPT)]
+    cmd += ["experiment=matrix_demo", "data.n=1", "progress=false", "report=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: data: only 1 sample(s) readable by every encoder"] * WORLD, proc.stderr[-2000:]
+    # torchrun prints its own traceback of the failed launch; a worker's would name the job's code
+    assert "exitcode  : 2" in proc.stderr and "spec_torch/apps/" not in proc.stderr
+    assert not list(tmp_path.rglob("matrix.json"))
 
 
 def test_torchrun_matrix_written_by_rank_zero_with_one_cache_per_rank(torchrun_matrix):
