@@ -37,6 +37,42 @@ from spec_torch.errors import SpecError
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _torchrun(script: Path, args: list[str], work: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line of ``torchrun --nproc_per_node=WORLD script args`` (a free port) and its environment:
+    offline, the feature cache under ``work``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
+    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(script), *args]
+    return cmd, env
+
+
+def _torchrun_beside_one_process(
+    command: str, script: Path, args: list[str], work: Path, run
+) -> tuple[str, dict]:
+    """``script args`` under torchrun in ``work`` and, meanwhile, ``run`` of the same config composed in this
+    process (its own cache and output folder under ``work``): (torchrun's stdout, the one-process result)."""
+    from hydra import compose, initialize_config_dir
+
+    cmd, env = _torchrun(script, args, work)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with initialize_config_dir(
+        config_dir=str(ROOT / "spec_torch/apps/configs" / command), version_base="1.3"
+    ):
+        cfg = compose(
+            config_name=command,
+            overrides=[*args, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
+        )
+    one = run(cfg)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return out, one
+
+
 WORLD = 2
 TIMEOUT_S = 150
 #: float64 sums over 2 ranks vs 1 process: only the summation order differs
@@ -683,8 +719,6 @@ FOLDER = ["data=imagefolder", "data.label_from_folder=true", "batch_size=8", "to
 def torchrun_compare(tmp_path_factory):
     """``torchrun --nproc_per_node=2 scripts/compare.py`` on an image folder with a corrupt image, in the
     default run dir under its working directory, and the same comparison in one process (in-process)."""
-    from hydra import compose, initialize_config_dir
-
     from spec_torch.apps.compare import run
 
     work = tmp_path_factory.mktemp("torchrun")
@@ -695,23 +729,7 @@ def torchrun_compare(tmp_path_factory):
             _draw(colour, shape, k).save(images / f"class{c}" / f"img{k}.png")
     (images / "class2" / "img_broken.png").write_bytes(b"\x89PNG not really")  # in rank 1's block
     args = [*FOLDER, f"data.root={images}", *GAUSS, "progress=false"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
-    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(SCRIPT), *args]
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with initialize_config_dir(
-        config_dir=str(ROOT / "spec_torch/apps/configs/compare"), version_base="1.3"
-    ):  # meanwhile: 1 process
-        cfg = compose(
-            config_name="compare",
-            overrides=[*args, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
-        )
-    one = run(cfg)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    out, one = _torchrun_beside_one_process("compare", SCRIPT, args, work, run)
     return work, out, one
 
 
@@ -774,32 +792,10 @@ MATRIX = [
 def torchrun_matrix(tmp_path_factory):
     """``torchrun --nproc_per_node=2 scripts/matrix.py`` of the small offline demo, in the preset's run dir
     under its working directory, and the same matrix in one process (in-process)."""
-    from hydra import compose, initialize_config_dir
-
     from spec_torch.apps.matrix import run
 
     work = tmp_path_factory.mktemp("torchrun_matrix")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(work / "cache"))
-    cmd = [
-        str(TORCHRUN),
-        f"--nproc_per_node={WORLD}",
-        f"--master_port={free_port()}",
-        str(MATRIX_SCRIPT),
-        *MATRIX,
-    ]
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/matrix"), version_base="1.3"):
-        cfg = compose(
-            config_name="matrix",
-            overrides=[*MATRIX, f"cache_dir={work / 'cache1'}", f"output_dir={work / 'one'}"],
-        )
-    one = run(cfg)  # meanwhile: 1 process
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    out, one = _torchrun_beside_one_process("matrix", MATRIX_SCRIPT, MATRIX, work, run)
     return work, out, one
 
 
@@ -824,11 +820,9 @@ def test_torchrun_matrix_equals_one_process(torchrun_matrix):
 def test_torchrun_matrix_error_is_one_line_on_every_rank(tmp_path):
     """An error found after the sharded extraction (1 sample: nothing to compare) stops both ranks with the
     same one-line error, exit status 2 each (torchrun then fails), and no matrix.json."""
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(tmp_path / "cache")
+    cmd, env = _torchrun(
+        MATRIX_SCRIPT, ["experiment=matrix_demo", "data.n=1", "progress=false", "report=false"], tmp_path
     )
-    cmd = [str(TORCHRUN), f"--nproc_per_node={WORLD}", f"--master_port={free_port()}", str(MATRIX_SCRIPT)]
-    cmd += ["experiment=matrix_demo", "data.n=1", "progress=false", "report=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -856,17 +850,7 @@ ALIGN_SCRIPT = ROOT / "scripts" / "align.py"
 def test_torchrun_align_script_one_run_dir_written_by_rank_zero(ranks, tmp_path):
     """``torchrun --nproc_per_node=2 scripts/align.py``: one run folder (the preset's, under cwd) with one
     log, the training log written once, and the weights of the same 2-rank run made through the library."""
-    args = [*ALIGN, "train.batch_size=8"]
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SPEC_TORCH_CACHE=str(tmp_path / "cache")
-    )
-    cmd = [
-        str(TORCHRUN),
-        f"--nproc_per_node={WORLD}",
-        f"--master_port={free_port()}",
-        str(ALIGN_SCRIPT),
-        *args,
-    ]
+    cmd, env = _torchrun(ALIGN_SCRIPT, [*ALIGN, "train.batch_size=8"], tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("results.json")]  # outputs/align_tiny/<time>
