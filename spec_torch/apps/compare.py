@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import api
 from .._validate import resolve_device
 from ..covariance import DiffCovariance
 from ..errors import SpecError
@@ -258,8 +259,8 @@ def _extract_pair(cfg: DictConfig, device: torch.device):
 
 # ------------------------------------------------------------------------------------------- the solve
 #: rows the data-dependent kernel settings (sigma="auto") are fitted on: a seeded random subset, not the first
-#: batch, which in a class-sorted folder holds one class only
-FIT_ROWS = 2000
+#: batch, which in a class-sorted folder holds one class only (the library's st.spec number)
+FIT_ROWS = api.FIT_ROWS
 
 
 def _kernel(cfg: DictConfig, which: str):
@@ -267,14 +268,19 @@ def _kernel(cfg: DictConfig, which: str):
     return resolve_kernel(instantiate_target(_container(cfg[which]), which), which)
 
 
-def _fit_sample(cfg: DictConfig, paired: PairedFeatures, *kernels) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same seeded random subset of at most ``FIT_ROWS`` paired rows of both sides: ``([m, p], [m, q])``
-    (more when a Nystrom kernel among ``kernels`` needs more rows than that for its landmarks)."""
-    rows = np.arange(paired.n)
+def fit_sample_rows(n: int, seed: int, kernels: Sequence[Any]) -> np.ndarray:
+    """The rows data-dependent kernels are fitted on, sorted: a seeded random subset of at most ``FIT_ROWS``
+    of ``range(n)`` (more when a Nystrom kernel among ``kernels`` needs more for its landmarks); all rows
+    when there are no more. The compare and matrix jobs both fit on these."""
     size = max([FIT_ROWS] + [k.fit_rows for k in kernels])  # Nystrom: >= its landmarks
-    if paired.n > size:
-        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(paired.n, size=size, replace=False))
-    return paired.gather(rows)
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _fit_sample(cfg: DictConfig, paired: PairedFeatures, *kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' rows of :func:`fit_sample_rows`: ``([m, p], [m, q])``."""
+    return paired.gather(fit_sample_rows(paired.n, int(cfg.seed), kernels))
 
 
 def _fit_kernels(cfg: DictConfig, paired: PairedFeatures, route: str = "exact"):
@@ -298,7 +304,6 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
     With ``uncertainty`` on (see :func:`_uncertainty_plan`) the accumulator keeps group sums, each sample's
     group hashed from its dataset row, and the result gets intervals, held-out eigenvalues and stability.
     """
-    from .. import api
     from .report import metrics
 
     cka = metrics.LinearCKA()
@@ -533,14 +538,7 @@ def _approx_error(cfg: DictConfig, res, paired: PairedFeatures) -> dict[str, Any
 
 def _my_rows(paired: PairedFeatures) -> range:
     """The paired rows this process streams: all of them, or under torchrun this rank's contiguous block."""
-    if not distributed.is_distributed():
-        return range(paired.n)
-    if paired.n < distributed.get_world_size():
-        raise SpecError(
-            f"data: {paired.n} paired samples cannot be split over {distributed.get_world_size()} ranks; "
-            "use fewer processes (--nproc_per_node)"
-        )
-    return distributed.shard_range(paired.n)
+    return distributed.my_block(paired.n, "paired samples")
 
 
 # -------------------------------------------------------------------------------------- per-mode facts

@@ -150,34 +150,24 @@ class _Batches:
 
 def _my_rows(n: int) -> range:
     """The common rows this process streams: all of them, or under torchrun this rank's contiguous block."""
-    if not distributed.is_distributed():
-        return range(n)
-    if n < distributed.get_world_size():  # n is the same on every rank: every rank raises
-        raise SpecError(
-            f"data: {n} common samples cannot be split over {distributed.get_world_size()} ranks; "
-            "use fewer processes (--nproc_per_node)"
-        )
-    return distributed.shard_range(n)
+    return distributed.my_block(n, "common samples")
 
 
 def _kernels(cfg: DictConfig, features: dict[str, Any], n: int, device: torch.device) -> Any:
     """The ``kernel`` setting, as one kernel (fitted or needing no fit) or, when it is data-dependent
     (``sigma: auto``), a dict feature set -> kernel fitted on that set's rows of one seeded uniform sample of
-    the common rows (``seed``; :data:`spec_torch.api.FIT_ROWS` rows, more for Nystrom landmarks), as the
-    compare job does: not on the first stream batch, which depends on ``stream_batch_size`` and on the row
+    the common rows (:func:`~spec_torch.apps.compare.fit_sample_rows`, the compare job's): not on the first
+    stream batch, which depends on ``stream_batch_size`` and on the row
     order (a class-sorted dataset's first batch is one class). Under torchrun rank 0 fits and sends the
     kernels: every rank's sums must describe the same kernels, and rank 0's error is raised on every rank.
     """
-    from ..api import FIT_ROWS
     from ..kernels import resolve_kernel
+    from .compare import fit_sample_rows
 
     kernel = resolve_kernel(_container(cfg.kernel), "kernel")
     if kernel.is_fitted:
         return kernel
-    rows = np.arange(n)
-    size = max(FIT_ROWS, kernel.fit_rows)
-    if n > size:
-        rows = np.sort(np.random.default_rng(int(cfg.seed)).choice(n, size=size, replace=False))
+    rows = fit_sample_rows(n, int(cfg.seed), [kernel])
 
     def fit() -> dict[str, Any]:
         return {

@@ -75,6 +75,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "barrier",
+    "my_block",
     "shard_range",
     "ShardDataset",
     "extract_sharded",
@@ -181,6 +182,19 @@ def destroy_distributed() -> None:
 
 
 # ----------------------------------------------------------------------------------------- sharding
+def my_block(n: int, what: str) -> range:
+    """The rows of ``range(n)`` this process streams: all of them, or under torchrun this rank's contiguous
+    block (:func:`shard_range`). ``n`` must be the same on every rank: with fewer rows than ranks every rank
+    raises the same :class:`SpecError` (``what`` names the rows, e.g. ``"paired samples"``)."""
+    if not is_distributed():
+        return range(n)
+    if n < get_world_size():
+        raise SpecError(
+            f"data: {n} {what} cannot be split over {get_world_size()} ranks; use fewer processes (--nproc_per_node)"
+        )
+    return shard_range(n)
+
+
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
     """Rank ``rank``'s contiguous block of ``range(n)``; blocks differ in size by at most one.
 
