@@ -25,6 +25,8 @@ __all__ = [
     "reference_phrase",
     "reference_line",
     "REFERENCE_MEANING",
+    "FLAGS",
+    "mode_flag_codes",
 ]
 
 # a mode whose ``uniformity`` exceeds UNIFORM_THRESHOLD (the library's, spec_torch.result) is flagged as
@@ -104,3 +106,64 @@ def reference_line(spec: Mapping[str, Any]) -> str:
     """SPEC-diff against its permutation reference in plain words, or ``""`` when it is absent."""
     phrase = reference_phrase(spec)
     return f"SPEC-diff is {phrase}" if phrase else ""
+
+
+# --------------------------------------------------------------------------------------------- mode flags
+# One closed set of codes: every view (headline, "Modes at a glance", cards, CLI summary, `spec-torch
+# summarize`, the matrix report) renders a mode's ``flags`` from spec.json / matrix.json through this table and
+# decides nothing itself. The library decides the facts the codes stand for (uniformity, the verdict
+# ``support``, ``tied_size``, ``below_resolution``); :func:`mode_flag_codes` only reads them.
+#: code -> (short label for tables and the CLI, one plain-words sentence for cards and the glossary)
+FLAGS: dict[str, tuple[str, str]] = {
+    "uniform": (
+        "uniform: kernel levels, not a group",
+        "Scores every sample about alike: a difference in the two kernels' average similarity, not a group "
+        "of samples (rerun with center=true to remove it).",
+    ),
+    "tied": (
+        "tied with other modes",
+        "Its eigenvalue is within sampling noise of its neighbours': the tied modes together span a real "
+        "difference, but no one of them is an identifiable group on its own.",
+    ),
+    "not_distinct": (
+        "not a distinct cluster",
+        "Its strength carries over to held-out samples, but resampled data sets do not reproduce this one "
+        "direction: real as part of a subspace, not as one cluster.",
+    ),
+    "not_supported": (
+        "not supported by the data",
+        "On held-out samples its strength does not carry over: likely sampling noise.",
+    ),
+    "below_resolution": (
+        "below numerical resolution",
+        "Its eigenvalue or its gap to a neighbour is below the error of the route that computed it: the "
+        "number and its samples are not reliable.",
+    ),
+}
+
+#: the library's verdicts (spec.json mode ``support``) that carry a flag
+_SUPPORT_FLAG = {
+    "tied": "tied",
+    "not a distinct cluster": "not_distinct",
+    "not supported by the data": "not_supported",
+}
+
+
+def mode_flag_codes(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHOLD) -> list[str]:
+    """The flag codes of one spec.json (or matrix.json pair) mode entry, in :data:`FLAGS` order.
+
+    Reads only the entry's fields: ``uniformity``, ``support``, ``tied_size``, ``below_resolution``. A field
+    that is absent raises no flag.
+    """
+    codes = set()
+    u = _uniformity(entry)
+    if u is not None and u > threshold:
+        codes.add("uniform")
+    if int(entry.get("tied_size") or 1) > 1:
+        codes.add("tied")
+    code = _SUPPORT_FLAG.get(entry.get("support") or "")
+    if code:
+        codes.add(code)
+    if entry.get("below_resolution"):
+        codes.add("below_resolution")
+    return [c for c in FLAGS if c in codes]
