@@ -92,7 +92,9 @@ def test_demo_entries_equal_st_spec_on_the_cached_features(demo):
     for a, b in [("colour", "cnn/layer2"), ("cnn/layer1", "cnn/layer4")]:
         fa = col if a == "colour" else layers[a.split("/")[1]]
         fb = layers[b.split("/")[1]]
-        ref = st.spec(np.array(fa), np.array(fb), method="features", accumulate_dtype=torch.float64)
+        ref = st.spec(
+            np.array(fa), np.array(fb), method="features", accumulate_dtype=torch.float64, center=True
+        )  # the demo centres both kernels
         got = summary["spec_diff"][names.index(a)][names.index(b)]
         assert abs(got - ref.spec_diff) <= TOL * ref.scale
 
@@ -160,3 +162,130 @@ def test_auto_sigma_is_fitted_on_a_sample_of_all_rows_not_the_first_batch(demo):
     assert len({str(k) for k in kernels[0].values()}) == len(kernels[0])  # one bandwidth per set, not shared
     a, b = (np.asarray(r["spec_diff"]) for r in runs)
     assert np.allclose(a, b, rtol=TOL, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ centring, uniform modes, flags
+def _base(tmp_path, *extra):
+    """The packaged default matrix job (colour against shape), tiny."""
+    return _compose(
+        [
+            "data.n=48",
+            f"output_dir={tmp_path / 'out'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "progress=false",
+            "samples_per_mode=6",
+            *extra,
+        ]
+    )
+
+
+def test_center_true_is_a_setting_and_centres_every_entry(tmp_path):
+    """`spec-torch matrix center=true` (fails on main: "Key 'center' is not in struct"): the entries are
+    st.spec(center=True) on the cached features, matrix.json says so, no entry is uniform-led; a non-boolean
+    center is one SpecError naming it."""
+    from spec_torch.apps.data import build_dataset
+    from spec_torch.apps.encoders.layers import build_layer_encoder
+    from spec_torch.apps.extract import FeatureCache, cache_folder
+
+    cfg = _base(tmp_path, "center=true", "report=false")
+    summary = run(cfg)
+    assert summary["settings"]["center"] is True
+    ds = build_dataset(**OmegaConf.to_container(cfg.data))
+    feats = {
+        k: np.array(
+            FeatureCache.load(
+                cache_folder(
+                    ds, build_layer_encoder(**OmegaConf.to_container(cfg.encoders[k])), tmp_path / "cache"
+                )
+            ).features
+        )
+        for k in ("colour", "shape")
+    }
+    ref = st.spec(
+        feats["colour"], feats["shape"], method="features", accumulate_dtype=torch.float64, center=True
+    )
+    assert abs(summary["spec_diff"][0][1] - ref.spec_diff) <= TOL * ref.scale
+    plain = st.spec(feats["colour"], feats["shape"], method="features", accumulate_dtype=torch.float64)
+    assert abs(summary["spec_diff"][0][1] - plain.spec_diff) > 1e-3  # centring changed the entry
+    assert np.all(np.asarray(summary["uniformity"]) == 0)
+    assert summary["ranking"]["matrix"] == "spec_diff" and summary["ranking"]["uniform_entries"] == 0
+    with pytest.raises(SpecError, match="center: expected true or false"):
+        run(_base(tmp_path, "center=maybe"))
+
+
+def test_demo_matrix_json_has_uniformity_flags_and_a_summary(demo):
+    """The centred demo (fails on main: no uniformity, flags or summary in matrix.json): an [N, N] uniformity
+    (all 0: centred), flags on every pair and mode from the closed FLAGS table, a summary in words naming
+    the most different pair, which the report opens with."""
+    from spec_torch.apps.report.flags import FLAGS, mode_flag_codes
+
+    tmp, summary = demo
+    saved = json.loads((tmp / "out" / "matrix.json").read_text())
+    assert saved["settings"]["center"] is True
+    assert np.asarray(saved["uniformity"]).shape == (6, 6) and np.all(np.asarray(saved["uniformity"]) == 0)
+    for p in saved["pairs"]:
+        assert p["flags"] == mode_flag_codes(p) and set(p["flags"]) <= set(FLAGS)
+        for m in p["modes"]:
+            assert "uniformity" in m and m["flags"] == mode_flag_codes(m)
+    first = saved["pairs"][0]
+    assert saved["summary"].startswith("Most different by SPEC-diff of the centred kernels: ")
+    assert first["x"] in saved["summary"] and first["y"] in saved["summary"]
+    html = (tmp / "out" / "report.html").read_text()
+    assert 'class="finding"' in html and "Most different by SPEC-diff" in html
+    for section in ("<h2>Encoders</h2>", "<h2>Settings</h2>", 'class="wide"'):
+        assert section in html
+    assert "%</td>" in html  # purity as percentages, as compare
+
+
+def test_uncentred_ranking_and_headline_skip_uniform_led_entries(tmp_path):
+    """The demo uncentred (fails on main: its "most different" were lead[cnn/layer*, colour], uniform modes of
+    uniformity ~1): the uniform-led entries are flagged, the ranking says it skips them (cluster_diff) and
+    neither the ranked pairs nor the headline rest on one."""
+    summary = run(_tiny(tmp_path, "center=false", "report=false"))
+    names = summary["names"]
+    lead = np.asarray(summary["lead"])
+    lead_u = np.asarray(summary["lead_uniformity"])
+    uniform = lead_u > 0.9
+    assert uniform.any(), "the uncentred demo should have uniform-led lead entries"
+    assert all(
+        bool(c) == u for row_c, row_u in zip(summary["lead_flags"], uniform) for c, u in zip(row_c, row_u)
+    )
+    assert summary["ranking"]["matrix"] == "cluster_diff" and "skipped" in summary["ranking"]["note"]
+    clusters = np.asarray(summary["cluster_diff"])
+    kept = np.where(uniform, 0.0, lead)
+    assert np.allclose(clusters, np.maximum(kept, kept.T))
+    for p in summary["pairs"]:
+        i, j = names.index(p["x"]), names.index(p["y"])
+        assert p["cluster_diff"] == pytest.approx(clusters[i, j])
+    ranked = [p["cluster_diff"] for p in summary["pairs"]]
+    assert ranked == sorted(ranked, reverse=True)
+    # the largest uniform lead does not head the ranking
+    v, i, j = max((lead[a, b], a, b) for a in range(6) for b in range(6) if uniform[a, b])
+    assert {summary["pairs"][0]["x"], summary["pairs"][0]["y"]} != {names[i], names[j]} or clusters[i, j] < v
+    head = summary["summary"]
+    assert head.startswith("Most different by the largest lead that is not a uniform mode: ")
+    assert f"{names[i]} over {names[j]}" in head and "uniform mode" in head
+    assert f"{names[i]} holds together a group that {names[j]}" not in head
+
+
+def test_script_writes_the_table_and_the_finding_to_matrix_log(tmp_path):
+    """matrix.log (Hydra's run-folder log) holds the finding, the table and the ranked pairs (fails on main:
+    one line, the table went to stdout only)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "matrix.py"),
+            "data.n=48",
+            "report=false",
+            "progress=false",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "run" / "matrix.log").read_text()
+    assert "SPEC-diff (row i, column j" in text and " 0 colour" in text and " 1 shape" in text
+    assert "Most different by" in text and "most different pairs, ranked by" in text
