@@ -199,10 +199,13 @@ def _mode_block(
 
     holder, lacker = (pair["x"], pair["y"]) if mode["direction"] == "x" else (pair["y"], pair["x"])
     codes = mode.get("flags", [])
+    what = (
+        f"{_e(holder)} over {_e(lacker)}: a uniform mode, not a group"
+        if "uniform" in codes
+        else f"{_e(holder)} holds together, {_e(lacker)} does not"
+    )
     head = (
-        f'<h3 class="dir-{mode["direction"]}">{_e(holder)} '
-        + ("scores every sample about alike against" if "uniform" in codes else "holds together, ")
-        + f"{_e(lacker)}{'' if 'uniform' in codes else ' does not'} "
+        f'<h3 class="dir-{mode["direction"]}">{what} '
         f"(mode {mode['rank']}, eigenvalue {mode['eigenvalue']:+.4g})</h3>"
     )
     if codes:
@@ -345,7 +348,8 @@ def write_matrix_report(
         from .flags import FLAGS
 
         parts.append("<h2>The most different pairs: their top modes in both directions</h2>")
-        parts.append(f"<p>{_e(summary.get('ranking', {}).get('note', 'ranked by SPEC-diff'))}.</p>")
+        note = summary.get("ranking", {}).get("note", "ranked by SPEC-diff")
+        parts.append(f"<p>{_e(note[:1].upper() + note[1:])}.</p>")
         rows = [
             (
                 f"{p['x']} vs {p['y']}",
