@@ -289,3 +289,41 @@ def test_script_writes_the_table_and_the_finding_to_matrix_log(tmp_path):
     text = (tmp_path / "run" / "matrix.log").read_text()
     assert "SPEC-diff (row i, column j" in text and " 0 colour" in text and " 1 shape" in text
     assert "Most different by" in text and "most different pairs, ranked by" in text
+
+
+#: docs/matrix.md quotes the centred demo's SPEC-diff to 3 decimals (rounding: 5e-4) and says "0.46-0.48"
+#: / "0.998" of the uncentred run; a rerun on another machine sums in another order (~1e-12)
+DOC_TOL = 6e-4
+
+
+def _doc_table() -> tuple[list[str], np.ndarray]:
+    """The centred SPEC-diff table of docs/matrix.md (the one after "SPEC-diff, centred:")."""
+    text = (ROOT / "docs" / "matrix.md").read_text()
+    block = text.split("SPEC-diff, centred:", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [r.strip().strip("|").split("|") for r in block.splitlines() if not set(r) <= set("|-: ")]
+    names = [c.strip() for c in rows[0][1:]]
+    return names, np.asarray([[float(c) for c in r[1:]] for r in rows[1:]])
+
+
+def test_docs_quote_the_matrix_demo(tmp_path):
+    """The figures docs/matrix.md quotes are what the demo prints (fails on main: the docs read the uncentred
+    0.46-0.48 as colour's finding): the centred table, the headline, and the uncentred uniform-led entries."""
+    base = [
+        "experiment=matrix_demo",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        "report=false",
+        "top_pairs=1",
+    ]
+    centred = run(_compose([*base, f"output_dir={tmp_path / 'c'}"]))
+    names, table = _doc_table()
+    assert names == centred["names"]
+    assert np.abs(np.asarray(centred["spec_diff"]) - table).max() <= DOC_TOL
+    doc = (ROOT / "docs" / "matrix.md").read_text()
+    assert " ".join(centred["summary"].split()) in " ".join(doc.split())
+    plain = run(_compose([*base, "center=false", f"output_dir={tmp_path / 'u'}"]))
+    lead, lead_u = np.asarray(plain["lead"]), np.asarray(plain["lead_uniformity"])
+    c = names.index("colour")
+    stages = [names.index(f"cnn/layer{k}") for k in range(1, 5)]
+    assert all(0.455 <= lead[s, c] <= 0.485 and lead_u[s, c] > 0.997 for s in stages)  # "0.46-0.48", "0.998"
+    assert plain["ranking"]["uniform_entries"] == 13 and "13 lead entries" in doc
