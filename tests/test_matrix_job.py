@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,47 @@ def test_docs_quote_the_matrix_demo(tmp_path):
     stages = [names.index(f"cnn/layer{k}") for k in range(1, 5)]
     assert all(0.455 <= lead[s, c] <= 0.485 and lead_u[s, c] > 0.997 for s in stages)  # "0.46-0.48", "0.998"
     assert plain["ranking"]["uniform_entries"] == 13 and "13 lead entries" in doc
+
+
+def _fake_matrix() -> dict:
+    """An uncentred 3-set matrix.json dict: lead[b, a] = 0.5 is uniform-led, the real lead is a over c."""
+    from spec_torch.apps.matrix import entry_flags
+
+    lead = np.array([[0, 0.1, 0.3], [0.5, 0, 0.05], [0.02, 0.04, 0]])
+    lead_u = np.array([[0, 0.1, 0.2], [0.99, 0, 0.1], [0.1, 0.3, 0]])
+    sd = np.maximum(lead, lead.T)
+    kept = np.where(lead_u > 0.9, 0, lead)
+    return {
+        "names": ["a", "b", "c"],
+        "n": 10,
+        "spec_diff": sd.tolist(),
+        "lead": lead.tolist(),
+        "lead_uniformity": lead_u.tolist(),
+        "uniformity": np.where(sd == lead, lead_u, lead_u.T).tolist(),
+        "entry_flags": entry_flags(np.where(sd == lead, lead_u, lead_u.T)),
+        "lead_flags": entry_flags(lead_u),
+        "cluster_diff": np.maximum(kept, kept.T).tolist(),
+        "cka": None,
+        "ranking": {
+            "matrix": "cluster_diff",
+            "skip_uniform": True,
+            "uniform_entries": 1,
+            "note": "ranked by x",
+        },
+        "settings": {"eta": 1.0, "center": False, "route": "groups", "kernels": {}},
+        "pairs": [],
+    }
+
+
+def test_summary_without_pairs_names_the_ranked_matrix_not_the_uniform_entry(tmp_path):
+    """No pair scored (the groups route): the finding names the largest cluster_diff entry (a vs c, 0.3), not the
+    uniform-led SPEC-diff 0.5 of a vs b, and says that b over a is uniform; the report renders it."""
+    from spec_torch.apps.report.matrix_html import matrix_summary, write_matrix_report
+
+    result = _fake_matrix()
+    text = matrix_summary(result)
+    assert text.startswith("Most different by the largest lead that is not a uniform mode: a vs c (0.300)")
+    assert "1 lead entries are led by a uniform mode, the largest b over a (0.500, uniformity 0.990)" in text
+    result["summary"] = text
+    html = write_matrix_report(tmp_path, result).read_text()
+    assert f'<p class="finding">{escape(text)}</p>' in html and "<h2>Settings</h2>" in html

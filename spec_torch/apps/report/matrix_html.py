@@ -74,10 +74,14 @@ def matrix_summary(result: dict[str, Any]) -> str:
                 f"The pair's SPEC-diff {p['spec_diff']:.3f} itself is a uniform mode (uniformity "
                 f"{p['uniformity']:.3f}): kernel levels, not a group."
             )
-    elif len(names) >= 2:
-        i, j = np.unravel_index(np.argmax(np.where(np.eye(len(names), dtype=bool), -np.inf, sd)), sd.shape)
+    elif len(names) >= 2:  # no pair scored (top_pairs = 0, or the groups route): the ranked matrix's largest
+        key = ranked.get("matrix", "spec_diff")
+        ranked_by = np.asarray(result.get(key, sd), dtype=np.float64)
+        off = np.where(np.eye(len(names), dtype=bool), -np.inf, ranked_by)
+        i, j = np.unravel_index(np.argmax(off), off.shape)
         out.append(
-            f"Largest SPEC-diff: {names[i]} vs {names[j]} ({sd[i, j]:.3f}); no pair's modes were scored."
+            f"Most different {_RANKED_BY.get(key, 'by SPEC-diff')}: {names[i]} vs {names[j]} "
+            f"({ranked_by[i, j]:.3f}); no pair's modes were scored."
         )
     lead = np.asarray(result.get("lead", sd), dtype=np.float64)
     lead_u = np.asarray(result.get("lead_uniformity", np.zeros_like(sd)), dtype=np.float64)
