@@ -372,3 +372,33 @@ def test_summary_without_pairs_names_the_ranked_matrix_not_the_uniform_entry(tmp
     result["summary"] = text
     html = write_matrix_report(tmp_path, result).read_text()
     assert f'<p class="finding">{escape(text)}</p>' in html and "<h2>Settings</h2>" in html
+
+
+def test_heatmap_text_is_at_least_10pt_and_the_colour_bar_is_labelled(tmp_path, monkeypatch):
+    """Every text of a heatmap (cell values, tick labels, colour bar) is at least 10 pt and the colour bar has
+    a label (fails on main: 7 pt cells, 8 pt ticks, an unlabelled bar); marked cells end in "u"."""
+    from spec_torch.apps.report import matrix_html
+
+    saved = {}
+    monkeypatch.setattr(matrix_html.plots, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))
+    values = np.array([[0, 0.48, 0.1], [0.48, 0, 0.2], [0.1, 0.2, 0]])
+    marks = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=bool)
+    matrix_html.plot_heatmap(
+        values,
+        ["colour", "cnn/layer1", "shape"],
+        tmp_path / "h.png",
+        title="t",
+        colorbar="SPEC-diff",
+        marks=marks,
+    )
+    fig = saved["fig"]
+    fig.canvas.draw()  # tick labels exist once drawn
+    texts = [
+        t
+        for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+        if t.get_text()
+    ]
+    assert texts and min(t.get_fontsize() for t in texts) >= matrix_html.CELL_FONT_PT >= 10
+    cells = [t.get_text() for t in fig.axes[0].texts]
+    assert cells.count("0.480u") == 2 and "0.100" in cells
+    assert fig.axes[1].get_ylabel() == "SPEC-diff"  # the colour bar's axis
