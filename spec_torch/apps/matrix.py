@@ -4,7 +4,9 @@ A recipe of calls (``configs/matrix.yaml``): build the dataset; for each configu
 into the cache (one extraction pass per encoder; with ``layers`` every layer comes from the same pass and is
 split into named feature sets ``<encoder>/<layer>``); stream all feature sets through :func:`spec_torch.spec_matrix`
 once; for the ``top_pairs`` most different pairs score their top modes in both directions from the joint sums
-(:meth:`SpecMatrix.pair`, one scoring pass per pair); write ``matrix.json`` then ``report.html``.
+(:meth:`SpecMatrix.pair`, one scoring pass per pair) and, where the data has texts (text lines, COCO captions),
+name them by their distinctive words (:mod:`spec_torch.apps.explain`, one more pass per pair); write
+``matrix.json`` then ``report.html``.
 
 Under torchrun (``torchrun --nproc_per_node=2 scripts/matrix.py experiment=matrix_demo``, or ``torchrun
 --nproc_per_node=2 -m spec_torch matrix ...``) each rank extracts its contiguous block of the dataset into a
@@ -29,6 +31,7 @@ from ..matrix import spec_matrix
 from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
+from .compare import keywords_config
 from .config import ACCUMULATE_DTYPES, check_run_settings, load_config
 
 __all__ = ["run", "MATRIX_JSON"]
@@ -48,6 +51,7 @@ def _check_settings(cfg: DictConfig) -> None:
         positive=("top_k", "samples_per_mode", "batch_size", "stream_batch_size"),
         non_negative=("top_pairs",),
     )
+    keywords_config(cfg)
     encoders = cfg.get("encoders")
     if not isinstance(encoders, DictConfig) or len(encoders) == 0:
         raise SpecError("encoders: expected a mapping name -> encoder config (family: ..., layers: [...])")
@@ -229,8 +233,35 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                         for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
                     ]
                 modes.append(entry)
+        _pair_keywords(cfg, res, {a: features[a], b: features[b]}, modes, dataset, index, device)
         out.append({"x": a, "y": b, "spec_diff": float(m.spec_diff[i, j]), "modes": modes})
     return out
+
+
+def _pair_keywords(cfg, res, pair: dict[str, Any], modes: list[dict], dataset, index, device) -> None:
+    """The explain stage of one pair: each mode entry's ``keywords`` (as the compare job's), where the dataset
+    has texts. Rank 0 scores every common row of the pair and sends the words to every rank."""
+    from .explain import mode_keywords, oriented_scores
+
+    texts = dataset.texts
+    if texts is None or not modes:
+        return
+    (a, fa), (b, fb) = pair.items()
+    n = int(fa.shape[0])
+    settings = keywords_config(cfg)
+
+    def row(features: Any, r: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(features[r : r + 1], dtype=np.float32)).to(device)  # [1, d]
+
+    def name_modes() -> list[list[tuple[str, float]]]:
+        tops = [e["top_rows"][0] for e in modes]  # each mode's top sample: its orientation
+        anchors = (torch.cat([row(fa, r) for r in tops]), torch.cat([row(fb, r) for r in tops]))
+        batches = ((t[a], t[b]) for t in _Batches(pair, range(n), int(cfg.stream_batch_size), device))
+        scores = oriented_scores(res, batches, [e["index"] for e in modes], anchors)  # [n, M]
+        return mode_keywords(scores, [texts[int(i)] for i in index], **settings)
+
+    for entry, terms in zip(modes, distributed.run_on_main(name_modes), strict=True):
+        entry["keywords"] = [[term, z] for term, z in terms]
 
 
 def run(cfg: Any = None) -> dict[str, Any]:
@@ -290,6 +321,8 @@ def run(cfg: Any = None) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
+    from .explain import keywords_tag
+
     names, sd = summary["names"], np.asarray(summary["spec_diff"])
     print(f"SPEC matrix: {len(names)} feature sets, n = {summary['n']}, route {summary['settings']['route']}")
     width = max(len(s) for s in names)
@@ -298,4 +331,9 @@ def _print_summary(summary: dict[str, Any], path: Path) -> None:
         print(f"{i:>2d} {s:<{width}}" + " ".join(f"{v:7.3f}" for v in sd[i]))
     for p in summary["pairs"]:
         print(f"  most different: {p['x']} vs {p['y']}: SPEC-diff {p['spec_diff']:.4f}")
+        for e in p["modes"]:  # named in words where the data had texts
+            if keywords_tag(e):
+                print(
+                    f"    {e['direction']}{e['rank']} ({p[e['direction']]} holds together):{keywords_tag(e)}"
+                )
     print(f"wrote {path}" + (f" and {summary['report']}" if "report" in summary else ""))

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .._io import atomic_write_text
+from ..explain import keywords_phrase
 from . import plots
 from .html import _CSS, _e, _img, _table
 
@@ -99,6 +100,9 @@ def _mode_block(
         f"(eigenvalue {mode['eigenvalue']:+.4g})</h3>"
     )
     facts = []
+    words = keywords_phrase(mode, with_z=True)  # matrix.json keywords, where the data had texts
+    if words is not None:
+        facts.append(f'<p class="words"><b>Distinctive words:</b> {_e(words)}</p>')
     if "purity" in mode:
         facts.append(
             _table([(a, v, f) for a, (v, f) in mode["purity"].items()], ["attribute", "majority", "fraction"])
