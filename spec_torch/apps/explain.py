@@ -137,8 +137,9 @@ def term_counts(
     """Sparse term counts of ``texts``: ``(counts [n, V] scipy CSR, terms [V] sorted)``.
 
     scikit-learn's ``CountVectorizer`` (English stop words, ``ngram_range``), keeping the terms in at least
-    ``min_df`` and at most ``max_df`` texts (an integer: a count; a float: a fraction). No term left (few or
-    empty texts, or ``max_df`` below ``min_df`` for this many texts): ``V = 0``.
+    ``min_df`` and at most ``max_df`` texts (an integer: a count; a float: a fraction). The lines of a text are
+    analysed one by one (an image's captions, joined by newlines: no 2-gram spans two of them). No term left
+    (few or empty texts, or ``max_df`` below ``min_df`` for this many texts): ``V = 0``.
     """
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import CountVectorizer
@@ -147,9 +148,12 @@ def term_counts(
     empty = sp.csr_matrix((n, 0), dtype=np.int64), []
     if n == 0 or _doc_count(max_df, n) < _doc_count(min_df, n):
         return empty
-    vectorizer = CountVectorizer(
-        stop_words="english", ngram_range=tuple(ngram_range), min_df=min_df, max_df=max_df, dtype=np.int64
-    )
+    lines = CountVectorizer(stop_words="english", ngram_range=tuple(ngram_range)).build_analyzer()
+
+    def analyzer(text: str) -> list[str]:  # each line on its own: no 2-gram spans two joined captions
+        return [term for line in text.split("\n") for term in lines(line)] if "\n" in text else lines(text)
+
+    vectorizer = CountVectorizer(analyzer=analyzer, min_df=min_df, max_df=max_df, dtype=np.int64)
     try:
         counts = vectorizer.fit_transform([str(t) for t in texts])  # [n, V] CSR, terms in sorted order
     except ValueError:  # "empty vocabulary" / "After pruning, no terms remain": nothing to name modes by

@@ -1,7 +1,7 @@
 """MS-COCO captions: an image folder plus a ``captions_*.json`` annotation file, as images or as captions.
 
 - ``modality="image"``: one sample per annotated image, id ``coco:<image_id>``, sorted by image id; its
-  ``texts`` are all its captions joined (what the explain stage names modes by).
+  ``texts`` are all its captions, one a line (what the explain stage names modes by).
 - ``modality="text"``: one sample per caption, id ``cap:<caption_id>``, sorted by (image id, caption id);
   the images are not needed (``root`` may be null).
 """
@@ -117,7 +117,7 @@ class CocoDataset(SampleDataset):
             by_image: dict[int, list[str]] = {}
             for img, _, caption in caps:  # sorted by (image id, caption id)
                 by_image.setdefault(img, []).append(caption)
-            self._texts: list[str] = [" ".join(by_image[i]) for i in self._image_ids]  # all its captions
+            self._texts: list[str] = ["\n".join(by_image[i]) for i in self._image_ids]  # all its captions
         else:
             if captions_per_image is not None and (
                 isinstance(captions_per_image, bool)
@@ -151,7 +151,7 @@ class CocoDataset(SampleDataset):
 
     @property
     def texts(self) -> list[str]:
-        """Each sample's text: the caption, or for an image all its captions joined."""
+        """Each sample's text: the caption, or for an image all its captions, one a line."""
         return list(self._texts)
 
     @property
