@@ -119,7 +119,7 @@ def keyword_settings(
     return {
         "top_n": int(top_n),
         "min_z": float(min_z),
-        "ngram_range": (int(ngrams[0]), int(ngrams[1])),
+        "ngram_range": [int(ngrams[0]), int(ngrams[1])],  # a list: as it reads back from spec.json
         "min_df": int(min_df) if _is_int(min_df) else float(min_df),
         "max_df": int(max_df) if _is_int(max_df) else float(max_df),
     }
