@@ -499,7 +499,9 @@ def _feature_files(work: Path) -> None:
     np.save(work / "x.npy", x.astype(np.float32))
     np.save(work / "y.npy", y.astype(np.float32))
     words = ["zebra quokka", "narwhal okapi", "axolotl pangolin"]  # each x group's words: the explain stage
-    (work / "names.txt").write_text("".join(f"a photo of a {words[g]} number {i}\n" for i, g in enumerate(gx)))
+    (work / "names.txt").write_text(
+        "".join(f"a photo of a {words[g]} number {i}\n" for i, g in enumerate(gx))
+    )
 
 
 def _features_cfg(work: Path, route: str, out: str | None = None):

@@ -321,3 +321,19 @@ def test_matrix_pairs_are_named_in_words(synthetic_coco):
         assert "keywords" in mode and keywords_phrase(mode, with_z=True) in html
     for mode in shape_modes:
         assert mode["keywords"][0][0] in SHAPES
+
+
+def test_dataset_texts_lines_captions_and_none(tmp_path, synthetic_coco):
+    """What the explain stage reads: a text file's lines; COCO captions (an image: all its captions, one a
+    line); nothing for the synthetic images."""
+    from spec_torch.apps.data import CocoDataset, TextFileDataset
+
+    (tmp_path / "t.txt").write_text("first text\n\nsecond text\n")
+    assert TextFileDataset(tmp_path / "t.txt").texts == ["first text", "second text"]
+    images = CocoDataset(root=synthetic_coco["root"], annotations=synthetic_coco["annotations"])
+    assert images.texts[3].split("\n") == captions(
+        {k: v[3] for k, v in SyntheticShapes(n=4).attributes.items()}
+    )
+    lines = CocoDataset(annotations=synthetic_coco["annotations"], modality="text", max_samples=4)
+    assert lines.texts == [lines[i] for i in range(4)]
+    assert SyntheticShapes(n=4).texts is None
