@@ -337,3 +337,22 @@ def test_dataset_texts_lines_captions_and_none(tmp_path, synthetic_coco):
     lines = CocoDataset(annotations=synthetic_coco["annotations"], modality="text", max_samples=4)
     assert lines.texts == [lines[i] for i in range(4)]
     assert SyntheticShapes(n=4).texts is None
+
+
+def test_a_tied_set_is_named_whatever_the_rotation_of_its_modes():
+    """Two tied modes span two planted groups; any rotation of the pair names the same words (set_scores)."""
+    from spec_torch.apps.explain import set_scores
+
+    n = 300
+    groups = np.full(n, -1)
+    groups[:40], groups[40:80] = 0, 1
+    texts = planted_texts(groups)
+    a, b = (groups == 0).astype(float), (groups == 1).astype(float)  # [n] each
+    rng = np.random.default_rng(0)
+    pair = np.stack([a + b, a - b], 1) / np.sqrt(2) + 0.01 * rng.normal(size=(n, 2))  # [n, 2]
+    turn = np.array([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]])
+    first = mode_keywords(set_scores(pair, [[0, 1]]), texts)
+    assert first == mode_keywords(set_scores(pair @ turn, [[0, 1]]), texts)
+    assert first[0] and words_of(first[0]) <= {"zebra", "quokka", "narwhal", "okapi"}
+    with pytest.raises(SpecError, match="sets"):
+        set_scores(pair, [[0, 2]])

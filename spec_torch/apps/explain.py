@@ -55,6 +55,7 @@ __all__ = [
     "keywords_from_counts",
     "member_weights",
     "oriented_scores",
+    "set_scores",
     "keywords_phrase",
     "keywords_tag",
 ]
@@ -304,6 +305,26 @@ def oriented_scores(res: Any, batches: Any, modes: Sequence[int], anchors: tuple
         sign = torch.where(s[diag, diag] < 0, -1.0, 1.0).to(s.dtype)  # [M]
         parts.append((s[m:] * sign).to("cpu", torch.float64).numpy())  # [B, M]
     return np.concatenate(parts) if parts else np.zeros((0, m))
+
+
+def set_scores(scores: Any, sets: Sequence[Sequence[int]]) -> np.ndarray:
+    """Each set of tied modes as one score column: ``[n, S]``, sample i's projection norm
+    ``sqrt(sum_t s_it^2)`` on the set's columns of ``scores [n, M]``.
+
+    Tied modes are any rotation of their span, so a set is named by what does not depend on the rotation:
+    :func:`mode_keywords` on these columns takes as members the samples whose projection norm is at least half
+    the largest (either sign of any one mode), weighted by its square.
+    """
+    scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, np.float64)
+    m = scores.shape[1] if scores.ndim == 2 else 0
+    for t in sets:
+        if not len(t) or not all(_is_int(j) and 0 <= j < m for j in t):
+            raise SpecError(f"sets: expected non-empty lists of column indices in [0, {m}), got {list(t)!r}")
+    return (
+        np.stack([np.sqrt((scores[:, list(t)] ** 2).sum(axis=1)) for t in sets], 1)
+        if sets
+        else np.zeros((len(scores), 0))
+    )
 
 
 # ---------------------------------------------------------------------------------------------- views
