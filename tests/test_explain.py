@@ -289,8 +289,9 @@ def test_synthetic_captions_name_the_shape_modes_by_their_shape(synthetic_coco):
 
 
 def test_matrix_pairs_are_named_in_words(synthetic_coco):
-    """The matrix job's top pair (colour vs shape) on the same captioned images: matrix.json mode entries carry
-    keywords, the shape encoder's modes led by their shape word; the report and the summary show them."""
+    """The matrix job's top pairs (colour vs shape, colour vs a second shape encoder) on the same captioned
+    images: matrix.json mode entries carry keywords (the texts vectorized once for both pairs), the shape
+    encoder's modes led by their shape word; the report shows them."""
     from spec_torch.apps.matrix import run as run_matrix
 
     data = synthetic_coco
@@ -302,17 +303,21 @@ def test_matrix_pairs_are_named_in_words(synthetic_coco):
                 "data=mscoco",
                 f"data.root={data['root']}",
                 f"data.annotations={data['annotations']}",
-                "top_pairs=1",
+                "+encoders.shape_too.family=offline_shape",
+                "top_pairs=2",
                 "top_k=2",
                 f"cache_dir={data['tmp'] / 'cache'}",
                 f"output_dir={out}",
                 "progress=false",
             ],
-        )  # fmt: skip
+        ),  # fmt: skip
     )
     saved = json.loads((out / "matrix.json").read_text())
-    (pair,) = saved["pairs"]
-    assert pair["modes"] == summary["pairs"][0]["modes"]
+    pair = saved["pairs"][0]
+    assert len(saved["pairs"]) == 2 and saved["pairs"] == json.loads(json.dumps(summary["pairs"]))
+    assert all(
+        "keywords" in mode for p in saved["pairs"] for mode in p["modes"]
+    )  # every pair, one vectorizing
     html = (out / "report.html").read_text()
     shape_side = "x" if pair["x"] == "shape" else "y"
     shape_modes = [m for m in pair["modes"] if m["direction"] == shape_side]

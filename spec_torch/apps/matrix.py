@@ -188,6 +188,7 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
     out = []
     k = min(int(cfg.samples_per_mode), n)
     mine = _my_rows(n)
+    counts: dict[str, Any] = {}  # the texts' term counts, made once (rank 0) for every pair
     for i, j in m.most_different(int(cfg.top_pairs)):
         a, b = m.names[i], m.names[j]
         res = m.pair(i, j)
@@ -233,15 +234,16 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                         for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
                     ]
                 modes.append(entry)
-        _pair_keywords(cfg, res, {a: features[a], b: features[b]}, modes, dataset, index, device)
+        _pair_keywords(cfg, res, {a: features[a], b: features[b]}, modes, dataset, index, device, counts)
         out.append({"x": a, "y": b, "spec_diff": float(m.spec_diff[i, j]), "modes": modes})
     return out
 
 
-def _pair_keywords(cfg, res, pair: dict[str, Any], modes: list[dict], dataset, index, device) -> None:
+def _pair_keywords(cfg, res, pair: dict[str, Any], modes: list[dict], dataset, index, device, counts) -> None:
     """The explain stage of one pair: each mode entry's ``keywords`` (as the compare job's), where the dataset
-    has texts. Rank 0 scores every common row of the pair and sends the words to every rank."""
-    from .explain import mode_keywords, oriented_scores
+    has texts. Rank 0 scores every common row of the pair and sends the words to every rank; the texts' term
+    counts are made on the first pair and kept in ``counts`` for the others."""
+    from .explain import keywords_from_counts, oriented_scores, term_counts
 
     texts = dataset.texts
     if texts is None or not modes:
@@ -258,7 +260,12 @@ def _pair_keywords(cfg, res, pair: dict[str, Any], modes: list[dict], dataset, i
         anchors = (torch.cat([row(fa, r) for r in tops]), torch.cat([row(fb, r) for r in tops]))
         batches = ((t[a], t[b]) for t in _Batches(pair, range(n), int(cfg.stream_batch_size), device))
         scores = oriented_scores(res, batches, [e["index"] for e in modes], anchors)  # [n, M]
-        return mode_keywords(scores, [texts[int(i)] for i in index], **settings)
+        if not counts:  # [n, V] sparse, and the terms
+            rows = [texts[int(i)] for i in index]
+            counts["terms"] = term_counts(
+                rows, settings["ngram_range"], settings["min_df"], settings["max_df"]
+            )
+        return keywords_from_counts(scores, *counts["terms"], settings["top_n"], settings["min_z"])
 
     for entry, terms in zip(modes, distributed.run_on_main(name_modes), strict=True):
         entry["keywords"] = [[term, z] for term, z in terms]
