@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from .explain import keywords_phrase
 
 __all__ = ["collect", "main"]
 
@@ -38,7 +39,7 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
     modes = spec.get("modes") or {}
     metrics = spec.get("metrics") or {}
     top = {d: (modes.get(d) or [{}])[0].get("eigenvalue") for d in ("x", "y")}
-    return {
+    row = {
         "kind": "compare",
         "n": spec.get("n"),
         "spec_diff": spec.get("spec_diff"),
@@ -47,6 +48,11 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
         "linear_cka": metrics.get("linear_cka"),
         "mutual_knn": (metrics.get("mutual_knn") or {}).get("value"),
     }
+    for d in ("x", "y"):  # the strongest mode's distinctive words, where the run's data had texts
+        words = keywords_phrase((modes.get(d) or [{}])[0])
+        if words is not None:
+            row[f"words_{d}"] = words
+    return row
 
 
 def _align_row(results: dict[str, Any]) -> dict[str, Any]:
