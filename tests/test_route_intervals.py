@@ -184,3 +184,34 @@ def test_modes_that_do_not_match_the_factor_are_skipped_loudly(monkeypatch):
     assert res.uncertainty["unmatched_modes"] == [
         k for k in range(res.eigenvalues.numel()) if abs(float(res.eigenvalues[k])) > res.zero_tol
     ]
+
+
+# ------------------------------------------------------------------------------ aligned sample_scores columns
+@pytest.mark.parametrize("method", ["features", "exact"])
+def test_sample_scores_column_k_is_the_mode_of_eigenvalue_k_with_a_cut_zero(method):
+    """x and y share the direction z_0 (linear kernels): L has cut zero eigenvalues between the positive and the
+    negative modes. Column k is the eigenvector of ``eigenvalues[k]`` (dense oracle, up to sign), NaN where the
+    eigenvalue is zero; top_samples skips those modes and names the modes it scored. Fails on main: the columns
+    of the nonzero modes only, so every negative mode's column was another mode's (or out of range)."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(150, 5, generator=g, dtype=torch.float64)
+    x, y = z[:, :3], torch.cat([z[:, :1], z[:, 3:]], 1)  # z_0 on both sides: its contribution cancels
+    res = st.spec(x, y, "linear", "linear", method=method)
+    zero = res.eigenvalues.abs() <= res.zero_tol
+    assert bool(zero.any()) and bool((res.eigenvalues[~zero] < 0).any())
+    assert int(zero.nonzero().min()) < int((res.eigenvalues < -res.zero_tol).nonzero().max())  # a zero before
+    scores = res.sample_scores(x, y)
+    assert scores.shape == (150, res.eigenvalues.numel())
+    assert bool(torch.isnan(scores[:, zero]).all()) and not bool(torch.isnan(scores[:, ~zero]).any())
+    want_vals, want_vecs = spectrum(difference(x.numpy(), y.numpy(), "linear", "linear"))
+    for k in (~zero).nonzero().flatten().tolist():
+        j = int(np.abs(want_vals - float(res.eigenvalues[k])).argmin())
+        assert abs(float(want_vals[j] - res.eigenvalues[k])) < 1e-10
+        assert abs(float(want_vecs[:, j] @ scores[:, k].numpy())) > 1 - 1e-8  # the same unit vector
+    top = res.top_samples((x, y), k=5)
+    assert top.modes == (~zero).nonzero().flatten().tolist()
+    for row, mode in enumerate(top.modes):
+        col = scores[:, mode]
+        torch.testing.assert_close(top.scores[row], col[top.indices[row]], atol=1e-10, rtol=0)
+    with pytest.raises(st.SpecError, match="numerically zero"):
+        res.sample_scores(x, y, modes=[int(zero.nonzero()[0])])
