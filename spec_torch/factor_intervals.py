@@ -218,6 +218,29 @@ def attach_factor_uncertainty(
         f"intervals on the {route} route with n = {n} (rank {rank}: {groups} group sums of {rank} x {rank})",
         "replicates",
     )
+    settings = {
+        "route": route,
+        "factor_rank": rank,
+        "replicate_solve": "top_k" if solve_top_k is not None else "full",
+        "replicate_top_k": solve_top_k,
+        "eigensolves": solves_needed(replicates),
+        "solve_size": rank,
+    }
+    if rank == 0:  # L is zero to the route's resolution, and so is every resampled L: nothing to resample
+        k_all = result.eigenvalues.numel()
+        result.eigenvalue_ci = torch.full((k_all, 2), float("nan"), dtype=torch.float64)
+        result.heldout_eigenvalues = torch.full((k_all,), float("nan"), dtype=torch.float64)
+        result.stability = torch.full((k_all,), float("nan"), dtype=torch.float64)
+        result.spec_diff_ci = (0.0, 0.0)
+        result.uncertainty = {
+            "replicates": replicates,
+            "level": float(level),
+            "groups": groups,
+            "seed": int(seed),
+            **settings,
+            "unmatched_modes": [],
+        }
+        return
     fx, fy = difference_factor(evals, vecs, n, result.zero_tol)  # [n, r_+], [n, r_-]
     acc = DiffCovariance("linear", "linear", groups=groups, group_seed=seed)
     acc.update(fx, fy, index=torch.arange(n))
@@ -243,13 +266,4 @@ def attach_factor_uncertainty(
             stacklevel=3,
         )
     _transplant(result, feat, match)
-    result.uncertainty = {
-        **(feat.uncertainty or {}),
-        "route": route,
-        "factor_rank": rank,
-        "replicate_solve": "top_k" if solve_top_k is not None else "full",
-        "replicate_top_k": solve_top_k,
-        "eigensolves": solves_needed(replicates),
-        "solve_size": rank,
-        "unmatched_modes": missed,
-    }
+    result.uncertainty = {**(feat.uncertainty or {}), **settings, "unmatched_modes": missed}

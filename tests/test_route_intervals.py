@@ -215,3 +215,12 @@ def test_sample_scores_column_k_is_the_mode_of_eigenvalue_k_with_a_cut_zero(meth
         torch.testing.assert_close(top.scores[row], col[top.indices[row]], atol=1e-10, rtol=0)
     with pytest.raises(st.SpecError, match="numerically zero"):
         res.sample_scores(x, y, modes=[int(zero.nonzero()[0])])
+
+
+@pytest.mark.parametrize("method", ["exact", "features"])
+def test_identical_embeddings_on_the_exact_route_give_a_zero_spec_diff_interval(method):
+    """L = 0 (rank 0 at the route's resolution): every resampled L is 0; no mode to give an interval."""
+    x, _ = planted(60, 80, 5)  # D = 160 > n: method="features" solves in the dual
+    res = st.spec(x, x, replicates=10, method=method)
+    assert res.uncertainty["factor_rank"] == 0 and res.spec_diff_ci == (0.0, 0.0)
+    assert bool(torch.isnan(res.eigenvalue_ci).all())
