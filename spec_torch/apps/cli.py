@@ -138,15 +138,14 @@ def hydra_command(command: Command, args: Sequence[str]) -> None:
     def _main(cfg: DictConfig) -> None:
         run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
 
-    if not distributed.is_follower():  # unknown keys and presets: one error line, before Hydra's own report
-        from .config import check_overrides
+    from .config import check_overrides
 
-        try:
-            notes = check_overrides(command.name, args)
-        except SpecError as exc:
-            _fail(str(exc))
-        for note in notes:
-            print(f"warning: {' '.join(note.split())}", file=sys.stderr)
+    try:  # unknown keys and presets: one error line before Hydra's report; on every rank (the same verdict)
+        notes = check_overrides(command.name, args)
+    except SpecError as exc:
+        _fail(str(exc))
+    for note in notes if not distributed.is_follower() else ():
+        print(f"warning: {' '.join(note.split())}", file=sys.stderr)
     argv0 = sys.argv[0] if sys.argv else "spec-torch"
     sys.argv = [f"{argv0} {command.name}", *args]
     try:
