@@ -409,7 +409,7 @@ def _spec_with_uncertainty(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
-    return acc.compute(
+    res = acc.compute(
         eta=eta,
         top_k=top_k,
         sync_dist=False,
@@ -419,3 +419,13 @@ def _spec_with_uncertainty(
         center=center,
         reference=reference is not False,
     )
+    from .uncertainty import solves_needed
+
+    d = acc.xx.shape[0] + acc.yy.shape[0]  # each replicate solves D x D (the n x n routes record their rank)
+    res.uncertainty = {
+        **res.uncertainty,
+        "route": "features",
+        "eigensolves": solves_needed(replicates),
+        "solve_size": d,
+    }
+    return res

@@ -78,7 +78,10 @@ class SpecResult:
             (the cross-covariance replaced by its average over shuffles of the pairing); ``None`` where not
             computed. spec_diff_ratio: ``spec_diff / spec_diff_null`` (docs/uncertainty.md).
         eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
-            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used.
+            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used, with
+            (from :func:`spec_torch.spec`) the ``route`` the replicates resampled (``features``: group sums of
+            D features; ``exact``/``dual``: an exact factor of L, :mod:`spec_torch.factor_intervals`), and the
+            ``eigensolves`` of size ``solve_size`` that cost.
             ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
     """
 

@@ -103,6 +103,8 @@ def test_exact_and_features_routes_agree_where_both_apply(kernel, center, top_k)
     exact = st.spec(x, y, kernel, kernel, method="exact", **kw)
     assert feat.method == "features" and exact.method == "exact" and exact.uncertainty["route"] == "exact"
     assert exact.uncertainty["unmatched_modes"] == []
+    assert feat.uncertainty["route"] == "features" and feat.uncertainty["solve_size"] == 11  # D = 6 + 5
+    assert exact.uncertainty["solve_size"] == exact.uncertainty["factor_rank"] <= 11
     assert_same_intervals(feat, exact, exact.scale)
 
 
