@@ -208,11 +208,11 @@ def spec(
             splits), ``G D^2`` float64 sums. The n x n routes (exact kernels; the dual solve when ``D > n``)
             resample an exact factor of L of rank ``r <= min(n, D)`` (:mod:`spec_torch.factor_intervals`):
             every eigenpair of L (the exact solve's own; one more n x n build and eigh with ``center`` or
-            ``top_k``), then ``R + 2S`` solves of ``r x r`` (``O(r^3)`` each; above rank
-            :data:`~spec_torch.factor_intervals.FULL_SOLVE_MAX_RANK` the strongest
-            :data:`~spec_torch.factor_intervals.CAPPED_TOP_K` modes of each sign only) and ``n r + (G + 14) r^2``
-            float64 of memory, checked before allocation. ``uncertainty`` records which ran and its size.
-            Refused with fewer than 16 samples or 8 groups.
+            ``top_k``), then ``R + 2S`` solves of ``r x r`` (``O(r^3)`` each: a factorisation of C and an eigh of
+            S; above rank :data:`~spec_torch.factor_intervals.FULL_SOLVE_MAX_RANK` the S solve keeps the strongest
+            :data:`~spec_torch.factor_intervals.CAPPED_TOP_K` modes of each sign, and only they get intervals)
+            and ``n r + (G + 14) r^2`` float64 of memory, checked before allocation. ``uncertainty`` records
+            which ran and its size. Refused with fewer than 16 samples or 8 groups.
         seed: seed of the uniform row sample that ``sigma="auto"`` is fitted on, and of the replicates' group
             assignment hash and resampling (deterministic for a seed).
         level: interval level (default 0.9).

@@ -22,9 +22,11 @@ match keeps NaN intervals, with a warning naming it.
 Cost (stated in ``SpecResult.uncertainty``): the factor needs every eigenpair of L: the exact solve's own when it
 was a full, uncentred one, otherwise one more n x n build and ``eigh`` (``O(n^2 (p + q) + n^3)``). Then
 ``R + 2S`` replicate solves (S held-out splits) of size ``r`` (the rank kept, ``r <= n``): each a Cholesky or
-eigh of ``C`` and an eigh of ``S``, ``O(r^3)``; above :data:`FULL_SOLVE_MAX_RANK` they keep the strongest
-:data:`CAPPED_TOP_K` modes of each sign (block Krylov, ``O(r^2 k)`` per step) and only those modes get
-intervals. Memory: the factor ``n r`` plus ``G + 14`` matrices ``r x r`` (group sums, the solves), float64,
+eigh of ``C`` and an eigh of ``S``, ``O(r^3)`` (a bootstrap holds about 63% of the distinct rows, so with r
+near n its C is singular and takes the eigh). Above :data:`FULL_SOLVE_MAX_RANK` the solve of ``S`` keeps the
+strongest :data:`CAPPED_TOP_K` modes of each sign (block Krylov, ``O(r^2 k)`` per step) and only those modes
+get intervals; the factorisation of each resampled C stays ``O(r^3)``, so the cap about halves the cubic work
+and bounds the matching, it does not remove it. Memory: the factor ``n r`` plus ``G + 14`` matrices ``r x r`` (group sums, the solves), float64,
 checked before allocation (:class:`SpecError` naming ``replicates``).
 """
 
