@@ -59,6 +59,7 @@ def test_misspelt_key_gets_did_you_mean_and_never_the_plus_advice(tmp_path):
     assert (
         check_overrides("compare", ["top_k=5", "data=features", "data.x_path=a.npy", "-m", "eta=0.5,1"]) == []
     )
+    assert check_overrides("compare", ["hydra/job_logging=disabled", "hydra.run.dir=x", "~center"]) == []
 
 
 def test_a_plus_key_that_nothing_reads_is_warned_about(tmp_path):

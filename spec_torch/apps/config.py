@@ -212,7 +212,7 @@ def check_overrides(command: str, args: Sequence[str]) -> list[str]:
     warnings = []
     for o in values:
         key = o.key_or_group
-        if key.startswith("hydra.") or key == "hydra" or o.is_delete():
+        if key.split(".")[0] == "hydra" or "/" in key or o.is_delete():  # Hydra's own settings and groups
             continue
         if _has_key(cfg, key) or _under_target(cfg, key):
             continue
