@@ -77,8 +77,8 @@ def check_replicate_groups(replicates: Any, groups: Any, n: int) -> int | None:
     """
     from .uncertainty import DEFAULT_GROUPS, MIN_GROUPS
 
-    if replicates is None or (replicates == 0 and not isinstance(replicates, bool)):
-        return None
+    if replicates is None or replicates is False or (isinstance(replicates, int) and replicates == 0):
+        return None  # off (as before: any falsy replicates)
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
         raise SpecError(f"replicates: expected an integer >= 2 (or 0/None to skip), got {replicates!r}")
     need = 2 * MIN_GROUPS
