@@ -105,7 +105,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``spec-torch summarize DIR [--csv PATH]``: print the table of the runs under DIR, write it as CSV."""
-    parser = argparse.ArgumentParser(prog="spec-torch summarize", description=__doc__.split("\n\n")[0])
+    from .cli import plain_text
+
+    parser = argparse.ArgumentParser(
+        prog="spec-torch summarize",
+        description=plain_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example's lines
+    )
     parser.add_argument("dir", help="a folder of runs (a Hydra multirun sweep dir, or outputs/)")
     parser.add_argument("--csv", default=None, help="where to write the table (default: DIR/summary.csv)")
     args = parser.parse_args(argv)
