@@ -197,20 +197,18 @@ def _output_dir(cfg: Any) -> Path | None:
 
 
 def clear_stale_results(cfg: Any) -> list[Path]:
-    """Remove :data:`RESULT_FILES` left in the run's output folder by an earlier run; the removed paths."""
+    """Remove the outputs an earlier run left in this run's output folder, as its manifest lists them
+    (:func:`spec_torch.apps._io.clear_previous_outputs`): never a file spec-torch did not write. Returns the
+    removed paths."""
+    from ._io import clear_previous_outputs
+
     out = _output_dir(cfg)
-    removed = []
     if out is None or not out.is_dir():
-        return removed
-    for name in RESULT_FILES:
-        path = out / name
-        try:
-            if path.is_file():
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            pass  # an unwritable folder is reported by the run's own output check
-    return removed
+        return []
+    try:
+        return clear_previous_outputs(out)
+    except OSError:
+        return []  # an unwritable folder is reported by the run's own output check
 
 
 def _check_run_dir(argv: list[str]) -> None:

@@ -712,9 +712,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg)
     )  # torchrun: rank 0 owns the run directory
-    spec_path = out_dir / SPEC_JSON
-    if distributed.is_main_process() and spec_path.exists():  # a rerun in the same directory: the old
-        spec_path.unlink()  # result must not pass for this run's
+    spec_path = out_dir / SPEC_JSON  # an earlier run's, listed in its manifest, is gone (prepare_output_dir)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("device", "auto"))
     data_cfg = _container(cfg.data)
