@@ -454,6 +454,18 @@ def extract_features(
         raise SpecError(f"cache_dir: cannot create the feature cache folder {folder}: {exc}") from None
     if not os.access(folder, os.W_OK):
         raise SpecError(f"cache_dir: the feature cache folder {folder} is not writable")
+    for name in (
+        _COMPLETE,
+        _MANIFEST,
+        _PARTIAL,
+        _FEATURES,
+        _IDS,
+        _SKIPPED,
+        _ALL_IDS,
+        ".lock",
+        ".lock.holder",
+    ):
+        refuse_link(folder / name, "cache_dir")  # a planted link: refused, never read or written through
     ids = dataset.ids
     if (folder / _COMPLETE).is_file():
         return _reuse(folder, ids)
@@ -510,6 +522,9 @@ class _Lock:
             atomic_write_text(self.holder_path, self.me)
         except OSError:  # the lock itself holds; the name is only for messages
             pass
+        except SpecError:  # a link planted as .lock.holder
+            self.lock.release()
+            raise
         return self
 
     def _acquire(self, timeout: float) -> None:
