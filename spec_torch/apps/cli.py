@@ -34,8 +34,9 @@ from . import sharding as distributed
 __all__ = ["COMMANDS", "Command", "main", "run_guarded", "launch", "check_required", "RESULT_FILES"]
 
 
-#: files whose presence in a run folder shows a result: removed when a run starts there, so a failed rerun
-#: never leaves the previous run's result beside its own config (every one is written atomically at the end)
+#: files whose presence in a run folder shows a result (each written atomically at the end); an earlier run's
+#: are removed when a run starts there through the run's manifest, so a failed rerun never leaves the previous
+#: run's result beside its own config (:func:`spec_torch.apps._io.clear_previous_outputs`)
 RESULT_FILES = ("spec.json", "results.json", "report.html")
 
 #: write errors that are the environment's, not a bug: reported as one ``error:`` line naming the file
@@ -149,8 +150,8 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
     """``run(cfg)``; a :class:`SpecError`, or an environment error on a file (full disk, read-only or
     missing folder, no permission), becomes one ``error: ...`` line on stderr and exit status 2.
 
-    Before running, the result files (:data:`RESULT_FILES`) of an earlier run in the same output folder are
-    removed (rank 0 only), and ``seed`` is checked. Under torchrun the process group is destroyed on the way
+    Before running, the outputs an earlier run in the same output folder listed in its manifest are removed
+    (rank 0 only; :func:`clear_stale_results`), and ``seed`` is checked. Under torchrun the process group is destroyed on the way
     out, error or not: left to the interpreter's teardown, Gloo's threads can abort the process (SIGABRT,
     "terminate called without an active exception").
     """

@@ -2,7 +2,8 @@
 
 ``run(cfg)`` is what ``spec-torch compare`` calls with the composed Hydra config (``configs/compare/compare.yaml``):
 
-1. check that the output directory is writable (before any work) and remove a stale ``spec.json``;
+1. check that the output directory is writable (before any work) and remove the outputs an earlier run
+   there listed in its manifest (``spec_torch.apps._io``: never a file spec-torch did not write);
 2. build the dataset and both encoders, extract and cache features for each (``data=features`` instead
    loads precomputed arrays), and pair the cached rows by sample id: a sample skipped as corrupt by either
    encoder is dropped from both;
