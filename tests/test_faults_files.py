@@ -63,8 +63,9 @@ def _guarded(cfg: dict, run, capsys) -> str:
 # ------------------------------------------------------------------------ writing through a planted link
 @pytest.mark.parametrize("name", ["partial.npy", "all_ids.txt", "manifest.json", ".lock.holder"])
 def test_a_link_planted_in_a_cache_folder_is_refused_and_the_outside_file_kept(tmp_path, name):
-    """A link planted in a cache folder (``partial.npy`` -> a file elsewhere) is refused in one line naming
-    it; the file it points to is untouched. On main the run exits 0 and overwrites that file with features
+    """Planted link in a cache folder: refused in one line, the file it points to untouched.
+
+    A link planted in a cache folder (``partial.npy`` -> a file elsewhere) is refused naming it. On main the run exits 0 and overwrites that file with features
     (``partial.npy``), or silently replaces the link (the others)."""
     ds, enc = build_dataset("imagefolder", root=str(_images(tmp_path / "img"))), _encoder()
     folder = cache_folder(ds, enc, tmp_path / "cache")
@@ -78,7 +79,7 @@ def test_a_link_planted_in_a_cache_folder_is_refused_and_the_outside_file_kept(t
 
 
 def test_a_linked_lock_file_is_one_error_line(tmp_path, capsys):
-    """``.lock`` planted as a link: one ``error:`` line naming it (main: an ELOOP traceback)."""
+    """Planted link as the cache's ``.lock``: one ``error:`` line naming it (main: an ELOOP traceback)."""
     ds, enc = build_dataset("imagefolder", root=str(_images(tmp_path / "img"))), _encoder()
     folder = cache_folder(ds, enc, tmp_path / "cache")
     folder.mkdir(parents=True)
@@ -92,8 +93,9 @@ def test_a_linked_lock_file_is_one_error_line(tmp_path, capsys):
 
 
 def test_cache_and_output_folders_that_are_links_keep_working(tmp_path):
-    """A cache or output folder that is itself a link (``~/.cache`` -> scratch space) works: extraction,
-    reuse, recorded outputs. (Main passes this too; it guards the O_NOFOLLOW changes.)"""
+    """A cache or output folder that is itself a link (``~/.cache`` -> scratch) keeps working.
+
+    Extraction, reuse, recorded outputs. (Main passes this too; it guards the O_NOFOLLOW changes.)"""
     ds, enc = build_dataset("imagefolder", root=str(_images(tmp_path / "img"))), _encoder()
     (tmp_path / "scratch").mkdir()
     (tmp_path / "cache").symlink_to(tmp_path / "scratch")
@@ -109,8 +111,9 @@ def test_cache_and_output_folders_that_are_links_keep_working(tmp_path):
 
 
 def test_a_link_planted_in_an_output_folder_is_refused(tmp_path):
-    """``report.html`` planted as a link in the output folder: the write is refused naming it, the file it
-    points to is untouched (main: the link is silently replaced, no refusal)."""
+    """Planted link in an output folder (``report.html``, a plot): refused naming it, its target untouched.
+
+    The write is refused naming it, the file it points to is untouched (main: the link is silently replaced, no refusal)."""
     out = tmp_path / "out"
     begin_outputs(out)
     victim = tmp_path / "victim.html"
@@ -130,7 +133,9 @@ def test_a_link_planted_in_an_output_folder_is_refused(tmp_path):
 
 
 def test_a_fifo_or_link_opened_in_place_is_refused_without_waiting(tmp_path):
-    """Files written in place (the cache's ``partial.npy``, ``train.csv``) open with ``O_NOFOLLOW`` and must be
+    """A FIFO or link where a file is written in place: refused at once, never waited on or written through.
+
+    Files written in place (the cache's ``partial.npy``, ``train.csv``) open with ``O_NOFOLLOW`` and must be
     regular files: a FIFO would block ``open`` forever, a link would redirect the write (new helper; main
     opens them with plain ``open``)."""
     os.mkfifo(tmp_path / "fifo")
@@ -145,8 +150,9 @@ def test_a_fifo_or_link_opened_in_place_is_refused_without_waiting(tmp_path):
 
 # --------------------------------------------------------------------- deleting files spec-torch did not write
 def test_the_users_files_in_an_output_folder_survive_a_failing_run(tmp_path, capsys):
-    """The user's own ``report.html`` and ``results.json`` in the output folder: a run that fails keeps both
-    (main deletes both at start)."""
+    """The user's own report.html and results.json in the output folder survive a failing run.
+
+    Main deletes both at start."""
     for name in ("report.html", "results.json", "spec.json"):
         (tmp_path / name).write_text(PRECIOUS)
 
@@ -159,7 +165,7 @@ def test_the_users_files_in_an_output_folder_survive_a_failing_run(tmp_path, cap
 
 
 def test_a_file_of_the_runs_name_that_no_manifest_lists_is_not_overwritten(tmp_path):
-    """The user's own ``spec.json`` where a run writes its own: refused naming it, kept (main overwrites)."""
+    """The user's own spec.json where a run writes its own: refused naming it, kept (main overwrites)."""
     (tmp_path / "spec.json").write_text(PRECIOUS)
     begin_outputs(tmp_path)
     with pytest.raises(SpecError, match=r"spec.json already exists and no spec-torch run .* wrote it"):
@@ -177,7 +183,9 @@ def _compare(out: Path, x: Path, y: Path) -> None:
 
 
 def test_a_failed_rerun_removes_the_earlier_runs_outputs_and_only_those(tmp_path, capsys):
-    """A finished compare run, then a rerun in the same folder that fails: the earlier run's ``spec.json``,
+    """A failed rerun removes the earlier run's outputs (its manifest) and nothing else.
+
+    A finished compare run, then a rerun in the same folder that fails: the earlier run's ``spec.json``,
     ``report.html`` and plots are gone (main leaves its plots behind, unmarked), the user's files, Hydra's
     ``.hydra/`` and log stay; the manifest lists exactly the files a run wrote."""
     rng = np.random.default_rng(0)
@@ -207,7 +215,9 @@ def test_a_failed_rerun_removes_the_earlier_runs_outputs_and_only_those(tmp_path
 
 
 def test_a_tampered_manifest_deletes_nothing_outside_the_run(tmp_path):
-    """A manifest listing ``../victim.txt`` is refused (nothing removed); one listing a file below a folder
+    """A tampered manifest of outputs deletes nothing outside the run folder.
+
+    A manifest listing ``../victim.txt`` is refused (nothing removed); one listing a file below a folder
     that is a link does not follow that link (new: main has no manifest and deletes by name)."""
     out = tmp_path / "run"
     out.mkdir()
@@ -227,8 +237,9 @@ def test_a_tampered_manifest_deletes_nothing_outside_the_run(tmp_path):
 
 
 def test_resume_state_is_kept_by_a_rerun(tmp_path):
-    """An alignment checkpoint and ``before.json`` (resume state) survive a rerun's clearing, and the rerun
-    may overwrite them; the results are removed (main deletes ``results.json`` only, by name)."""
+    """Resume state (an alignment checkpoint, before.json) is kept by a rerun; its results are removed.
+
+    An alignment checkpoint and ``before.json`` survive a rerun's clearing, and the rerun may overwrite them; the results are removed (main deletes ``results.json`` only, by name)."""
     begin_outputs(tmp_path)
     atomic_torch_save({"step": 3}, tmp_path / "checkpoints" / "last.pt", resume=True)
     atomic_write_json(tmp_path / "before.json", {"metrics": {}}, resume=True)
@@ -261,7 +272,9 @@ def _scan(root: Path) -> tuple[int, list[str]]:
 
 
 def test_symlink_loops_in_an_image_folder_neither_hang_nor_repeat_images(tmp_path):
-    """Two loops (``ln -s .. a/l1; ln -s .. a/l2``) scan at once (main: hangs, 2^40 paths, memory growing;
+    """Symlink loops in an image folder: no hang (two loops), no image counted twice (one loop).
+
+    Two loops (``ln -s .. a/l1; ln -s .. a/l2``) scan at once (main: hangs, 2^40 paths, memory growing;
     run here with a timeout); one loop lists each image once (main: 41 times). A linked folder outside the
     root is still followed."""
     root = _images(tmp_path / "root", n=2)
@@ -277,7 +290,9 @@ def test_symlink_loops_in_an_image_folder_neither_hang_nor_repeat_images(tmp_pat
 
 # ----------------------------------------------------------------------------------------------- pixel bombs
 def test_pixel_bombs_are_skipped_with_the_reason(tmp_path, monkeypatch):
-    """A 1,000,000 x 1 PNG (3 KB; 37 x 37,000,000 after resize-shorter-side) and an image over PIL's
+    """Pixel bombs (a 1,000,000 x 1 PNG; over MAX_IMAGE_PIXELS) are skipped as corrupt with the reason.
+
+    A 1,000,000 x 1 PNG (3 KB; 37 x 37,000,000 after resize-shorter-side) and an image over PIL's
     ``MAX_IMAGE_PIXELS`` (PIL only warns up to twice that) are corrupt samples with the reason (main decodes
     both: the first then resizes past 3 GB)."""
     Image.new("L", (1_000_000, 1)).save(tmp_path / "bomb.png")
@@ -325,7 +340,9 @@ def _peak_kib(root: Path, cache: Path) -> tuple[int, int]:
 
 
 def test_an_image_folder_with_a_pixel_bomb_stays_within_1_5x_the_ordinary_peak(tmp_path):
-    """The same extraction (torchvision resnet18 at image size 32) on ordinary images and on the same images
+    """An image folder with a pixel bomb peaks within 1.5x the memory of the same run on ordinary images.
+
+    The same extraction (torchvision resnet18 at image size 32) on ordinary images and on the same images
     plus a 1,000,000 x 1 PNG: peak memory (maxrss) within 1.5x, the bomb skipped (main: past 3 GB)."""
     plain = _images(tmp_path / "plain", n=6, size=(64, 48))
     bombed = _images(tmp_path / "bombed", n=6, size=(64, 48))
@@ -338,8 +355,9 @@ def test_an_image_folder_with_a_pixel_bomb_stays_within_1_5x_the_ordinary_peak(t
 
 # ------------------------------------------------------------------------------------------------ odd names
 def test_odd_file_names_in_an_image_folder_are_skipped_with_the_reason(tmp_path):
-    """A newline and undecodable bytes in file names: the samples are skipped with the reason and listed in
-    ``skipped`` (escaped); the cache is reused, and rebuilt after deleting it (main: a UnicodeEncodeError
+    """Odd file names in an image folder (newline, not UTF-8, DEL) are skipped with the reason.
+
+    The samples are listed in ``skipped`` (escaped); the cache is reused, and rebuilt after deleting it (main: a UnicodeEncodeError
     traceback, or a cache "inconsistent ... delete that folder", again after deleting it)."""
     root = _images(tmp_path / "img", n=3)
     Image.new("RGB", (8, 8)).save(root / "new\nline.png")
@@ -362,8 +380,9 @@ def test_odd_file_names_in_an_image_folder_are_skipped_with_the_reason(tmp_path)
 
 
 def test_odd_coco_file_names_are_skipped_with_the_reason(tmp_path):
-    """A NUL, a newline and a lone surrogate in a COCO ``file_name``: those images are skipped with the
-    reason, the others extracted (main: ``ValueError: embedded null byte`` / UnicodeEncodeError tracebacks)."""
+    """Odd COCO file_name entries (NUL, newline, lone surrogate) are skipped with the reason.
+
+    Those images are skipped, the others extracted (main: ``ValueError: embedded null byte`` / UnicodeEncodeError tracebacks)."""
     images = tmp_path / "val"
     images.mkdir()
     names = ["a.jpg", "b\x00.jpg", "c\n.jpg", "d\ud800.jpg", "e.jpg"]
@@ -385,6 +404,6 @@ def test_odd_coco_file_names_are_skipped_with_the_reason(tmp_path):
 
 
 def test_faults_bench_lists_these_cases():
-    """``bench/faults.py`` runs this module (its table prints every case here)."""
+    """bench/faults.py runs this module (its table prints every case here)."""
     text = (ROOT / "bench" / "faults.py").read_text()
     assert "tests/test_faults_files.py" in text
