@@ -174,6 +174,18 @@ def test_a_file_of_the_runs_name_that_no_manifest_lists_is_not_overwritten(tmp_p
     atomic_write_json(tmp_path / "matrix.json", {"n": 1})  # a new name is fine, and listed
     begin_outputs(tmp_path)  # a rerun removes it, and nothing else
     assert not (tmp_path / "matrix.json").exists() and (tmp_path / "spec.json").read_text() == PRECIOUS
+    from spec_torch.apps.compare import run
+
+    with pytest.raises(SpecError, match=r"spec.json already exists"):  # before any work: no data given
+        run(
+            {
+                "output_dir": str(tmp_path),
+                "data": "features",
+                "data.x_path": "/no.npy",
+                "data.y_path": "/no.npy",
+            }
+        )
+    assert (tmp_path / "spec.json").read_text() == PRECIOUS
 
 
 def _compare(out: Path, x: Path, y: Path) -> None:

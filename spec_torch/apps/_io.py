@@ -26,7 +26,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -401,11 +401,12 @@ def begin_outputs(root: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def prepare_output_dir(cfg: Any) -> Path:
+def prepare_output_dir(cfg: Any, results: Sequence[str] = ()) -> Path:
     """``cfg.output_dir``, else the Hydra run dir; created and checked writable before any work starts.
 
     On the main process, the outputs an earlier run left there are cleared and this run's are recorded
-    (:func:`begin_outputs`).
+    (:func:`begin_outputs`); a file named in ``results`` (the run's result files) that is still there, which
+    no manifest lists, is refused now rather than after the work (:class:`SpecError`: it is not overwritten).
     """
     from ..collectives import is_main_process
 
@@ -426,4 +427,7 @@ def prepare_output_dir(cfg: Any) -> Path:
         raise SpecError(f"output_dir: {path} is not a writable directory ({exc.strerror or exc})") from None
     if is_main_process():
         begin_outputs(path)
+        assert _RUN is not None
+        for name in results:
+            _RUN.check_ours(path / name, name)
     return path

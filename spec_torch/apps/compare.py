@@ -711,7 +711,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()  # the plain compare time the uncertainty cap is measured against
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
-        lambda: prepare_output_dir(cfg)
+        lambda: prepare_output_dir(cfg, results=(SPEC_JSON, "report.html"))
     )  # torchrun: rank 0 owns the run directory
     spec_path = out_dir / SPEC_JSON  # an earlier run's, listed in its manifest, is gone (prepare_output_dir)
     torch.manual_seed(int(cfg.seed))

@@ -244,7 +244,9 @@ def run(cfg: Any = None) -> dict[str, Any]:
     """
     cfg = load_config("matrix", cfg)
     _check_settings(cfg)
-    out_dir = distributed.run_on_main(lambda: prepare_output_dir(cfg))  # torchrun: rank 0 owns the run dir
+    out_dir = distributed.run_on_main(  # torchrun: rank 0 owns the run dir
+        lambda: prepare_output_dir(cfg, results=(MATRIX_JSON, "report.html"))
+    )
     path = out_dir / MATRIX_JSON  # an earlier run's, listed in its manifest, is gone (prepare_output_dir)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("device", "auto"))

@@ -205,7 +205,7 @@ def run(
     quiet_third_party(bool(cfg.get("verbose", False)))
     _check(cfg)
     rt = Runtime.detect(cfg.device)
-    out = prepare_output_dir(cfg)
+    out = prepare_output_dir(cfg, results=(RESULTS_JSON, "student.pt"))
     torch.manual_seed(int(cfg.seed))
 
     data_cfg = dict(_plain(cfg.data))
