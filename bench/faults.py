@@ -1,6 +1,6 @@
 """The fault table of issue 9: run every fault case and print which are handled.
 
-Each case is a test of ``tests/test_faults.py`` (plus the alignment-resume cases of ``tests/test_align.py``
+Each case is a test of ``tests/test_faults.py`` and ``tests/test_faults_files.py`` (plus the alignment-resume cases of ``tests/test_align.py``
 and the lock case of ``tests/test_extract.py``): a hostile or unlucky input or environment, reproduced, and
 the behaviour wanted (one ``SpecError``/``error:`` line naming what is wrong, a refused unsafe file, a
 resumable cache, every rank raising together...). A case is *handled* when its test passes. The table is
@@ -21,6 +21,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["tests/test_faults.py"]
+# ---- issue 19, part 1 (files): planted links, the output manifest, symlink loops, pixel bombs, odd names
+FILES_CASES = ["tests/test_faults_files.py"]
+CASES += FILES_CASES
+# ---- end of the files block
 SLOW = [
     "tests/test_align.py::test_resume_refuses_a_checkpoint_that_runs_code",
     "tests/test_align.py::test_resume_refuses_other_settings_and_unrequested_overwrite",

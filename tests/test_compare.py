@@ -565,9 +565,11 @@ def test_bad_input_raises_spec_error_naming_the_setting(work, feature_files, cas
 
 
 def test_stale_spec_json_is_removed_before_a_failing_rerun(work, feature_files):
+    from spec_torch.apps._io import atomic_write_text, begin_outputs
+
     out = work / "stale"
-    out.mkdir()
-    (out / "spec.json").write_text('{"eigenvalues": [1.0]}')
+    begin_outputs(out)  # an earlier run there, its spec.json listed in its manifest of outputs
+    atomic_write_text(out / "spec.json", '{"eigenvalues": [1.0]}')
     cfg = compose_cfg(
         [
             "data=features",

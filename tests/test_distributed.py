@@ -845,7 +845,12 @@ def test_torchrun_matrix_error_is_one_line_on_every_rank(tmp_path):
 def test_torchrun_matrix_written_by_rank_zero_with_one_cache_per_rank(torchrun_matrix):
     work, stdout, _ = torchrun_matrix
     run_dir = work / "outputs" / "matrix_demo"  # the preset's hydra.run.dir
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "matrix.json", "matrix.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        ".spec-torch-outputs.json",
+        "matrix.json",
+        "matrix.log",
+    ]
     assert stdout.count("SPEC matrix:") == 1  # one summary: rank 0's
     folders = sorted((work / "cache").iterdir())
     assert len(folders) == 6  # 3 encoders x 2 ranks

@@ -363,8 +363,11 @@ def _guarded(cfg, run, capsys):
 
 
 def test_a_failed_rerun_leaves_no_result_of_the_previous_run(tmp_path, capsys):
-    (tmp_path / "spec.json").write_text("{}")
-    (tmp_path / "report.html").write_text("old")
+    from spec_torch.apps._io import begin_outputs
+
+    begin_outputs(tmp_path)  # the earlier run: its outputs are listed in its manifest
+    atomic_write_text(tmp_path / "spec.json", "{}")
+    atomic_write_text(tmp_path / "report.html", "old")
 
     def invalid(cfg):
         raise SpecError("eta: expected a positive number, got -1")

@@ -35,8 +35,9 @@ from . import sharding as distributed
 __all__ = ["COMMANDS", "Command", "main", "run_guarded", "launch", "check_required", "RESULT_FILES"]
 
 
-#: files whose presence in a run folder shows a result: removed when a run starts there, so a failed rerun
-#: never leaves the previous run's result beside its own config (every one is written atomically at the end)
+#: files whose presence in a run folder shows a result (each written atomically at the end); an earlier run's
+#: are removed when a run starts there through the run's manifest, so a failed rerun never leaves the previous
+#: run's result beside its own config (:func:`spec_torch.apps._io.clear_previous_outputs`)
 RESULT_FILES = ("spec.json", "results.json", "report.html")
 
 #: write errors that are the environment's, not a bug: reported as one ``error:`` line naming the file
@@ -158,8 +159,8 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
     """``run(cfg)``; a :class:`SpecError`, or an environment error on a file (full disk, read-only or
     missing folder, no permission), becomes one ``error: ...`` line on stderr and exit status 2.
 
-    Before running, the result files (:data:`RESULT_FILES`) of an earlier run in the same output folder are
-    removed (rank 0 only), and ``seed`` is checked. Under torchrun the process group is destroyed on the way
+    Before running, the outputs an earlier run in the same output folder listed in its manifest are removed
+    (rank 0 only; :func:`clear_stale_results`), and ``seed`` is checked. Under torchrun the process group is destroyed on the way
     out, error or not: left to the interpreter's teardown, Gloo's threads can abort the process (SIGABRT,
     "terminate called without an active exception").
     """
@@ -215,20 +216,18 @@ def _output_dir(cfg: Any) -> Path | None:
 
 
 def clear_stale_results(cfg: Any) -> list[Path]:
-    """Remove :data:`RESULT_FILES` left in the run's output folder by an earlier run; the removed paths."""
+    """Remove the outputs an earlier run left in this run's output folder, as its manifest lists them
+    (:func:`spec_torch.apps._io.clear_previous_outputs`): never a file spec-torch did not write. Returns the
+    removed paths."""
+    from ._io import clear_previous_outputs
+
     out = _output_dir(cfg)
-    removed = []
     if out is None or not out.is_dir():
-        return removed
-    for name in RESULT_FILES:
-        path = out / name
-        try:
-            if path.is_file():
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            pass  # an unwritable folder is reported by the run's own output check
-    return removed
+        return []
+    try:
+        return clear_previous_outputs(out)
+    except OSError:
+        return []  # an unwritable folder is reported by the run's own output check
 
 
 def _check_run_dir(argv: list[str]) -> None:

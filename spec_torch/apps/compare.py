@@ -2,7 +2,8 @@
 
 ``run(cfg)`` is what ``spec-torch compare`` calls with the composed Hydra config (``configs/compare/compare.yaml``):
 
-1. check that the output directory is writable (before any work) and remove a stale ``spec.json``;
+1. check that the output directory is writable (before any work) and remove the outputs an earlier run
+   there listed in its manifest (``spec_torch.apps._io``: never a file spec-torch did not write);
 2. build the dataset and both encoders, extract and cache features for each (``data=features`` instead
    loads precomputed arrays), and pair the cached rows by sample id: a sample skipped as corrupt by either
    encoder is dropped from both;
@@ -763,11 +764,9 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()  # the plain compare time the uncertainty cap is measured against
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
-        lambda: prepare_output_dir(cfg)
+        lambda: prepare_output_dir(cfg, results=(SPEC_JSON, "report.html"))
     )  # torchrun: rank 0 owns the run directory
-    spec_path = out_dir / SPEC_JSON
-    if distributed.is_main_process() and spec_path.exists():  # a rerun in the same directory: the old
-        spec_path.unlink()  # result must not pass for this run's
+    spec_path = out_dir / SPEC_JSON  # an earlier run's, listed in its manifest, is gone (prepare_output_dir)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("device", "auto"))
     data_cfg = _container(cfg.data)

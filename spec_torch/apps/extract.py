@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 
 from .._validate import resolve_device
 from ..errors import SpecError
-from ._io import atomic_write_text
+from ._io import atomic_write_text as _atomic_write_text
+from ._io import open_fd_nofollow, open_nofollow, refuse_link
 from .data.base import CorruptSample, SampleDataset
 from .encoders.base import Encoder, move_to
 
@@ -75,6 +76,12 @@ _COPY_ROWS = 65536  # rows per block when compacting, and per checksum of featur
 _SPACE_MARGIN = 1.05  # free space needed: the bytes to write x this, plus _SPACE_EXTRA
 _SPACE_EXTRA = 64 << 20
 DEFAULT_LOCK_TIMEOUT = 24 * 3600.0  # a live holder may be extracting a large dataset for hours
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """A cache file, atomically and never through a link (errors name ``cache_dir``; a cache inside a run
+    folder is not listed in the run's manifest of outputs)."""
+    return _atomic_write_text(path, text, setting="cache_dir", record=False)
 
 
 # ------------------------------------------------------------------------------------------ the result
@@ -143,6 +150,8 @@ class FeatureCache:
                 the features do not match their checksums.
         """
         path = Path(path)
+        for name in (_COMPLETE, _IDS, _SKIPPED, _FEATURES):  # a planted link must not stand in for one
+            refuse_link(path / name, "cache_dir")
         if not (path / _COMPLETE).is_file():
             raise SpecError(f"path: {path} holds no finished feature cache ({_COMPLETE} missing)")
         meta = _read_json(path / _COMPLETE, path)
@@ -211,7 +220,7 @@ def _digest_range(fd: int, offset: int, nbytes: int) -> str | None:
 
 def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """``(data offset, shape, dtype)`` of a C-order ``.npy`` file; ValueError when the header is broken."""
-    with open(path, "rb") as fh:
+    with open_nofollow(path, "rb", setting="cache_dir") as fh:
         version = np.lib.format.read_magic(fh)
         fmt = np.lib.format
         read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
@@ -223,7 +232,7 @@ def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
 
 def _new_npy(path: Path, shape: tuple[int, int]) -> int:
     """Write the ``.npy`` header of a float32 ``shape`` array; the data offset."""
-    with open(path, "wb") as fh:
+    with open_nofollow(path, "wb", setting="cache_dir") as fh:
         np.lib.format.write_array_header_1_0(
             fh,
             {
@@ -237,7 +246,7 @@ def _new_npy(path: Path, shape: tuple[int, int]) -> int:
 
 def _preallocate(path: Path, size: int) -> None:
     """Reserve ``size`` bytes for ``path`` on disk (no sparse holes to discover ENOSPC in later)."""
-    fd = os.open(path, os.O_RDWR)
+    fd = open_fd_nofollow(path, os.O_RDWR, setting="cache_dir")
     try:
         try:
             os.posix_fallocate(fd, 0, size)
@@ -280,7 +289,7 @@ def _write_failed(folder: Path, exc: OSError, done: int, n_total: int) -> SpecEr
 def _feature_checksums(path: Path, n: int, dim: int) -> dict[str, Any]:
     offset = _npy_layout(path)[0]
     row = dim * 4
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_fd_nofollow(path, os.O_RDONLY, setting="cache_dir")
     try:
         sums = [
             _digest_range(fd, offset + start * row, (min(start + _COPY_ROWS, n) - start) * row)
@@ -445,6 +454,18 @@ def extract_features(
         raise SpecError(f"cache_dir: cannot create the feature cache folder {folder}: {exc}") from None
     if not os.access(folder, os.W_OK):
         raise SpecError(f"cache_dir: the feature cache folder {folder} is not writable")
+    for name in (
+        _COMPLETE,
+        _MANIFEST,
+        _PARTIAL,
+        _FEATURES,
+        _IDS,
+        _SKIPPED,
+        _ALL_IDS,
+        ".lock",
+        ".lock.holder",
+    ):
+        refuse_link(folder / name, "cache_dir")  # a planted link: refused, never read or written through
     ids = dataset.ids
     if (folder / _COMPLETE).is_file():
         return _reuse(folder, ids)
@@ -486,11 +507,11 @@ class _Lock:
 
     def __enter__(self) -> _Lock:
         try:
-            self.lock.acquire(timeout=0)
+            self._acquire(0)
         except Timeout:
             log.info("waiting for %s to finish the feature cache %s", self._holder(), self.folder)
             try:
-                self.lock.acquire(timeout=self.timeout)
+                self._acquire(self.timeout)
             except Timeout:
                 raise SpecError(
                     f"cache_dir: {self._holder()} has held the lock of the feature cache {self.folder} for over "
@@ -501,7 +522,24 @@ class _Lock:
             atomic_write_text(self.holder_path, self.me)
         except OSError:  # the lock itself holds; the name is only for messages
             pass
+        except SpecError:  # a link planted as .lock.holder
+            self.lock.release()
+            raise
         return self
+
+    def _acquire(self, timeout: float) -> None:
+        """Take the lock; a link planted as ``.lock`` (not followed: ELOOP) is one error naming it."""
+        lock_path = self.folder / ".lock"
+        refuse_link(lock_path, "cache_dir")
+        try:
+            self.lock.acquire(timeout=timeout)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(lock_path):
+                refuse_link(lock_path, "cache_dir")
+                raise SpecError(
+                    f"cache_dir: {lock_path} is a symbolic link; remove it and run again"
+                ) from None
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.holder_path.unlink(missing_ok=True)
@@ -602,7 +640,7 @@ def _verify_partial(folder: Path, state: dict) -> None:
         offset = _new_npy(path, (n_total, dim))
         state.update(rows_done=0, skipped_rows=[], chunks=[])
     row = dim * 4
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_fd_nofollow(path, os.O_RDONLY, setting="cache_dir")
     try:
         good, expect = 0, 0
         for chunk in state["chunks"]:
@@ -668,7 +706,7 @@ def _run(
         disable=not progress,
         dynamic_ncols=True,
     )
-    fd = os.open(folder / _PARTIAL, os.O_RDWR)
+    fd = open_fd_nofollow(folder / _PARTIAL, os.O_RDWR, setting="cache_dir")
     try:
         for rows_ok, rows_bad, batch in loader:
             if batch is not None:
@@ -744,7 +782,7 @@ def _finalise(folder: Path, state: dict, ids: list[str]) -> FeatureCache:
                 src = np.load(partial, mmap_mode="r")
                 tmp = folder / ".features.tmp.npy"
                 offset = _new_npy(tmp, (keep.size, dim))
-                with open(tmp, "r+b") as fh:
+                with open_nofollow(tmp, "r+b", setting="cache_dir") as fh:
                     fh.seek(offset)
                     for start in range(0, keep.size, _COPY_ROWS):
                         fh.write(np.ascontiguousarray(src[keep[start : start + _COPY_ROWS]]).tobytes())

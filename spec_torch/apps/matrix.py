@@ -347,10 +347,10 @@ def run(cfg: Any = None) -> dict[str, Any]:
     """
     cfg = load_config("matrix", cfg)
     _check_settings(cfg)
-    out_dir = distributed.run_on_main(lambda: prepare_output_dir(cfg))  # torchrun: rank 0 owns the run dir
-    path = out_dir / MATRIX_JSON
-    if distributed.is_main_process() and path.exists():  # a rerun in the same directory: the old result
-        path.unlink()  # must not pass for this run's
+    out_dir = distributed.run_on_main(  # torchrun: rank 0 owns the run dir
+        lambda: prepare_output_dir(cfg, results=(MATRIX_JSON, "report.html"))
+    )
+    path = out_dir / MATRIX_JSON  # an earlier run's, listed in its manifest, is gone (prepare_output_dir)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("device", "auto"))
     features, dataset, ids, index, data_info, enc_info = _extract_all(cfg, device)

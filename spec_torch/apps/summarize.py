@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from ._io import atomic_open
 from .explain import keywords_phrase
 
 __all__ = ["collect", "main"]
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(out, "w", newline="") as fh:
+    with atomic_open(out, "w", newline="", setting="--csv", record=False) as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

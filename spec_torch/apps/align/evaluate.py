@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...api import spec
 from ...errors import SpecError
-from .._io import atomic_path
+from .._io import atomic_open
 from ..data.base import SampleDataset
 from ..logs import phase
 
@@ -469,6 +469,6 @@ def plot_before_after(
             h2, l2 = twin.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
         ax.legend(handles, labels, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    with atomic_open(path) as fh:
+        fig.savefig(fh, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)

@@ -206,9 +206,7 @@ def run(
     quiet_third_party(bool(cfg.get("verbose", False)))
     _check(cfg)
     rt = Runtime.detect(cfg.device)
-    out = prepare_output_dir(cfg)
-    if rt.is_main:
-        (out / RESULTS_JSON).unlink(missing_ok=True)  # a rerun is unfinished until it writes it again
+    out = prepare_output_dir(cfg, results=(RESULTS_JSON, "student.pt"))
     torch.manual_seed(int(cfg.seed))
 
     data_cfg = dict(_plain(cfg.data))
@@ -274,7 +272,9 @@ def run(
     force = bool(cfg.train.get("resume_force", False))
     resumed = trainer.resume(checkpoint, force=force) if checkpoint is not None else False
     if fresh_before and rt.is_main:  # after a refused resume the old run's evaluation stays
-        atomic_write_json(out / BEFORE_JSON, {"metrics": before, "run_settings": trainer.run_settings})
+        atomic_write_json(  # kept by a rerun: resuming reuses it
+            out / BEFORE_JSON, {"metrics": before, "run_settings": trainer.run_settings}, resume=True
+        )
     if rt.is_main:
         _print_table("before", before)
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ...errors import SpecError
 from ...loss import SpecAlignLoss
 from .. import sharding as distributed
-from .._io import atomic_torch_save
+from .._io import atomic_open, atomic_torch_save, open_nofollow
 from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_align
 from .runtime import Runtime
 
@@ -430,7 +430,7 @@ class AlignTrainer:
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/last.pt`` atomically (rank 0 only; every rank waits for it)."""
         if self.rt.is_main:
-            atomic_torch_save(self.state_dict(), self.ckpt_path)
+            atomic_torch_save(self.state_dict(), self.ckpt_path, resume=True)  # kept by a rerun
         self.rt.barrier()
 
     def resume(self, path: str | Path | None = None, force: bool = False) -> bool:
@@ -570,15 +570,14 @@ class _Logs:
         self.csv_path = folder / "train.csv"
         kept: list[dict[str, str]] = []
         if self.csv_path.is_file() and resume_step > 0:
-            with open(self.csv_path, newline="") as fh:
+            with open_nofollow(self.csv_path, "r", newline="") as fh:
                 kept = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        tmp = self.csv_path.with_name(".train.csv.tmp")
-        with open(tmp, "w", newline="") as fh:  # rewritten: a resumed run drops the rows it will redo
+        # rewritten: a resumed run drops the rows it will redo
+        with atomic_open(self.csv_path, "w", newline="", record=False) as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(kept)
-        tmp.replace(self.csv_path)
-        self.fh = open(self.csv_path, "a", newline="")
+        self.fh = open_nofollow(self.csv_path, "a", newline="")
         self.csv = csv.DictWriter(self.fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         from torch.utils.tensorboard import SummaryWriter
 

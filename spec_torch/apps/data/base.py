@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,15 @@ from torch.utils.data import Dataset
 
 from ...errors import SpecError
 
-__all__ = ["SampleDataset", "CorruptSample", "open_image", "existing_path"]
+__all__ = ["SampleDataset", "CorruptSample", "open_image", "existing_path", "odd_name", "sample_ids"]
 
 #: file name endings read as images (lower case)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: longest side of ``display`` thumbnails
 THUMBNAIL_SIZE = 256
+#: longest side / shortest side of a readable image: resizing the shorter side to an encoder's input size
+#: multiplies the pixels by up to this ratio (a 1,000,000 x 1 PNG of 3 KB would become 37 x 37,000,000)
+MAX_ASPECT_RATIO = 32
 
 
 class CorruptSample(SpecError):
@@ -129,9 +134,62 @@ def file_stamps(root: Path, names: list[str]) -> str:
         try:
             st = os.stat(root / name)
             parts.append(f"{st.st_size}:{st.st_mtime_ns}")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in a listed name (no such file can exist)
             parts.append("missing")
     return "\n".join(parts)
+
+
+def odd_name(name: str) -> str | None:
+    """Why the file name (or relative path) ``name`` cannot be recorded as it is, or None when it can.
+
+    A cache records sample ids one per line in UTF-8: a name with a NUL, a line break or another control
+    character, or bytes that are not UTF-8 (read from the filesystem as lone surrogates) is left out.
+    """
+    if "\0" in name:
+        return "its file name holds a NUL byte"
+    for c in name:
+        category = unicodedata.category(c)
+        if category == "Cs":
+            return "its file name is not valid UTF-8 (undecodable bytes)"
+        if category in ("Cc", "Zl", "Zp"):
+            return f"its file name holds a control character ({printable_name(c)})"
+    return None
+
+
+def printable_name(name: str) -> str:
+    """``name`` on one line of valid UTF-8: undecodable bytes as ``\\xff``, control characters and line
+    breaks as ``\\n``, ``\\x00``, ``\\u2028``."""
+    out = []
+    for c in name:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs"):
+            out.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def sample_ids(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Ids for the relative file names ``names``: the name itself, or for an :func:`odd_name` its
+    :func:`printable_name` (made unique); and ``{id: why}`` of the odd ones, which load as
+    :class:`CorruptSample` (skipped and listed in ``skipped`` with the reason)."""
+    ids, odd = [], {}
+    taken = set(names)
+    for name in names:
+        why = odd_name(name)
+        if why is None:
+            ids.append(name)
+            continue
+        sid, k = printable_name(name), 1
+        while sid in taken:
+            k += 1
+            sid = f"{printable_name(name)}#{k}"
+        taken.add(sid)
+        ids.append(sid)
+        odd[sid] = f"{why}; rename the file"
+    return ids, odd
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -149,12 +207,37 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _check_pixels(im: Image.Image, sample_id: str) -> None:
+    """Refuse, before decoding, an image over PIL's ``MAX_IMAGE_PIXELS`` (PIL itself only warns up to twice
+    that) or with an aspect ratio over :data:`MAX_ASPECT_RATIO` (a pixel bomb once resized)."""
+    w, h = im.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise CorruptSample(
+            sample_id,
+            f"{w} x {h} pixels is more than PIL's MAX_IMAGE_PIXELS ({limit}): a decompression bomb?",
+        )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise CorruptSample(
+            sample_id,
+            f"{w} x {h} pixels: an aspect ratio over {MAX_ASPECT_RATIO}:1 would blow up when its shorter side "
+            "is resized (a pixel bomb); crop it",
+        )
+
+
 def open_image(path: Path, sample_id: str) -> Image.Image:
-    """Decode the image at ``path`` fully, as RGB (:func:`to_rgb`); :class:`CorruptSample` when unreadable."""
+    """Decode the image at ``path`` fully, as RGB (:func:`to_rgb`); :class:`CorruptSample` when unreadable,
+    over PIL's ``MAX_IMAGE_PIXELS`` or over :data:`MAX_ASPECT_RATIO` (checked before decoding)."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, not warned
+            im = Image.open(path)
+        with im:
+            _check_pixels(im, sample_id)
             im.load()  # decode now: a truncated file fails here, not later in a worker
             return to_rgb(im)
+    except CorruptSample:
+        raise
     except FileNotFoundError:
         raise CorruptSample(sample_id, f"file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

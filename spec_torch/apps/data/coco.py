@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ...errors import SpecError
-from .base import SampleDataset, existing_path, file_stamps, limit_rows, open_image
+from .base import CorruptSample, SampleDataset, existing_path, file_stamps, limit_rows, odd_name, open_image
 
 __all__ = ["CocoDataset"]
 
@@ -104,10 +104,12 @@ class CocoDataset(SampleDataset):
             self.root = existing_path(root, "data.root", kind="dir").resolve()
             image_ids = sorted({img for img, _, _ in caps})
             _confine([files[i] for i in image_ids], self.root, self.annotations)
-            first = self.root / files[image_ids[0]]
-            if not first.exists():
+            sane = [i for i in image_ids if odd_name(files[i]) is None]  # odd names: skipped when loaded
+            first = self.root / files[sane[0]] if sane else None
+            if first is None or not first.exists():
+                shown = files[sane[0]] if sane else files[image_ids[0]]
                 raise SpecError(
-                    f"data.root: the first annotated image {files[image_ids[0]]!r} is not in {self.root}; "
+                    f"data.root: the first annotated image {shown!r} is not in {self.root}; "
                     "root must be the folder of the annotated images (e.g. val2017/)"
                 )
             keep = limit_rows(len(image_ids), max_samples, "data.max_samples")
@@ -147,6 +149,9 @@ class CocoDataset(SampleDataset):
         if self.modality == "text":
             return self._texts[i]
         assert self.root is not None
+        why = odd_name(self._files[i])
+        if why is not None:  # a NUL, a line break or a lone surrogate in file_name
+            raise CorruptSample(self._ids[i], f"{why} (file_name in {self.annotations.name}); rename it")
         return open_image(self.root / self._files[i], self._ids[i])
 
     @property

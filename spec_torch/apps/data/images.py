@@ -2,13 +2,17 @@
 
 Sample ids are paths relative to ``root`` (POSIX separators), in sorted order, so they do not depend on where
 the data is mounted; the fingerprint also hashes the resolved root and each file's size and modification
-time, so a cache is never reused for different or edited images.
+time, so a cache is never reused for different or edited images. Linked folders are followed, each folder
+once (by device and inode: a link loop neither hangs the scan nor repeats its images). A file whose name
+cannot be recorded (a line break, a control character, bytes that are not UTF-8) gets an escaped id and is
+skipped as corrupt with the reason (:func:`~spec_torch.apps.data.base.sample_ids`).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,20 +20,51 @@ from typing import Any
 from PIL import Image
 
 from ...errors import SpecError
-from .base import IMAGE_EXTENSIONS, SampleDataset, existing_path, file_stamps, limit_rows, open_image
+from .base import (
+    IMAGE_EXTENSIONS,
+    CorruptSample,
+    SampleDataset,
+    existing_path,
+    file_stamps,
+    limit_rows,
+    open_image,
+    sample_ids,
+)
 
 __all__ = ["ImageFolderDataset", "ImageNetDataset", "imagenet_class_names"]
 
 
 def _scan_images(root: Path, name: str) -> list[str]:
-    """Sorted relative POSIX paths of every image file below ``root`` (hidden entries skipped)."""
+    """Sorted relative POSIX paths of every image file below ``root`` (hidden entries skipped).
+
+    Linked folders are followed, but each folder is visited once, by ``(st_dev, st_ino)``: breadth first in
+    sorted order, so the copy kept of a folder reached twice is always the same (the shallowest, first by
+    name) and a link loop ends. Unreadable folders are passed over, as ``os.walk`` does.
+    """
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(root)
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((rel_dir / f).as_posix())
+    seen: set[tuple[int, int]] = set()
+    queue: deque[tuple[Path, str]] = deque([(root, "")])
+    while queue:
+        folder, rel = queue.popleft()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows a link
+            except OSError:
+                is_dir = False
+            if is_dir:
+                queue.append((Path(entry.path), f"{rel}{entry.name}/"))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(f"{rel}{entry.name}")
     if not found:
         raise SpecError(
             f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; check the path"
@@ -54,13 +89,20 @@ class ImageFolderDataset(SampleDataset):
     ):
         super().__init__()
         self.root = existing_path(root, "data.root", kind="dir").resolve()
-        ids = _scan_images(self.root, "data.root")
-        self._ids = [ids[k] for k in limit_rows(len(ids), max_samples, "data.max_samples")]
+        self._keep(_scan_images(self.root, "data.root"), max_samples)
         self.label_from_folder = bool(label_from_folder)
         self.max_samples = max_samples
 
+    def _keep(self, names: list[str], max_samples: int | None) -> None:
+        """The samples: ``names`` (relative file names) thinned to ``max_samples``, and their ids."""
+        names = [names[k] for k in limit_rows(len(names), max_samples, "data.max_samples")]
+        self._ids, self._odd = sample_ids(names)
+        self._files = names
+
     def load(self, i: int) -> Image.Image:
-        return open_image(self.root / self._ids[i], self._ids[i])
+        if self._ids[i] in self._odd:
+            raise CorruptSample(self._ids[i], self._odd[self._ids[i]])
+        return open_image(self.root / self._files[i], self._ids[i])
 
     @property
     def labels(self) -> list[str] | None:
@@ -72,7 +114,7 @@ class ImageFolderDataset(SampleDataset):
         return {"name": self.name, "root": str(self.root), "max_samples": self.max_samples}
 
     def content_stamp(self) -> str:
-        return file_stamps(self.root, self._ids)
+        return file_stamps(self.root, self._files)
 
 
 @cache
@@ -156,7 +198,7 @@ class ImageNetDataset(ImageFolderDataset):
         if not ids:
             raise SpecError(f"data.root: the class folders in {folder} hold no image files")
         self.root = folder
-        self._ids = [ids[k] for k in limit_rows(len(ids), max_samples, "data.max_samples")]
+        self._keep(ids, max_samples)
         self.split = split
         self.max_per_class = max_per_class
         self.max_samples = max_samples

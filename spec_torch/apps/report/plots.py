@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ...errors import SpecError
-from .._io import atomic_path
+from .._io import atomic_open
 
 __all__ = [
     "plot_spectrum",
@@ -41,8 +41,8 @@ NEGATIVE_COLOUR = "#2471a3"
 
 
 def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
 
 
@@ -199,8 +199,8 @@ def image_grid(
             text = text[:-2] + "…"
         draw.text((x0 + (cell - draw.textlength(text, font=font)) / 2, y0), text, fill="#333333", font=font)
         sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + cap_h + (cell - thumb.height) // 2))
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG", optimize=True)
+    with atomic_open(path) as fh:
+        sheet.save(fh, format="PNG", optimize=True)
     return Path(path)
 
 
