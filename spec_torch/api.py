@@ -184,6 +184,7 @@ def spec(
     level: float = 0.9,
     groups: int | None = None,
     reference: bool | None = None,
+    interval: str | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -207,6 +208,8 @@ def spec(
         level: interval level (default 0.9).
         groups: number of groups the samples are split into for the replicates (default 32 when
             ``replicates`` is given; at most n // 2).
+        interval: the bootstrap interval, one of ``spec_torch.uncertainty.INTERVALS`` (default ``"basic"``,
+            chosen from coverage measurements in docs/uncertainty.md).
         reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
             and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
             on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
@@ -259,6 +262,7 @@ def spec(
             groups,
             center,
             reference,
+            interval=interval,
         )
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
@@ -370,6 +374,7 @@ def _spec_with_uncertainty(
     groups,
     center,
     reference,
+    interval=None,
 ) -> SpecResult:
     """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
     for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
@@ -403,4 +408,5 @@ def _spec_with_uncertainty(
         seed=seed,
         center=center,
         reference=reference is not False,
+        interval=interval,
     )

@@ -639,19 +639,25 @@ def _sample_paths(dataset, ids: list[str]) -> list[str] | None:
 
 
 def _mode_uncertainty(res, m: int) -> dict[str, Any]:
-    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``stability`` and the plain-words
-    ``support`` (:func:`spec_torch.uncertainty.mode_support`); empty without replicates."""
-    from ..uncertainty import mode_support
-
+    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``heldout_ci``, ``stability``, its tied set
+    (``tied_size``, 1 when isolated; ``tied_set``, its index in the top-level ``tied_modes``, or None) and the
+    library's verdict ``support`` (``res.support``, rendered, never recomputed); empty without replicates."""
     if res.eigenvalue_ci is None:
         return {}
+
+    def plain(v: float) -> float | None:
+        return None if v != v else float(v)
+
     lo, hi = (float(v) for v in res.eigenvalue_ci[m].tolist())
-    held, stab = float(res.heldout_eigenvalues[m]), float(res.stability[m])
+    tied_set, tied_size = res.tied_set_of(m)
     return {
         "ci": [lo, hi],
-        "heldout_eigenvalue": held,
-        "stability": stab,
-        "support": mode_support(float(res.eigenvalues[m]), held, stab),
+        "heldout_eigenvalue": float(res.heldout_eigenvalues[m]),
+        "heldout_ci": [plain(v) for v in res.heldout_eigenvalue_ci[m].tolist()],
+        "stability": float(res.stability[m]),
+        "tied_size": tied_size,
+        "tied_set": tied_set,
+        "support": res.support[m],
     }
 
 
