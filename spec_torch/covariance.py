@@ -782,4 +782,5 @@ class DiffCovariance:
         result.tied_modes = out["tied_modes"]
         result.tied_mode_ci = out["tied_mode_ci"]
         result.support = out["support"]
+        result._draws = out["draws"]  # the bootstrap draws (by rank, matched, SPEC-diff): bench/verdicts.py
         result.uncertainty = out["settings"]

@@ -139,6 +139,7 @@ class SpecResult:
         self.tied_mode_ci: torch.Tensor | None = None  # [T, 2] interval of each tied set's eigenvalue sum
         self.support: list[str] | None = None  # [K] verdicts, spec_torch.uncertainty.VERDICTS
         self.uncertainty: dict[str, Any] | None = None
+        self._draws: dict[str, torch.Tensor] | None = None  # bootstrap draws (uncertainty.estimate "draws")
 
     @classmethod
     def from_features(cls, eigenvalues, u, **kw) -> SpecResult:

@@ -55,7 +55,7 @@ OVERLAP_CUTOFF = 0.9
 STABLE_FRACTION = 0.5
 #: adjacent modes of the same sign are tied when their gap is below this many bootstrap standard errors of
 #: the gap (tie_sets; merge / split rates measured in docs/uncertainty.md, "Ties")
-TIE_Z = 2.0
+TIE_Z = 2.5
 #: the verdicts of mode_support, in the order its rules are tried (after "unknown")
 VERDICTS = ("supported", "tied", "not a distinct cluster", "not supported by the data", "unknown")
 #: bytes of float64 D x D replicate matrices solved at once

@@ -408,13 +408,16 @@ def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterato
 def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False) -> dict[str, Any]:
     """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
     from .._validate import memory_available
-    from ..uncertainty import DEFAULT_GROUPS, plan_groups
+    from ..uncertainty import DEFAULT_GROUPS, DEFAULT_INTERVAL, INTERVALS, plan_groups
 
     ucfg = dict(_container(cfg.get("uncertainty")) or {})
     replicates = ucfg.get("replicates", "auto")
     level = ucfg.get("level", 0.9)
     cap = ucfg.get("max_overhead", 1.5)
     wanted = ucfg.get("groups", "auto")
+    interval = ucfg.get("interval", DEFAULT_INTERVAL)
+    if interval not in INTERVALS:
+        raise SpecError(f"uncertainty.interval: expected one of {', '.join(INTERVALS)}, got {interval!r}")
     if replicates != "auto" and (
         isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0
     ):
@@ -433,6 +436,7 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
         "enabled": False,
         "replicates": replicates,
         "level": float(level),
+        "interval": interval,
         "groups": 0,
         "max_overhead": float(cap),
         "note": "",
@@ -506,6 +510,7 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
         replicates=int(replicates),
         level=plan["level"],
         seed=int(cfg.seed),
+        interval=plan["interval"],
     )
     plan.update(out.uncertainty, enabled=True, replicates=int(replicates), seconds=time.perf_counter() - t0)
     plan["note"] = plan["note"] or f"{replicates} bootstrap replicates over {plan['groups']} groups"
