@@ -591,6 +591,31 @@ def _heldout_jackknife(
     return heldout, se
 
 
+def _spec_diff_interval(
+    diffs: torch.Tensor,
+    lam: torch.Tensor,
+    sets: list[list[int]],
+    tied_ci: torch.Tensor,
+    level: float,
+    method: str,
+) -> torch.Tensor:
+    """``[2]`` interval of SPEC-diff = max |lambda| from the replicates' maxima ``diffs: [R]``; when the strongest
+    mode belongs to a tied set of s > 1 modes, widened to cover the set's mean |eigenvalue| interval
+    (``tied_ci`` of its sum, divided by s) too.
+
+    At a tie the in-sample maximum is biased up (the larger of s noisy copies of one value) and the bootstrap
+    of the maximum under-corrects that (a replicate sees the sample's gap, not the population's tie); the set's
+    mean is not biased, and under a tie it equals the population maximum (docs/uncertainty.md, "Coverage")."""
+    point = lam.abs().max().reshape(1)
+    out = _interval(diffs[:, None], point, level, method)[0]
+    k = int(lam.abs().argmax())
+    t = next(i for i, s in enumerate(sets) if k in s)
+    if len(sets[t]) > 1 and not bool(torch.isnan(tied_ci[t]).any()):
+        mean = tied_ci[t].abs() / len(sets[t])  # [2] |sum| / s, both ends of one sign
+        out = torch.stack([torch.minimum(out[0], mean.min()), torch.maximum(out[1], mean.max())])
+    return out
+
+
 def _normal_interval(point: torch.Tensor, se: torch.Tensor, level: float) -> torch.Tensor:
     """``[K, 2]``: ``point -+ z se`` with ``z`` the normal quantile of ``(1 + level) / 2``."""
     z = float(torch.special.ndtri(torch.tensor((1 + level) / 2, dtype=torch.float64)))
@@ -673,8 +698,6 @@ def estimate(
     ci = _interval(matched, lam_cpu, level, interval)
     ci[~live] = float("nan")
     diffs = torch.stack([e.abs().max() for e in evals]).cpu()  # [R]
-    spec_diff = lam.abs().max().reshape(1).cpu()
-    diff_ci = _interval(diffs[:, None], spec_diff, level, interval)[0]
 
     # ties: replicate eigenvalues by rank within sign; each tied set's sum and span
     by_rank, rank_index = _by_rank(lam, evals, zero_tol)  # [R, K] each
@@ -689,6 +712,7 @@ def estimate(
         elif len(s) > 1:
             stability[s] = _span_stability(cu, norm_u, c_full, s, rank_index, dirs)
     stability[~live] = float("nan")
+    diff_ci = _spec_diff_interval(diffs, lam_cpu, sets, tied_ci, level, interval)
 
     # held-out: fit on half the groups (the mode of the same sign and rank there: nothing of the evaluated half
     # chooses it), evaluate on the other half (both ways), cross-fitted (heldout_crossfit); group jackknife SE

@@ -205,25 +205,30 @@ def test_interval_default_and_choice():
     lam = float(pct.eigenvalues[0])
     lo, hi = pct.eigenvalue_ci[0].tolist()
     assert basic.eigenvalue_ci[0].tolist() == pytest.approx([2 * lam - hi, 2 * lam - lo], rel=1e-12)
-    assert basic.spec_diff_ci == pytest.approx(
-        (2 * pct.spec_diff - pct.spec_diff_ci[1], 2 * pct.spec_diff - pct.spec_diff_ci[0])
-    )
+    # SPEC-diff: the reflected interval of the maxima, widened to the strongest tied set's mean (a superset)
+    point = pct.eigenvalues.abs().max().reshape(1)
+    p_lo, p_hi = unc._interval(pct._draws["spec_diff"][:, None], point, 0.9, "percentile")[0].tolist()
+    assert basic.spec_diff_ci[0] <= 2 * pct.spec_diff - p_hi + 1e-12
+    assert basic.spec_diff_ci[1] >= 2 * pct.spec_diff - p_lo - 1e-12
     with pytest.raises(st.SpecError, match="interval"):
         V.fit(x, y, 10, seed=1, interval="studentized")
 
 
 def test_spec_diff_interval_covers_at_a_tie_fixed_seeds():
-    """At a tie SPEC-diff is a maximum, biased up in-sample: the percentile interval undercovers (review: 67%) and
-    the basic one does not (87%). Regression of bench/verdicts.py on 24 fixed draws."""
+    """At a tie SPEC-diff is a maximum, biased up in-sample: the percentile interval of the replicates' maxima
+    undercovers (review: 67%; bench: 54%), the basic one less, and the default interval (basic, widened to the
+    strongest tied set's mean) covers. Regression of bench/verdicts.py on 24 fixed draws; fails on the old main
+    (percentile maxima only, no tied sets)."""
     pop = V.population_spectrum(V.CASES["tie"])
     gen = torch.Generator().manual_seed(8)
-    hits = {"basic": 0, "percentile": 0}
+    hits = {"default": 0, "percentile maxima": 0}
     for d in range(24):
         x, y = V.draw(V.CASES["tie"], 1000, gen)
         res = V.fit(x, y, 60, seed=d)
+        lo, hi = res.spec_diff_ci
+        hits["default"] += lo <= float(pop[0]) <= hi
         point = res.eigenvalues.abs().max().reshape(1)
-        for method in hits:
-            lo, hi = unc._interval(res._draws["spec_diff"][:, None], point, 0.9, method)[0].tolist()
-            hits[method] += lo <= float(pop[0]) <= hi
-    assert hits["basic"] >= 18, hits  # 75%
-    assert hits["basic"] > hits["percentile"], hits
+        lo, hi = unc._interval(res._draws["spec_diff"][:, None], point, 0.9, "percentile")[0].tolist()
+        hits["percentile maxima"] += lo <= float(pop[0]) <= hi
+    assert hits["default"] >= 20, hits  # 83%
+    assert hits["default"] > hits["percentile maxima"], hits
