@@ -493,16 +493,15 @@ def _span_stability(
 
 
 def _stacked_times(
-    state: dict[str, torch.Tensor], groups: torch.Tensor, u: torch.Tensor, eta: float, dx: int
+    xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor, u: torch.Tensor, eta: float, dx: int
 ):
-    """``M_g u: [g, D, K]`` for the listed groups, ``M_g`` the raw stacked second moments of group g
-    (``[[XX_g, sqrt(eta) XY_g], [sqrt(eta) XY_g^T, eta YY_g]]``); ``u: [D, K]``."""
+    """``M u: [..., D, K]`` for raw sums ``xx [..., Dx, Dx]``, ``xy [..., Dx, Dy]``, ``yy [..., Dy, Dy]`` stacked as
+    ``M = [[XX, sqrt(eta) XY], [sqrt(eta) XY^T, eta YY]]``; ``u: [D, K]``."""
     s = math.sqrt(eta)
     ux, uy = u[:dx], u[dx:]
-    xy = state["xy"][groups]  # [g, Dx, Dy]
-    top = state["xx"][groups] @ ux + s * (xy @ uy)  # [g, Dx, K]
-    bottom = s * (xy.mT @ ux) + eta * (state["yy"][groups] @ uy)  # [g, Dy, K]
-    return torch.cat([top, bottom], 1)
+    top = xx @ ux + s * (xy @ uy)  # [..., Dx, K]
+    bottom = s * (xy.mT @ ux) + eta * (yy @ uy)  # [..., Dy, K]
+    return torch.cat([top, bottom], -2)
 
 
 def _heldout_jackknife(
@@ -555,22 +554,22 @@ def _heldout_jackknife(
         held = halves[e ^ 1] > 0  # [G]
         in1, in2 = (parts[e ^ 1, 0] > 0, parts[e ^ 1, 1] > 0) if crossfit else (held, held)
         members = torch.nonzero(held).squeeze(1)
-        chunk = max(1, _CHUNK_BYTES // (4 * d * k_n * 8))
-        proj = torch.cat(
-            [
-                _stacked_times(state, members[i : i + chunk], u, eta, dx)
-                for i in range(0, members.numel(), chunk)
-            ]
-        )  # [g, D, K]
-        w1, w2 = in1[members].to(f64), in2[members].to(f64)  # [g]
-        m1, m2, mb = (torch.einsum("g,gdk->dk", w, proj) for w in (w1, w2, torch.ones_like(w1)))
+        chunk = max(1, _CHUNK_BYTES // (4 * d * k_n * 8))  # groups whose M_g u are held at once
+        w1, w2 = in1[members].to(f64), in2[members].to(f64)  # [g] part of each held-out group
+        m1, m2, mb = (
+            _stacked_times(
+                *(torch.einsum("g,gij->ij", w, state[k][members]) for k in ("xx", "xy", "yy")), u, eta, dx
+            )
+            for w in (w1, w2, torch.ones_like(w1))
+        )  # [D, K] each: M_part u
         s1, s2, sb = (w @ sums[members] for w in (w1, w2, torch.ones_like(w1)))
         n1, n2, nb = (w @ count[members] for w in (w1, w2, torch.ones_like(w1)))
         values[e] = value(m1, s1, n1, m2, s2, n2, mb, sb, nb, u)
         deleted[e] = values[e]  # groups outside the held-out half leave evaluation e unchanged
         for i in range(0, members.numel(), chunk):
             g = members[i : i + chunk]
-            p, a1, a2 = proj[i : i + chunk], w1[i : i + chunk], w2[i : i + chunk]
+            p = _stacked_times(state["xx"][g], state["xy"][g], state["yy"][g], u, eta, dx)  # [g, D, K] M_g u
+            a1, a2 = w1[i : i + chunk], w2[i : i + chunk]
             sg, ng = sums[g], count[g]
             deleted[e, g] = value(
                 m1 - a1[:, None, None] * p,

@@ -731,3 +731,30 @@ def test_compare_interval_setting_and_mode_fields(tmp_path):
     assert isinstance(spec["tied_modes"], list)
     with pytest.raises(st.SpecError, match="uncertainty.interval"):
         _compare(tmp_path, x, y, "uncertainty.replicates=20", "uncertainty.interval=studentized")
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_heldout_jackknife_matches_brute_force_deletion(center):
+    """The held-out value and its jackknife SE from the per-group projections equal recomputing the cross-fitted
+    value (heldout_crossfit on _weighted_covariances) with each group's weight set to 0, centred or not."""
+    x, y = planted(400)
+    acc = grouped(x.double(), y.double(), groups=8, kernel="linear")
+    state, dx, eta = acc.group_state, 10, 0.7
+    gen = torch.Generator().manual_seed(0)
+    halves, parts = unc._split_groups(8, 3, gen)
+    fitted = torch.randn(6, 20, 3, generator=gen, dtype=torch.float64)
+    jv = torch.cat([torch.ones(dx), -torch.ones(10)]).double()
+    held, se = unc._heldout_jackknife(state, fitted, halves, parts, eta, dx, jv, center, crossfit=True)
+
+    def mean_value(keep: torch.Tensor) -> torch.Tensor:  # keep: [G] 0/1 weights
+        vals = []
+        for e in range(6):
+            w1, w2 = parts[e ^ 1, 0] * keep, parts[e ^ 1, 1] * keep
+            c1, c2, cb = unc._weighted_covariances(state, torch.stack([w1, w2, w1 + w2]), eta, center)
+            vals.append(unc.heldout_crossfit(c1, c2, cb, fitted[e], jv))
+        return torch.stack(vals).mean(0)
+
+    torch.testing.assert_close(held, mean_value(torch.ones(8, dtype=torch.float64)), rtol=1e-9, atol=1e-12)
+    jack = torch.stack([mean_value((torch.arange(8) != g).double()) for g in range(8)])  # [G, K]
+    want = (7 / 8 * (jack - jack.mean(0)).square().sum(0)).sqrt()
+    torch.testing.assert_close(se, want, rtol=1e-8, atol=1e-12)
