@@ -8,13 +8,19 @@ solved in feature space without a second pass over the data. From them (:func:`e
 
 - **intervals**: a bootstrap over groups (``w_g`` = multinomial counts); every full-data mode is matched to the
   replicate mode of the same sign whose sample scores overlap it most (feature-space direction, not rank);
-  percentile or bias-corrected percentile intervals of the matched eigenvalues and of SPEC-diff;
-- **held-out eigenvalue**: modes fitted on a random half of the groups (A), matched to the full-data modes,
-  evaluated on the other half (B) by the Rayleigh quotient ``u^T C_B J C_B u / u^T C_B u`` of
-  ``L_B = A_B J A_B^T`` along the sample vector ``A_B u``; averaged over splits and both directions;
+  basic (default), percentile or bias-corrected percentile intervals of the matched eigenvalues and of
+  SPEC-diff (widened to the strongest tied set's mean when that mode is tied);
+- **tied sets**: adjacent modes of the same sign whose gap is below :data:`TIE_Z` bootstrap standard errors of
+  the gap (replicate eigenvalues taken by rank within sign) form one set (:func:`tie_sets`); each set gets an
+  interval of its eigenvalue sum and a stability of its span (principal angles);
+- **held-out eigenvalue**: modes fitted on a random half of the groups (A), the mode of the same sign and rank
+  there (nothing of the evaluation half chooses it), evaluated on the other half (B) by the cross-fitted
+  Rayleigh quotient (:func:`heldout_crossfit`); averaged over splits and both directions; its interval from a
+  delete-one-group jackknife with the fitted directions held fixed;
 - **stability**: the fraction of bootstrap replicates whose matched mode overlaps the full-data mode by at least
   :data:`OVERLAP_CUTOFF` (overlap: ``|<v_k, v'_j>|`` of the unit sample-score vectors on the full data,
-  computed as ``|u_k^T C u'_j| / sqrt(u_k^T C u_k u'_j^T C u'_j)``).
+  computed as ``|u_k^T C u'_j| / sqrt(u_k^T C u_k u'_j^T C u'_j)``); for a tied set, of its span;
+- **verdicts**: :func:`mode_support` on each mode, one of :data:`VERDICTS` (``SpecResult.support``).
 
 See docs/uncertainty.md for the assumptions and how to read the numbers.
 """
