@@ -206,7 +206,8 @@ def heldout(draws: int) -> None:
         f"\n## Held-out value of the strongest mode of each sign ({draws} data sets each; R = 10, 10 splits)"
     )
     print(
-        "| case | mode | population | mean held-out (MC SE) | (mean - population) / MC SE | interval covers |"
+        "| case | mode | population | mean held-out (MC SE) | past the population, in MC SEs (< 0: not past) "
+        "| interval covers the population |"
     )
     print("|---|---|---|---|---|---|")
     cases = [("noise m=200, n=400, G=16", -1, -1 / 200)]
@@ -230,7 +231,7 @@ def heldout(draws: int) -> None:
         se = float(v.std()) / math.sqrt(draws)
         print(
             f"| {name} | {'top' if k == 0 else 'bottom'} | {truth:+.5f} | {float(v.mean()):+.5f} ({se:.5f}) | "
-            f"{(float(v.mean()) - truth) / se:+.2f} | {rate(cov, draws)} |"
+            f"{math.copysign(1, truth) * (float(v.mean()) - truth) / se:+.2f} | {rate(cov, draws)} |"
         )
 
 
