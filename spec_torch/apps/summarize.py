@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from .explain import keywords_phrase
 
 __all__ = ["collect", "main"]
 
@@ -38,7 +39,7 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
     modes = spec.get("modes") or {}
     metrics = spec.get("metrics") or {}
     top = {d: (modes.get(d) or [{}])[0].get("eigenvalue") for d in ("x", "y")}
-    return {
+    row = {
         "kind": "compare",
         "n": spec.get("n"),
         "spec_diff": spec.get("spec_diff"),
@@ -47,6 +48,11 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
         "linear_cka": metrics.get("linear_cka"),
         "mutual_knn": (metrics.get("mutual_knn") or {}).get("value"),
     }
+    for d in ("x", "y"):  # the strongest mode's distinctive words, where the run's data had texts
+        words = keywords_phrase((modes.get(d) or [{}])[0])
+        if words is not None:
+            row[f"words_{d}"] = words
+    return row
 
 
 def _align_row(results: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +105,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``spec-torch summarize DIR [--csv PATH]``: print the table of the runs under DIR, write it as CSV."""
-    parser = argparse.ArgumentParser(prog="spec-torch summarize", description=__doc__.split("\n\n")[0])
+    from .cli import plain_text
+
+    parser = argparse.ArgumentParser(
+        prog="spec-torch summarize",
+        description=plain_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example's lines
+    )
     parser.add_argument("dir", help="a folder of runs (a Hydra multirun sweep dir, or outputs/)")
     parser.add_argument("--csv", default=None, help="where to write the table (default: DIR/summary.csv)")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ from typing import Any
 
 from ...errors import SpecError
 from .._io import atomic_write_text
+from ..explain import NO_WORDS, keywords_phrase
 from . import flags, plots
 
 __all__ = ["ModeView", "write_report", "verdict", "mode_flags", "cluster_size", "SIZE_RULE"]
@@ -58,6 +59,8 @@ class ModeView:
         flags: short warnings about this mode (the report appends its own: :func:`mode_flags`).
         ci, heldout_eigenvalue, stability, support: the mode's bootstrap interval ``[lo, hi]``, held-out
             eigenvalue, stability and plain-words verdict (:func:`spec_torch.uncertainty.mode_support`), or None.
+        keywords: the mode's distinctive terms ``[[term, z], ...]`` (spec.json ``keywords``, from
+            :mod:`spec_torch.apps.explain`): ``[]`` when none stands out, None when the data has no texts.
     """
 
     direction: str
@@ -77,6 +80,7 @@ class ModeView:
     heldout_eigenvalue: float | None = None
     stability: float | None = None
     support: str | None = None
+    keywords: Sequence[Sequence[Any]] | None = None
 
     def __post_init__(self) -> None:
         where = f"ModeView(direction={self.direction!r}, index={self.index!r})"
@@ -297,6 +301,8 @@ def verdict(spec: Mapping[str, Any], modes: Sequence[ModeView], names: Mapping[s
         top = chosen[0]
         what = _purity_of(top)
         group = f"a group that is {what[1]:.0%} {what[0]}" if what else f"a group led by {top.sample_ids[0]}"
+        if top.keywords:  # its distinctive words say best what the group is
+            group = f"a group described by {keywords_phrase({'keywords': top.keywords})}"
         parts.append(
             f"{names[side]} holds together {group}, which {names[other]} does not "
             f"(the strongest such mode: λ = {top.eigenvalue:+.3g}, {abs(top.eigenvalue) / total:.0%} of the "
@@ -538,6 +544,7 @@ def _mode(
         f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3>',
         _flags(view.flags),
         _support_line(view),
+        _keywords_line(view),
     ]
     out.append('<div class="facts">')
     if view.tightness_x is not None or view.tightness_y is not None:
@@ -593,6 +600,22 @@ _SUPPORT_WORDS = {
     "not supported by the data": "Not supported by the data: on held-out samples its eigenvalue falls towards 0 "
     "(or changes sign); it is mostly sampling noise.",
 }
+
+
+def _keywords_line(view: ModeView) -> str:
+    """One line under a mode's heading: its distinctive words with their z-scores (spec.json ``keywords``)."""
+    phrase = keywords_phrase({"keywords": view.keywords}, with_z=True)
+    if phrase is None:
+        return ""
+    if phrase == NO_WORDS:
+        return (
+            '<p class="words"><b>No distinctive words</b> <span class="muted">(no term is over-represented '
+            "among its members enough to stand out from the rest of the data)</span></p>"
+        )
+    return (
+        f'<p class="words"><b>Distinctive words:</b> {_e(phrase)} <span class="muted">(weighted log-odds '
+        "z-score of its members' texts against the rest)</span></p>"
+    )
 
 
 def _support_line(view: ModeView) -> str:
