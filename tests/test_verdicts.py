@@ -97,7 +97,8 @@ def test_isolated_modes_are_singletons_and_supported():
 
 def test_tie_rule_on_fixed_seeds_merges_ties_and_keeps_isolated_modes_apart():
     """Regression of bench/verdicts.py's tie-rule table (gap < TIE_Z bootstrap SEs of the gap), 10 draws each:
-    a true tie is split rarely (bench: about 10% per pair), isolated modes are never merged."""
+    a true tie is split rarely (bench: about 8% per pair), isolated modes are never merged. Fails on the old main
+    (no tied_modes)."""
     together = {}
     for case in ("tie", "isolated"):
         gen = torch.Generator().manual_seed(11)
@@ -114,6 +115,8 @@ def test_tie_rule_on_fixed_seeds_merges_ties_and_keeps_isolated_modes_apart():
 
 
 def test_tie_sets_rule_on_hand_made_replicates():
+    """The stated rule: adjacent same-sign modes tied when the gap < z bootstrap SEs of the gap; ties chain;
+    zero modes and sign changes never tie. Fails on the old main (no tie_sets)."""
     lam = torch.tensor([3.0, 2.9, 1.0, -1.0, -1.05], dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     reps = lam + 0.05 * torch.randn(200, 5, generator=gen, dtype=torch.float64)  # gap SE about 0.07
@@ -142,7 +145,7 @@ def test_heldout_is_not_past_the_population_bound_over_data_sets():
 
 def test_heldout_interval_is_a_group_jackknife():
     """The interval is estimate -+ z SE, SE from deleting one group at a time (fitted directions fixed); more
-    data, narrower interval; level changes only z."""
+    data, narrower interval; level changes only z. Fails on the old main (no heldout_eigenvalue_ci)."""
     gen = torch.Generator().manual_seed(5)
     x, y = V.draw(V.CASES["isolated"], 1000, gen)
     a = V.fit(x, y, 20, seed=0)
@@ -160,6 +163,8 @@ def test_heldout_interval_is_a_group_jackknife():
 
 # --------------------------------------------------------------------------------------- verdicts
 def test_support_is_decided_once_and_deterministic():
+    """res.support is mode_support's rule applied once per mode, the same for a seed, never "supported" in a tied
+    set of more than one mode, serialised by to_dict. Fails on the old main (no support)."""
     gen = torch.Generator().manual_seed(6)
     x, y = V.draw(V.CASES["tie"], 600, gen)
     a, b = V.fit(x, y, 30, seed=2), V.fit(x, y, 30, seed=2)
