@@ -33,6 +33,7 @@ bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one ru
 	$(PY) bench/faults.py
 	$(PY) bench/bench_uncertainty.py
 	$(PY) bench/uncertainty_cases.py
+	$(PY) bench/verdicts.py
 	$(PY) bench/bench_nystrom.py
 	$(PY) bench/bench_matrix.py
 	$(PY) bench/bench_rff_error.py

@@ -2,9 +2,9 @@
 
     python bench/uncertainty_cases.py
 
-For each case: the in-sample eigenvalue of a mode, its 90% interval, the held-out eigenvalue, the stability and
-the plain-words verdict (spec_torch.uncertainty.mode_support); where the population value along the mode is
-known in closed form, that too.
+For each case: the in-sample eigenvalue of a mode, its 90% interval, the held-out eigenvalue and its interval,
+the stability, the size of its tied set and the library's verdict (``res.support``, spec_torch.uncertainty.
+mode_support); where the population value along the mode is known in closed form, that too.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 
 import spec_torch as st
-from spec_torch.uncertainty import mode_support
 
 
 def line(name: str, res: st.SpecResult, k: int, population: float | None = None) -> None:
+    k = k % res.eigenvalues.numel()
     lam, held, stab = float(res.eigenvalues[k]), float(res.heldout_eigenvalues[k]), float(res.stability[k])
     lo, hi = res.eigenvalue_ci[k].tolist()
+    hlo, hhi = res.heldout_eigenvalue_ci[k].tolist()
+    tied = res.tied_set_of(k)[1]
     pop = "" if population is None else f"  population {population:+.4f}"
     print(
-        f"{name:<44} lambda {lam:+.4f}  90% [{lo:+.4f}, {hi:+.4f}]  held-out {held:+.4f}  stability "
-        f"{stab:.2f}{pop}  -> {mode_support(lam, held, stab)}"
+        f"{name:<44} lambda {lam:+.4f}  90% [{lo:+.4f}, {hi:+.4f}]  held-out {held:+.4f} [{hlo:+.4f}, {hhi:+.4f}]"
+        f"  stability {stab:.2f}  tied {tied}{pop}  -> {res.support[k]}"
     )
 
 
@@ -38,11 +40,11 @@ def heldout_both_ways(
     state = acc.group_state
     dx = x.shape[1]
     c_full = assemble_covariance(acc.xx, acc.xy, acc.yy, acc.n, 1.0)
-    lam, u = res.eigenvalues, res._u
-    cu = c_full @ u
+    lam = res.eigenvalues
     halves, parts = unc._split_groups(groups, splits, torch.Generator().manual_seed(0))
     fit_vals, fit_dirs = unc._solve_all(state, halves, 1.0, dx, lam.numel(), None)
-    _, _, fitted = unc._match(c_full, cu, (u * cu).sum(0).sqrt(), lam, fit_vals, fit_dirs)  # [2S, D, K]
+    _, index = unc._by_rank(lam, fit_vals, res.zero_tol)  # the same sign and rank on the fitting half
+    fitted = torch.stack([d[:, index[e, -1]] for e, d in enumerate(fit_dirs)])[:, :, None]  # [2S, D, 1]
     other = torch.arange(2 * splits) ^ 1
     c_eval = unc._weighted_covariances(state, halves, 1.0)[other]  # [2S, D, D]
     c_parts = unc._weighted_covariances(state, parts[other].reshape(-1, groups), 1.0)

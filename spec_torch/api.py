@@ -185,6 +185,7 @@ def spec(
     level: float = 0.9,
     groups: int | None = None,
     reference: bool | None = None,
+    interval: str | None = None,
 ) -> SpecResult:
     """Compare two embeddings of the same samples.
 
@@ -218,6 +219,8 @@ def spec(
         level: interval level (default 0.9).
         groups: number of groups the samples are split into for the replicates (default ``min(32, n // 2)``
             when ``replicates`` is given; at least 8).
+        interval: the bootstrap interval, one of ``spec_torch.uncertainty.INTERVALS`` (default ``"basic"``,
+            chosen from coverage measurements in docs/uncertainty.md).
         reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
             and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
             on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
@@ -273,6 +276,7 @@ def spec(
             groups,
             center,
             reference,
+            interval=interval,
         )
     if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
@@ -339,6 +343,7 @@ def spec(
             seed=seed,
             top_k=top_k,
             center=center,
+            interval=interval,
         )
     return result
 
@@ -400,6 +405,7 @@ def _spec_with_uncertainty(
     groups,
     center,
     reference,
+    interval=None,
 ) -> SpecResult:
     """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``.
 
@@ -418,6 +424,7 @@ def _spec_with_uncertainty(
         seed=seed,
         center=center,
         reference=reference is not False,
+        interval=interval,
     )
     from .uncertainty import solves_needed
 

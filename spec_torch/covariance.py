@@ -648,7 +648,7 @@ class DiffCovariance:
         replicates: int | None = None,
         level: float = 0.9,
         seed: int = 0,
-        interval: str = "percentile",
+        interval: str | None = None,
         reference: bool = True,
     ) -> SpecResult:
         """Solve for the spectrum of ``(K_x - eta K_y) / n``.
@@ -666,7 +666,8 @@ class DiffCovariance:
                 ``spec_diff_ci``, ``heldout_eigenvalues`` and ``stability`` (see spec_torch.uncertainty);
                 ``0``/``None`` skips them.
             level: level of the intervals (default 0.9). seed: seeds the resampling (deterministic).
-            interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
+            interval: ``"basic"`` (the default, :data:`spec_torch.uncertainty.DEFAULT_INTERVAL`: reflected about
+                the estimate), ``"percentile"`` or ``"bc"`` (bias-corrected percentile); docs/uncertainty.md.
             reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing
                 shuffled, docs/uncertainty.md): one more factorisation and eigenvalue solve of size <= D, with
                 the ``top_k`` solver when ``top_k`` is given. False skips it (``spec_diff_null`` is None), e.g.
@@ -784,5 +785,10 @@ class DiffCovariance:
         result.eigenvalue_ci = out["eigenvalue_ci"]
         result.spec_diff_ci = out["spec_diff_ci"]
         result.heldout_eigenvalues = out["heldout_eigenvalues"]
+        result.heldout_eigenvalue_ci = out["heldout_eigenvalue_ci"]
         result.stability = out["stability"]
+        result.tied_modes = out["tied_modes"]
+        result.tied_mode_ci = out["tied_mode_ci"]
+        result.support = out["support"]
+        result._draws = out["draws"]  # the bootstrap draws (by rank, matched, SPEC-diff): bench/verdicts.py
         result.uncertainty = out["settings"]

@@ -187,6 +187,7 @@ def attach_factor_uncertainty(
     seed: int,
     top_k: int | None,
     center: bool,
+    interval: str | None = None,
 ) -> None:
     """Intervals, held-out values and stability of an n x n route's ``result`` (set on it in place).
 
@@ -194,7 +195,8 @@ def attach_factor_uncertainty(
         result: the exact (or dual) route's result; its eigenvalues and eigenvectors are not changed.
         eigenpairs: ``(evals [m], vecs [n, m])`` of the *uncentred* L, every eigenvalue above
             ``result.zero_tol`` in magnitude among them.
-        route: ``"exact"`` or ``"dual"`` (recorded). replicates, groups, level, seed: as in :func:`spec_torch.spec`.
+        route: ``"exact"`` or ``"dual"`` (recorded). replicates, groups, level, seed, interval: as in
+            :func:`spec_torch.spec`.
         top_k: the result's ``top_k`` (its modes are the strongest of each sign); None: the whole spectrum.
         center: whether ``result`` is of ``H L H``.
 
@@ -255,6 +257,7 @@ def attach_factor_uncertainty(
         level=level,
         seed=seed,
         reference=False,
+        interval=interval,
     )
     match, missed = _match_modes(result, feat, _sample_vectors(feat, fx, fy, center))
     if capped:  # modes beyond the top CAPPED_TOP_K of each sign were never solved in the replicates

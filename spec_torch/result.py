@@ -78,7 +78,11 @@ class SpecResult:
             (the cross-covariance replaced by its average over shuffles of the pairing); ``None`` where not
             computed. spec_diff_ratio: ``spec_diff / spec_diff_null`` (docs/uncertainty.md).
         eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
-            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used, with
+            heldout_eigenvalues: ``[K]``; heldout_eigenvalue_ci: ``[K, 2]`` (group jackknife);
+            stability: ``[K]`` in [0, 1] (of the tied set's span for a tied mode); tied_modes: a partition of
+            ``range(K)`` into tied sets (lists of indices, singletons for isolated modes); tied_mode_ci:
+            ``[len(tied_modes), 2]`` interval of each set's eigenvalue sum; support: ``[K]`` verdicts (one of
+            :data:`spec_torch.uncertainty.VERDICTS`), decided here once; uncertainty: the settings used, with
             (from :func:`spec_torch.spec`) the ``route`` the replicates resampled (``features``: group sums of
             D features; ``exact``/``dual``: an exact factor of L, :mod:`spec_torch.factor_intervals`), and the
             ``eigensolves`` of size ``solve_size`` that cost.
@@ -131,7 +135,14 @@ class SpecResult:
         self.spec_diff_ci: tuple[float, float] | None = None
         self.heldout_eigenvalues: torch.Tensor | None = None  # [K]
         self.stability: torch.Tensor | None = None  # [K]
+        self.heldout_eigenvalue_ci: torch.Tensor | None = None  # [K, 2]
+        self.tied_modes: list[list[int]] | None = (
+            None  # a partition of range(K); isolated modes are singletons
+        )
+        self.tied_mode_ci: torch.Tensor | None = None  # [T, 2] interval of each tied set's eigenvalue sum
+        self.support: list[str] | None = None  # [K] verdicts, spec_torch.uncertainty.VERDICTS
         self.uncertainty: dict[str, Any] | None = None
+        self._draws: dict[str, torch.Tensor] | None = None  # bootstrap draws (uncertainty.estimate "draws")
 
     @classmethod
     def from_features(cls, eigenvalues, u, **kw) -> SpecResult:
@@ -201,13 +212,58 @@ class SpecResult:
             return None if t is None else [None if v != v else float(v) for v in t.reshape(-1).tolist()]
 
         ci = plain(self.eigenvalue_ci)
+        held = plain(self.heldout_eigenvalue_ci)
         return {
             "eigenvalue_ci": None if ci is None else [ci[i : i + 2] for i in range(0, len(ci), 2)],
             "spec_diff_ci": None if self.spec_diff_ci is None else list(self.spec_diff_ci),
             "heldout_eigenvalues": plain(self.heldout_eigenvalues),
             "stability": plain(self.stability),
+            "heldout_eigenvalue_ci": None
+            if held is None
+            else [held[i : i + 2] for i in range(0, len(held), 2)],
+            "support": None if self.support is None else list(self.support),
+            "tied_modes": self.tied_sets_json(),
             "uncertainty": self.uncertainty,
         }
+
+    def mode_label(self, k: int) -> tuple[str, int]:
+        """``(direction, rank)`` of mode ``k``: ``"x"`` for a positive eigenvalue, ``"y"`` for a negative one,
+        and its 1-based rank within its sign (1 = the strongest), as the compare job's mode entries."""
+        lam = self.eigenvalues.tolist()
+        if lam[k] > 0:
+            return "x", sum(1 for v in lam[:k] if v > 0) + 1
+        return "y", sum(1 for v in lam[k + 1 :] if v < 0) + 1
+
+    def tied_set_of(self, k: int) -> tuple[int | None, int]:
+        """``(position in tied_sets_json(), size)`` of mode ``k``'s tied set: ``(None, 1)`` when isolated (or
+        without replicates)."""
+        if self.tied_modes is None:
+            return None, 1
+        pos = 0
+        for s in self.tied_modes:
+            if len(s) > 1:
+                if k in s:
+                    return pos, len(s)
+                pos += 1
+        return None, 1
+
+    def tied_sets_json(self) -> list[dict[str, Any]] | None:
+        """The tied sets of more than one mode: ``{"modes": [[direction, rank], ...], "indices": [...],
+        "eigenvalue_sum", "ci"}`` each (``ci``: the interval of the sum); ``None`` without replicates."""
+        if self.tied_modes is None:
+            return None
+        out = []
+        for s, ci in zip(self.tied_modes, self.tied_mode_ci.tolist()):
+            if len(s) > 1:
+                out.append(
+                    {
+                        "modes": [list(self.mode_label(k)) for k in s],
+                        "indices": list(s),
+                        "eigenvalue_sum": float(self.eigenvalues[s].sum()),
+                        "ci": [None if v != v else float(v) for v in ci],
+                    }
+                )
+        return out
 
     def __repr__(self) -> str:
         return (

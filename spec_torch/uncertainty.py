@@ -8,13 +8,19 @@ solved in feature space without a second pass over the data. From them (:func:`e
 
 - **intervals**: a bootstrap over groups (``w_g`` = multinomial counts); every full-data mode is matched to the
   replicate mode of the same sign whose sample scores overlap it most (feature-space direction, not rank);
-  percentile or bias-corrected percentile intervals of the matched eigenvalues and of SPEC-diff;
-- **held-out eigenvalue**: modes fitted on a random half of the groups (A), matched to the full-data modes,
-  evaluated on the other half (B) by the Rayleigh quotient ``u^T C_B J C_B u / u^T C_B u`` of
-  ``L_B = A_B J A_B^T`` along the sample vector ``A_B u``; averaged over splits and both directions;
+  basic (default), percentile or bias-corrected percentile intervals of the matched eigenvalues and of
+  SPEC-diff (widened to the strongest tied set's mean when that mode is tied);
+- **tied sets**: adjacent modes of the same sign whose gap is below :data:`TIE_Z` bootstrap standard errors of
+  the gap (replicate eigenvalues taken by rank within sign) form one set (:func:`tie_sets`); each set gets an
+  interval of its eigenvalue sum and a stability of its span (principal angles);
+- **held-out eigenvalue**: modes fitted on a random half of the groups (A), the mode of the same sign and rank
+  there (nothing of the evaluation half chooses it), evaluated on the other half (B) by the cross-fitted
+  Rayleigh quotient (:func:`heldout_crossfit`); averaged over splits and both directions; its interval from a
+  delete-one-group jackknife with the fitted directions held fixed;
 - **stability**: the fraction of bootstrap replicates whose matched mode overlaps the full-data mode by at least
   :data:`OVERLAP_CUTOFF` (overlap: ``|<v_k, v'_j>|`` of the unit sample-score vectors on the full data,
-  computed as ``|u_k^T C u'_j| / sqrt(u_k^T C u_k u'_j^T C u'_j)``).
+  computed as ``|u_k^T C u'_j| / sqrt(u_k^T C u_k u'_j^T C u'_j)``); for a tied set, of its span;
+- **verdicts**: :func:`mode_support` on each mode, one of :data:`VERDICTS` (``SpecResult.support``).
 
 See docs/uncertainty.md for the assumptions and how to read the numbers.
 """
@@ -33,7 +39,10 @@ from .solver import select_modes, solve_features, sum_noise
 __all__ = [
     "OVERLAP_CUTOFF",
     "STABLE_FRACTION",
-    "HELDOUT_FRACTION",
+    "TIE_Z",
+    "VERDICTS",
+    "INTERVALS",
+    "DEFAULT_INTERVAL",
     "assign_groups",
     "accumulate_groups",
     "estimate",
@@ -43,19 +52,24 @@ __all__ = [
     "plan_groups",
     "plan_replicates",
     "solves_needed",
+    "tie_sets",
 ]
 
 #: two modes are "the same mode" when their unit sample-score vectors overlap by at least this
 OVERLAP_CUTOFF = 0.9
 #: a mode is stable when at least this fraction of bootstrap replicates reproduce it (overlap >= cut-off)
 STABLE_FRACTION = 0.5
-#: a mode is supported by held-out data when its held-out eigenvalue keeps at least this fraction of the
-#: in-sample value, with the same sign
-HELDOUT_FRACTION = 0.25
+#: adjacent modes of the same sign are tied when their gap is below this many bootstrap standard errors of
+#: the gap (tie_sets; merge / split rates measured in docs/uncertainty.md, "Ties")
+TIE_Z = 2.5
+#: the verdicts of mode_support, in the order its rules are tried (after "unknown")
+VERDICTS = ("supported", "tied", "not a distinct cluster", "not supported by the data", "unknown")
 #: bytes of float64 D x D replicate matrices solved at once
 _CHUNK_BYTES = 256 * 2**20
 #: interval methods: percentile, bias-corrected percentile (Efron), basic (reflected about the point estimate)
 INTERVALS = ("percentile", "bc", "basic")
+#: the default interval (measured on tie, near-tie and isolated populations: docs/uncertainty.md, "Coverage")
+DEFAULT_INTERVAL = "basic"
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -387,6 +401,232 @@ def _interval(reps: torch.Tensor, point: torch.Tensor, level: float, method: str
     return out
 
 
+def _by_rank(lam: torch.Tensor, evals, zero_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each full-data mode's counterpart of the same sign and the same rank within that sign, in every solve.
+
+    Rank within sign: positive modes counted from the largest, negative ones from the most negative
+    (``lam`` is descending: positive mode ``k`` has rank ``k``; of ``N`` negative modes the last has rank 0).
+
+    Args:
+        lam: ``[K]`` full-data eigenvalues (descending); evals: per solve ``[K_r]`` eigenvalues.
+        zero_tol: |eigenvalue| at or below which a mode is zero (it has no rank).
+
+    Returns:
+        ``(values [R, K], index [R, K])``: the counterpart's eigenvalue (NaN where the solve has no mode of that
+        sign and rank, or the full-data mode is zero) and its column in the solve (-1 there).
+    """
+    lam_c = lam.detach().cpu().double()
+    k_n = lam_c.numel()
+    pos, neg = lam_c > zero_tol, lam_c < -zero_tol
+    rank = torch.full((k_n,), -1, dtype=torch.long)
+    rank[pos] = torch.arange(int(pos.sum()))
+    rank[neg] = torch.arange(int(neg.sum()) - 1, -1, -1)
+    values = torch.full((len(evals), k_n), float("nan"), dtype=torch.float64)
+    index = torch.full((len(evals), k_n), -1, dtype=torch.long)
+    for r, lr in enumerate(evals):
+        lr = lr.detach().cpu().double()
+        order = torch.argsort(lr, descending=True)
+        by_sign = (order[lr[order] > zero_tol], order.flip(0)[lr[order.flip(0)] < -zero_tol])
+        for mask, idx in zip((pos, neg), by_sign):
+            ks = torch.nonzero(mask & (rank < idx.numel())).squeeze(1)
+            index[r, ks] = idx[rank[ks]]
+            values[r, ks] = lr[idx[rank[ks]]]
+    return values, index
+
+
+def tie_sets(
+    lam: torch.Tensor, reps: torch.Tensor, live: torch.Tensor, z: float | None = None
+) -> list[list[int]]:
+    """Tied sets of modes: adjacent modes of the same sign are tied when their gap is below ``z`` times the
+    bootstrap standard error of that gap (replicate eigenvalues taken by rank within sign); ties chain.
+
+    Args:
+        lam: ``[K]`` eigenvalues (descending); reps: ``[R, K]`` replicate eigenvalues by rank within sign
+            (:func:`_by_rank`); live: ``[K]`` bool, the nonzero modes (a zero mode is a singleton).
+        z: multiple of the gap's standard error (default :data:`TIE_Z`).
+
+    Returns:
+        A partition of ``range(K)`` into runs of consecutive indices; an isolated mode is a singleton.
+    """
+    z = TIE_Z if z is None else float(z)
+    sets: list[list[int]] = []
+    for k in range(lam.numel()):
+        if k > 0 and _tied(lam, reps, live, k - 1, z):
+            sets[-1].append(k)
+        else:
+            sets.append([k])
+    return sets
+
+
+def _tied(lam: torch.Tensor, reps: torch.Tensor, live: torch.Tensor, k: int, z: float) -> bool:
+    """Modes ``k`` and ``k + 1``: both nonzero, the same sign, and a gap below ``z`` bootstrap SEs of the gap."""
+    a, b = float(lam[k]), float(lam[k + 1])
+    if not (bool(live[k]) and bool(live[k + 1])) or a * b <= 0:
+        return False
+    gaps = reps[:, k] - reps[:, k + 1]  # [R]
+    gaps = gaps[~torch.isnan(gaps)]
+    if gaps.numel() < 2:
+        return False
+    return abs(a - b) < z * float(gaps.std())
+
+
+def _span_stability(
+    cu: torch.Tensor, norm_u: torch.Tensor, c_full: torch.Tensor, modes: list[int], index, dirs
+) -> float:
+    """Fraction of replicates whose span of the same ranks is within :data:`OVERLAP_CUTOFF` of the full-data
+    span of ``modes``: every principal cosine between the two sample-score spans on the full data at least the
+    cut-off (largest principal angle at most acos(0.9) = 25.8 degrees).
+
+    Args:
+        cu: ``C u [D, K]``; norm_u: ``[K]`` ``||A u_k||``; c_full: ``[D, D]``; modes: the tied set;
+        index: ``[R, K]`` counterparts by rank (:func:`_by_rank`); dirs: per replicate ``[D, K_r]``.
+    """
+    cols = torch.tensor(modes)
+    stable = 0
+    for r, ur in enumerate(dirs):
+        j = index[r, cols]
+        if bool((j < 0).any()):
+            continue
+        w = ur[:, j.to(ur.device)]  # [D, s] the replicate's directions of the same ranks
+        gram = w.T @ (c_full @ w)  # [s, s] = (A w)^T (A w)
+        g, e = torch.linalg.eigh((gram + gram.T) / 2)
+        if float(g.min()) <= 1e-12 * float(g.max().clamp_min(1e-300)):
+            continue
+        cross = (cu[:, cols].T @ w) / norm_u[cols, None]  # [s, s] <v_k, A w_j>, v_k unit
+        cosines = torch.linalg.svdvals(cross @ (e * g.rsqrt()) @ e.T)  # principal cosines
+        stable += bool(cosines.min() >= OVERLAP_CUTOFF)
+    return stable / max(len(dirs), 1)
+
+
+def _stacked_times(
+    xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor, u: torch.Tensor, eta: float, dx: int
+):
+    """``M u: [..., D, K]`` for raw sums ``xx [..., Dx, Dx]``, ``xy [..., Dx, Dy]``, ``yy [..., Dy, Dy]`` stacked as
+    ``M = [[XX, sqrt(eta) XY], [sqrt(eta) XY^T, eta YY]]``; ``u: [D, K]``."""
+    s = math.sqrt(eta)
+    ux, uy = u[:dx], u[dx:]
+    top = xx @ ux + s * (xy @ uy)  # [..., Dx, K]
+    bottom = s * (xy.mT @ ux) + eta * (yy @ uy)  # [..., Dy, K]
+    return torch.cat([top, bottom], -2)
+
+
+def _heldout_jackknife(
+    state: dict[str, torch.Tensor],
+    fitted: torch.Tensor,
+    halves: torch.Tensor,
+    parts: torch.Tensor,
+    eta: float,
+    dx: int,
+    jv: torch.Tensor,
+    center: bool,
+    crossfit: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out eigenvalues averaged over the evaluations, and their group-jackknife standard error.
+
+    Evaluation ``e`` measures the directions ``fitted[e]`` (fitted on ``halves[e]``) on the other half
+    (``halves[e ^ 1]``, cut in ``parts[e ^ 1]``) by :func:`heldout_crossfit` (``crossfit``) or
+    :func:`heldout_quotient`. The estimate is the mean over evaluations. Its standard error is a delete-one-group
+    jackknife over all G groups with the fitted directions held fixed: deleting group g changes every
+    evaluation whose held-out half holds g. It measures the evaluation samples' noise around the population
+    strength along the fitted directions, the quantity the held-out value estimates.
+
+    Returns:
+        ``(heldout [K], se [K])`` on the CPU; NaN where no evaluation has the mode.
+    """
+    f64 = torch.float64
+    n_groups = state["count"].shape[0]
+    evals_n, d, k_n = fitted.shape
+    s = math.sqrt(eta)
+    sums = torch.cat([state["sum_x"], s * state["sum_y"]], 1)  # [G, D] stacked feature sums
+    count = state["count"]  # [G]
+    values = torch.zeros(evals_n, k_n, dtype=f64, device=fitted.device)
+    deleted = torch.zeros(evals_n, n_groups, k_n, dtype=f64, device=fitted.device)
+
+    def cov_times(
+        mu, sv, n, u
+    ):  # C u of a data set from its M u [.., D, K], stacked sum [.., D] and count [..]
+        if center:
+            mu = mu - sv[..., :, None] * (sv[..., None, :] @ u) / n[..., None, None]
+        return mu / n[..., None, None]
+
+    def value(m1, s1, n1, m2, s2, n2, mb, sb, nb, u):
+        num = (cov_times(m1, s1, n1, u) * (jv[:, None] * cov_times(m2, s2, n2, u))).sum(-2)
+        den = (u * cov_times(mb, sb, nb, u)).sum(-2)
+        ok = (den > 0) & (n1 > 0)[..., None] & (n2 > 0)[..., None]
+        return torch.where(ok, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+    for e in range(evals_n):
+        u = fitted[e]  # [D, K]
+        held = halves[e ^ 1] > 0  # [G]
+        in1, in2 = (parts[e ^ 1, 0] > 0, parts[e ^ 1, 1] > 0) if crossfit else (held, held)
+        members = torch.nonzero(held).squeeze(1)
+        chunk = max(1, _CHUNK_BYTES // (4 * d * k_n * 8))  # groups whose M_g u are held at once
+        w1, w2 = in1[members].to(f64), in2[members].to(f64)  # [g] part of each held-out group
+        m1, m2, mb = (
+            _stacked_times(
+                *(torch.einsum("g,gij->ij", w, state[k][members]) for k in ("xx", "xy", "yy")), u, eta, dx
+            )
+            for w in (w1, w2, torch.ones_like(w1))
+        )  # [D, K] each: M_part u
+        s1, s2, sb = (w @ sums[members] for w in (w1, w2, torch.ones_like(w1)))
+        n1, n2, nb = (w @ count[members] for w in (w1, w2, torch.ones_like(w1)))
+        values[e] = value(m1, s1, n1, m2, s2, n2, mb, sb, nb, u)
+        deleted[e] = values[e]  # groups outside the held-out half leave evaluation e unchanged
+        for i in range(0, members.numel(), chunk):
+            g = members[i : i + chunk]
+            p = _stacked_times(state["xx"][g], state["xy"][g], state["yy"][g], u, eta, dx)  # [g, D, K] M_g u
+            a1, a2 = w1[i : i + chunk], w2[i : i + chunk]
+            sg, ng = sums[g], count[g]
+            deleted[e, g] = value(
+                m1 - a1[:, None, None] * p,
+                s1 - a1[:, None] * sg,
+                n1 - a1 * ng,
+                m2 - a2[:, None, None] * p,
+                s2 - a2[:, None] * sg,
+                n2 - a2 * ng,
+                mb - p,
+                sb - sg,
+                nb - ng,
+                u,
+            )
+    heldout = values.nanmean(0).cpu()  # [K]
+    jack = deleted.nanmean(0).cpu()[count.cpu() > 0]  # [G', K] the mean with each group deleted
+    m = jack.shape[0]
+    se = ((m - 1) / m * (jack - jack.nanmean(0)).square().nansum(0)).sqrt()
+    return heldout, se
+
+
+def _spec_diff_interval(
+    diffs: torch.Tensor,
+    lam: torch.Tensor,
+    sets: list[list[int]],
+    tied_ci: torch.Tensor,
+    level: float,
+    method: str,
+) -> torch.Tensor:
+    """``[2]`` interval of SPEC-diff = max |lambda| from the replicates' maxima ``diffs: [R]``; when the strongest
+    mode belongs to a tied set of s > 1 modes, widened to cover the set's mean |eigenvalue| interval
+    (``tied_ci`` of its sum, divided by s) too.
+
+    At a tie the in-sample maximum is biased up (the larger of s noisy copies of one value) and the bootstrap
+    of the maximum under-corrects that (a replicate sees the sample's gap, not the population's tie); the set's
+    mean is not biased, and under a tie it equals the population maximum (docs/uncertainty.md, "Coverage")."""
+    point = lam.abs().max().reshape(1)
+    out = _interval(diffs[:, None], point, level, method)[0]
+    k = int(lam.abs().argmax())
+    t = next(i for i, s in enumerate(sets) if k in s)
+    if len(sets[t]) > 1 and not bool(torch.isnan(tied_ci[t]).any()):
+        mean = tied_ci[t].abs() / len(sets[t])  # [2] |sum| / s, both ends of one sign
+        out = torch.stack([torch.minimum(out[0], mean.min()), torch.maximum(out[1], mean.max())])
+    return out
+
+
+def _normal_interval(point: torch.Tensor, se: torch.Tensor, level: float) -> torch.Tensor:
+    """``[K, 2]``: ``point -+ z se`` with ``z`` the normal quantile of ``(1 + level) / 2``."""
+    z = float(torch.special.ndtri(torch.tensor((1 + level) / 2, dtype=torch.float64)))
+    return torch.stack([point - z * se, point + z * se], 1)
+
+
 def estimate(
     state: dict[str, torch.Tensor],
     c_full: torch.Tensor,
@@ -401,10 +641,11 @@ def estimate(
     seed: int = 0,
     splits: int | None = None,
     top_k: int | None = None,
-    interval: str = "percentile",
+    interval: str | None = None,
     center: bool = False,
 ) -> dict[str, Any]:
-    """Bootstrap intervals, held-out eigenvalues and stability of the full-data modes, from group sums.
+    """Bootstrap intervals, tied sets, held-out eigenvalues with intervals, stability and verdicts of the
+    full-data modes, from group sums.
 
     Args:
         state: group sums (see :func:`accumulate_groups`), float64.
@@ -413,18 +654,24 @@ def estimate(
         replicates: bootstrap replicates R (>= 2). level: interval level in (0, 1).
         seed: seeds the resampling and the splits (the result is a function of the sums and the seed).
         splits: random half/half splits of the groups for the held-out eigenvalue (default ``min(R, 10)``):
-            fitted on one half, evaluated on the other by :func:`heldout_crossfit` (that half cut in two parts;
-            :func:`heldout_quotient` where it cannot be, with fewer than 4 groups).
+            fitted on one half (the mode of the same sign and rank there), evaluated on the other by
+            :func:`heldout_crossfit` (that half cut in two parts; :func:`heldout_quotient` where it cannot
+            be, with fewer than 4 groups).
         top_k: solve replicates for the ``top_k`` modes of each sign (block Krylov where cheaper).
-        interval: ``"percentile"`` or ``"bc"`` (bias-corrected percentile).
+        interval: one of :data:`INTERVALS` (default :data:`DEFAULT_INTERVAL`), for the eigenvalues, SPEC-diff
+            and the tied sets' sums.
         center: each resampled (and held-out) data set centred on its own feature means, as the full-data
             solve with ``center=True`` (``c_full``, ``eigenvalues`` and ``u`` must then be the centred ones).
 
     Returns:
-        ``eigenvalue_ci [K, 2]``, ``spec_diff_ci (lo, hi)``, ``heldout_eigenvalues [K]``, ``stability [K]``,
-        and the settings used (``replicates, level, groups, splits, interval, seed, overlap_cutoff, heldout``,
-        the last ``"crossfit"`` or ``"quotient"``). Zero modes get NaN.
+        ``eigenvalue_ci [K, 2]``, ``spec_diff_ci (lo, hi)``, ``heldout_eigenvalues [K]``,
+        ``heldout_eigenvalue_ci [K, 2]``, ``stability [K]``, ``tied_modes`` (a partition of the K indices),
+        ``tied_mode_ci [T, 2]``, ``support`` (K verdicts, :func:`mode_support`), ``draws`` (the bootstrap
+        draws: ``by_rank [R, K]``, ``matched [R, K]``, ``spec_diff [R]``) and the settings used
+        (``replicates, level, groups, splits, interval, seed, overlap_cutoff, tie_z, heldout``, the last
+        ``"crossfit"`` or ``"quotient"``). Zero modes get NaN and ``"unknown"``.
     """
+    interval = DEFAULT_INTERVAL if interval is None else interval
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
         raise SpecError(f"replicates: expected an integer >= 2 (or 0/None to skip), got {replicates!r}")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
@@ -439,7 +686,8 @@ def estimate(
     u = u.to(f64)
     keep = lam.numel()
     gen = torch.Generator().manual_seed(int(seed))
-    live = (lam.abs() > zero_tol).to(lam.device)  # [K]
+    live = (lam.abs() > zero_tol).cpu()  # [K]
+    lam_cpu = lam.cpu()
     cu = c_full @ u  # [D, K]
     norm_u = (u * cu).sum(0).clamp_min(0).sqrt()  # [K] = |lambda_k|
 
@@ -451,39 +699,62 @@ def estimate(
     weights = weights.to(c_full.device)
     evals, dirs = _solve_all(state, weights, eta, dx, keep, top_k, center)
     matched, overlap, _ = _match(c_full, cu, norm_u, lam, evals, dirs)  # [R, K] each
-    ci = _interval(matched, lam.cpu(), level, interval)
-    ci[~live.cpu()] = float("nan")
-    diffs = torch.stack([e.abs().max() for e in evals]).cpu()[:, None]  # [R, 1]
-    spec_diff = lam.abs().max().reshape(1).cpu()
-    diff_ci = _interval(diffs, spec_diff, level, interval)[0]
-    stability = (overlap >= OVERLAP_CUTOFF).to(f64).mean(0).cpu()  # [K]
-    stability[~live.cpu()] = float("nan")
+    matched = matched.cpu()
+    ci = _interval(matched, lam_cpu, level, interval)
+    ci[~live] = float("nan")
+    diffs = torch.stack([e.abs().max() for e in evals]).cpu()  # [R]
 
-    # held-out: fit on half the groups, evaluate on the other half (both ways), cross-fitted (heldout_crossfit)
+    # ties: replicate eigenvalues by rank within sign; each tied set's sum and span
+    by_rank, rank_index = _by_rank(lam, evals, zero_tol)  # [R, K] each
+    sets = tie_sets(lam_cpu, by_rank, live)
+    set_sums = torch.stack([by_rank[:, s].sum(1) for s in sets], 1)  # [R, T]
+    set_point = torch.stack([lam_cpu[s].sum() for s in sets])  # [T]
+    tied_ci = _interval(set_sums, set_point, level, interval)  # [T, 2]
+    stability = (overlap >= OVERLAP_CUTOFF).to(f64).mean(0).cpu()  # [K] singletons: their own direction
+    for t, s in enumerate(sets):
+        if not bool(live[s].all()):  # a zero mode: a singleton without an interval
+            tied_ci[t] = float("nan")
+        elif len(s) > 1:
+            stability[s] = _span_stability(cu, norm_u, c_full, s, rank_index, dirs)
+    stability[~live] = float("nan")
+    diff_ci = _spec_diff_interval(diffs, lam_cpu, sets, tied_ci, level, interval)
+
+    # held-out: fit on half the groups (the mode of the same sign and rank there: nothing of the evaluated half
+    # chooses it), evaluate on the other half (both ways), cross-fitted (heldout_crossfit); group jackknife SE
     splits = min(replicates, 10) if splits is None else splits
     halves, quarters = _split_groups(groups, splits, gen)  # [2S, G], [2S, 2, G]
     halves, quarters = halves.to(c_full.device), quarters.to(c_full.device)
     fit_vals, fit_dirs = _solve_all(state, halves, eta, dx, keep, top_k, center)
-    _, _, fitted = _match(c_full, cu, norm_u, lam, fit_vals, fit_dirs)  # [2S, D, K]
-    other = torch.arange(2 * splits, device=c_full.device) ^ 1  # evaluate half 2s on 2s+1 and back
-    c_eval = _weighted_covariances(state, halves, eta, center)[other]  # [2S, D, D]
+    _, fit_index = _by_rank(lam, fit_vals, zero_tol)  # [2S, K]
+    fitted = torch.zeros(2 * splits, c_full.shape[0], keep, dtype=f64, device=c_full.device)
+    for e, ue in enumerate(fit_dirs):
+        ok = torch.nonzero(fit_index[e] >= 0).squeeze(1)
+        fitted[e][:, ok.to(ue.device)] = ue[:, fit_index[e, ok].to(ue.device)]
     jv = torch.ones(c_full.shape[0], dtype=f64, device=c_full.device)
     jv[dx:] = -1
-    quarter_n = quarters[other] @ state["count"]  # [2S, 2] samples in each part of the evaluated half
+    quarter_n = quarters @ state["count"]  # [2S, 2] samples in each part of each half
     crossfit = bool((quarter_n > 0).all())
-    if crossfit:
-        c_q = _weighted_covariances(state, quarters[other].reshape(-1, groups), eta, center)  # [4S, D, D]
-        c_q = c_q.reshape(2 * splits, 2, *c_q.shape[1:])  # [2S, 2, D, D]
-        heldout = heldout_crossfit(c_q[:, 0], c_q[:, 1], c_eval, fitted, jv)
-    else:  # an evaluated half cannot be split in two non-empty parts (G < 4, or empty groups)
-        heldout = heldout_quotient(c_eval, fitted, jv)
-    heldout = heldout.mean(0).cpu()  # [2S, K] -> [K]
-    heldout[~live.cpu()] = float("nan")
+    heldout, held_se = _heldout_jackknife(state, fitted, halves, quarters, eta, dx, jv, center, crossfit)
+    heldout[~live] = float("nan")
+    held_ci = _normal_interval(heldout, held_se, level)  # [K, 2]
+
+    tied_size = torch.zeros(keep, dtype=torch.long)
+    for s in sets:
+        tied_size[s] = len(s)
+    support = [
+        mode_support(float(lam_cpu[k]), held_ci[k].tolist(), float(stability[k]), int(tied_size[k]))
+        for k in range(keep)
+    ]
     return {
         "eigenvalue_ci": ci,
         "spec_diff_ci": (float(diff_ci[0]), float(diff_ci[1])),
         "heldout_eigenvalues": heldout,
+        "heldout_eigenvalue_ci": held_ci,
         "stability": stability,
+        "tied_modes": sets,
+        "tied_mode_ci": tied_ci,
+        "support": support,
+        "draws": {"by_rank": by_rank, "matched": matched, "spec_diff": diffs},
         "settings": {
             "replicates": replicates,
             "level": float(level),
@@ -492,26 +763,38 @@ def estimate(
             "interval": interval,
             "seed": int(seed),
             "overlap_cutoff": OVERLAP_CUTOFF,
+            "tie_z": TIE_Z,
             "heldout": "crossfit" if crossfit else "quotient",
         },
     }
 
 
-def mode_support(eigenvalue: float, heldout: float, stability: float) -> str:
-    """Plain-words verdict on one mode, from its held-out eigenvalue and stability.
+def mode_support(
+    eigenvalue: float,
+    heldout_ci: tuple[float, float] | list[float] | None,
+    stability: float,
+    tied_size: int = 1,
+) -> str:
+    """Plain-words verdict on one mode (one of :data:`VERDICTS`), from its held-out interval, its tied set and
+    its stability; the rules, in order:
 
-    - ``"not supported by the data"``: the held-out eigenvalue keeps less than :data:`HELDOUT_FRACTION` of the
-      in-sample value, or changes sign: the direction's strength does not carry over to unseen samples;
-    - ``"not a distinct cluster"``: the strength carries over but fewer than :data:`STABLE_FRACTION` of the
-      bootstrap replicates reproduce the mode (overlap >= :data:`OVERLAP_CUTOFF`): it is one direction of a
-      (nearly) degenerate eigenspace, real as a subspace but not as an individual cluster;
-    - ``"supported"`` otherwise; ``"unknown"`` when the values are missing (no replicates, a zero mode).
+    - ``"unknown"``: a value is missing (no replicates, a zero mode);
+    - ``"not supported by the data"``: the held-out interval (``heldout_eigenvalue_ci``, at the estimate's
+      level) reaches 0 or the other sign: the direction's strength is not confirmed on unseen samples;
+    - ``"tied"``: the mode belongs to a tied set of more than one mode (``tied_size > 1``, :func:`tie_sets`):
+      its gap to a neighbour is within sampling error, so only the set's span and eigenvalue sum are
+      identified, never the mode alone;
+    - ``"not a distinct cluster"``: an isolated mode that fewer than :data:`STABLE_FRACTION` of the bootstrap
+      replicates reproduce (overlap >= :data:`OVERLAP_CUTOFF`);
+    - ``"supported"`` otherwise.
     """
-    vals = (eigenvalue, heldout, stability)
-    if any(v is None or v != v for v in vals):
+    lo, hi = (None, None) if heldout_ci is None else (heldout_ci[0], heldout_ci[1])
+    if any(v is None or v != v for v in (eigenvalue, lo, hi, stability)) or eigenvalue == 0:
         return "unknown"
-    if eigenvalue * heldout <= 0 or abs(heldout) < HELDOUT_FRACTION * abs(eigenvalue):
+    if (eigenvalue > 0 and lo <= 0) or (eigenvalue < 0 and hi >= 0):
         return "not supported by the data"
+    if tied_size > 1:
+        return "tied"
     if stability < STABLE_FRACTION:
         return "not a distinct cluster"
     return "supported"

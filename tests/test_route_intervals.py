@@ -47,7 +47,11 @@ def assert_same_intervals(a: st.SpecResult, b: st.SpecResult, scale: float) -> N
     tol = CI_RTOL * scale
     torch.testing.assert_close(a.eigenvalues[live_a], b.eigenvalues[live_b], atol=tol, rtol=0)
     torch.testing.assert_close(a.eigenvalue_ci[live_a], b.eigenvalue_ci[live_b], atol=tol, rtol=0)
-    torch.testing.assert_close(a.heldout_eigenvalues[live_a], b.heldout_eigenvalues[live_b], atol=tol, rtol=0)
+    # NaN (in both) for modes beyond the rank a half of the data can fit: their held-out direction is the half's
+    # mode of the same sign and rank, which does not exist there (issue 17, spec_torch.uncertainty)
+    torch.testing.assert_close(
+        a.heldout_eigenvalues[live_a], b.heldout_eigenvalues[live_b], atol=tol, rtol=0, equal_nan=True
+    )
     torch.testing.assert_close(a.stability[live_a], b.stability[live_b], atol=0, rtol=0)
     np.testing.assert_allclose(a.spec_diff_ci, b.spec_diff_ci, atol=tol, rtol=0)
     assert not bool(torch.isnan(b.eigenvalue_ci[live_b]).any())

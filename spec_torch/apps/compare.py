@@ -423,13 +423,16 @@ def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterato
 def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False) -> dict[str, Any]:
     """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
     from .._validate import memory_available
-    from ..uncertainty import DEFAULT_GROUPS, plan_groups
+    from ..uncertainty import DEFAULT_GROUPS, DEFAULT_INTERVAL, INTERVALS, plan_groups
 
     ucfg = dict(_container(cfg.get("uncertainty")) or {})
     replicates = ucfg.get("replicates", "auto")
     level = ucfg.get("level", 0.9)
     cap = ucfg.get("max_overhead", 1.5)
     wanted = ucfg.get("groups", "auto")
+    interval = ucfg.get("interval", DEFAULT_INTERVAL)
+    if interval not in INTERVALS:
+        raise SpecError(f"uncertainty.interval: expected one of {', '.join(INTERVALS)}, got {interval!r}")
     if replicates != "auto" and (
         isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0
     ):
@@ -448,6 +451,7 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
         "enabled": False,
         "replicates": replicates,
         "level": float(level),
+        "interval": interval,
         "groups": 0,
         "max_overhead": float(cap),
         "note": "",
@@ -521,6 +525,7 @@ def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_sta
         replicates=int(replicates),
         level=plan["level"],
         seed=int(cfg.seed),
+        interval=plan["interval"],
     )
     plan.update(out.uncertainty, enabled=True, replicates=int(replicates), seconds=time.perf_counter() - t0)
     plan["note"] = plan["note"] or f"{replicates} bootstrap replicates over {plan['groups']} groups"
@@ -654,19 +659,26 @@ def _sample_paths(dataset, ids: list[str]) -> list[str] | None:
 
 
 def _mode_uncertainty(res, m: int) -> dict[str, Any]:
-    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``stability`` and the plain-words
-    ``support`` (:func:`spec_torch.uncertainty.mode_support`); empty without replicates."""
-    from ..uncertainty import mode_support
-
+    """spec.json fields of mode ``m``: ``ci``, ``heldout_eigenvalue``, ``heldout_ci``, ``stability``, its tied set
+    (``tied_size``, 1 when isolated; ``tied_set``, its index in the top-level ``tied_modes``, or None) and the
+    library's verdict ``support`` (``res.support``, rendered, never recomputed); empty without replicates."""
     if res.eigenvalue_ci is None:
         return {}
+
+    def plain(v: float) -> float | None:
+        return None if v != v else float(v)
+
     lo, hi = (float(v) for v in res.eigenvalue_ci[m].tolist())
-    held, stab = float(res.heldout_eigenvalues[m]), float(res.stability[m])
+    tied_set, tied_size = res.tied_set_of(m)
+    held_ci = res.heldout_eigenvalue_ci
     return {
         "ci": [lo, hi],
-        "heldout_eigenvalue": held,
-        "stability": stab,
-        "support": mode_support(float(res.eigenvalues[m]), held, stab),
+        "heldout_eigenvalue": float(res.heldout_eigenvalues[m]),
+        "heldout_ci": [None, None] if held_ci is None else [plain(v) for v in held_ci[m].tolist()],
+        "stability": float(res.stability[m]),
+        "tied_size": tied_size,
+        "tied_set": tied_set,
+        "support": "unknown" if res.support is None else res.support[m],
     }
 
 
