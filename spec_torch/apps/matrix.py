@@ -212,6 +212,8 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                     "rank": rank + 1,
                     "index": int(mode),
                     "eigenvalue": float(res.eigenvalues[mode]),
+                    "eigenvalue_error": float(res.eigenvalue_error[mode]),
+                    "below_resolution": bool(res.below_resolution[mode]),
                     "top_rows": [int(x) for x in idx],
                     "top_scores": [float(s) for s in top.scores[r]],
                 }
@@ -229,7 +231,16 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                         for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
                     ]
                 modes.append(entry)
-        out.append({"x": a, "y": b, "spec_diff": float(m.spec_diff[i, j]), "modes": modes})
+        unresolved = bool(res.below_resolution[chosen["x"] + chosen["y"]].any())  # SpecMatrix.pair's flags
+        out.append(
+            {
+                "x": a,
+                "y": b,
+                "spec_diff": float(m.spec_diff[i, j]),
+                "below_resolution": unresolved,
+                "modes": modes,
+            }
+        )
     return out
 
 
