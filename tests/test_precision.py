@@ -134,3 +134,17 @@ def test_below_resolution_rule():
     out = below_resolution(lam, err, zero_tol=1e-8).tolist()
     assert out == [False, True, True, False, True, True, True]
     assert below_resolution(torch.tensor([5e-9]), torch.tensor([1e-12]), zero_tol=1e-8).tolist() == [True]
+
+
+def test_matrix_pair_on_float32_input_is_within_its_error():
+    """spec_matrix on float32 input computes features in the float64 accumulation dtype, as DiffCovariance
+    does, so the pair agrees with the oracle within its estimated error (fails on main: float32-rounded
+    cosine features in float64 sums erred by ~1e-9, far above the pair's 1e-10 error estimate)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 32, generator=g)
+    y = x + 1e-3 * torch.randn(1000, 32, generator=g)  # float32
+    w, _ = spectrum(difference(x.double().numpy(), y.double().numpy()), keep=64)
+    pair = st.spec_matrix({"x": x, "y": y}, cka=False).pair(0, 1)
+    top = int(pair.eigenvalues.abs().argmax())
+    assert abs(pair.spec_diff - np.abs(w).max()) <= float(pair.eigenvalue_error[top])
+    assert abs(pair.spec_diff - st.spec(x, y).spec_diff) <= float(pair.eigenvalue_error[top])
