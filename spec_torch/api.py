@@ -193,7 +193,10 @@ def spec(
         kernel_x, kernel_y: ``"cosine"``, ``"linear"``, ``"gaussian"`` or a Kernel object.
         eta: weight of the y kernel in ``K_x - eta K_y`` (> 0).
         method: ``"features"`` (streamed ``D x D`` covariance, linear in n; solved in the n x n dual when
-            D > n), ``"exact"`` (``n x n`` matrix), or ``"auto"``: the cheaper (:func:`choose_route`).
+            D > n), ``"exact"`` (``n x n`` matrix), or ``"auto"``: the cheaper (:func:`choose_route`); when that
+            is the features route and it leaves a mode below resolution (``res.below_resolution``: a value or
+            gap under its estimated error, e.g. nearly identical embeddings), the exact route is solved instead
+            for ``n <= RESOLVE_MAX_N`` and ``res.re_solve`` says why (docs/numerics.md).
         top_k: ``None`` for the whole spectrum, or at most this many strongest modes of each sign (iterative
             solver); fewer where fewer modes of a sign exist, never padded with the other sign or zeros.
         batch_size: rows per streamed batch on the feature route (the result does not depend on it).
