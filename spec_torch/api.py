@@ -195,7 +195,10 @@ def spec(
         kernel_x, kernel_y: ``"cosine"``, ``"linear"``, ``"gaussian"`` or a Kernel object.
         eta: weight of the y kernel in ``K_x - eta K_y`` (> 0).
         method: ``"features"`` (streamed ``D x D`` covariance, linear in n; solved in the n x n dual when
-            D > n), ``"exact"`` (``n x n`` matrix), or ``"auto"``: the cheaper (:func:`choose_route`).
+            D > n), ``"exact"`` (``n x n`` matrix), or ``"auto"``: the cheaper (:func:`choose_route`); when that
+            is the features route and it leaves a mode below resolution (``res.below_resolution``: a value or
+            gap under its estimated error, e.g. nearly identical embeddings), the exact route is solved instead
+            for ``n <= RESOLVE_MAX_N`` and ``res.re_solve`` says why (docs/numerics.md).
         top_k: ``None`` for the whole spectrum, or at most this many strongest modes of each sign (iterative
             solver); fewer where fewer modes of a sign exist, never padded with the other sign or zeros.
         batch_size: rows per streamed batch on the feature route (the result does not depend on it).
@@ -282,10 +285,55 @@ def spec(
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             acc.update(xb, yb)
-        return acc.compute(
+        res = acc.compute(
             eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference is not False
         )
-    # the n x n route: the exact kernels, or the features route's dual A J A^T when D > n
+        return _resolve_auto(res, x, y, kx, ky, eta, top_k, center) if method == "auto" else res
+    return _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference)
+
+
+#: ``method="auto"`` re-solves a features-route result with modes below resolution on the exact route up to
+#: this many samples (an n x n eigh: about 4 n^3 multiply-adds, 2 GiB of float64 matrices at this n); above,
+#: the modes keep their ``below_resolution`` flag. A size rule, so the result never depends on free memory.
+RESOLVE_MAX_N = 8192
+
+
+def _resolve_auto(res: SpecResult, x, y, kx, ky, eta, top_k, center) -> SpecResult:
+    """``method="auto"``: the exact route's result when the features route left a mode unresolved.
+
+    A mode (``|lambda| > zero_tol``) whose value or gap is below its estimated error
+    (:attr:`SpecResult.below_resolution`) is not determined by the D x D solve; with the rows at hand and
+    ``n <= RESOLVE_MAX_N`` the same kernels are solved on the n x n matrix (their differences taken
+    entrywise, error about ``eps * scale / sqrt(n)``) and ``re_solve`` says why. The features route's
+    permutation reference (a large value, resolved there) is kept.
+    """
+    modes = res.eigenvalues.abs().cpu() > res.zero_tol
+    unresolved = int((res.below_resolution & modes).sum())
+    if not unresolved:
+        return res
+    n = res.n
+    if n > RESOLVE_MAX_N:
+        warnings.warn(
+            f"method: {unresolved} of {int(modes.sum())} modes are below the features route's resolution "
+            f"(estimated error up to {float(res.eigenvalue_error.max()):.1e}) and n = {n} is above "
+            f"RESOLVE_MAX_N = {RESOLVE_MAX_N} for an exact re-solve; they carry below_resolution "
+            "(method='exact' solves the n x n matrix)",
+            stacklevel=3,
+        )
+        return res
+    out = _solve_dense(x, y, kx, ky, eta, "exact", top_k, center, reference=False)
+    out.spec_diff_null = res.spec_diff_null
+    out.re_solve = (
+        f"the features route left {unresolved} of {int(modes.sum())} modes below resolution (a value or gap "
+        f"under its estimated error, up to {float(res.eigenvalue_error.max()):.1e}); solved on the exact route"
+    )
+    return out
+
+
+def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference) -> SpecResult:
+    """The n x n route: the exact kernels, or the features route's dual ``A J A^T`` when D > n."""
+    n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if d is None:
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)

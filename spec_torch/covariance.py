@@ -29,7 +29,7 @@ from ._validate import (
 from .errors import SpecError
 from .kernels import Kernel, kernel_from_state, resolve_kernel
 from .result import SpecResult
-from .solver import check_top_k, shuffled_spec_diff, solve_features, sum_noise
+from .solver import check_top_k, feature_route_error, shuffled_spec_diff, solve_features, sum_noise
 
 #: largest eta accepted: eta scales the y sums and sqrt(eta) the scores, both must stay finite in float64
 MAX_ETA = 1e100
@@ -711,9 +711,11 @@ class DiffCovariance:
         scale = trace / n
         in_dtype = state.input_dtype or state.xx.dtype
         zero_rtol = max(torch.finfo(in_dtype).eps, noise / trace)
+        info: dict = {}
         evals, u, solver = solve_features(
-            xx, xy, yy, n, eta, top_k=top_k, noise=noise, zero_tol=zero_rtol * scale
+            xx, xy, yy, n, eta, top_k=top_k, noise=noise, zero_tol=zero_rtol * scale, info=info
         )
+        error = feature_route_error(evals, u, info["c"], state.xx.dtype, info["dropped"])  # [K]
         dx = xx.shape[0]
         # <v_k, 1> / sqrt(n) = (s_x^T u_kX + sqrt(eta) s_y^T u_kY) / (n |lambda_k|)  (DESIGN.md, second round)
         proj_sum = sx @ u[:dx] + math.sqrt(eta) * (sy @ u[dx:])  # [K]
@@ -736,6 +738,7 @@ class DiffCovariance:
             zero_rtol=zero_rtol,
             shift=shift,
             spec_diff_null=null,
+            eigenvalue_error=error.cpu(),
         )
         if replicates:
             blocks = (xx, xy, yy)  # float64, centred like the solve

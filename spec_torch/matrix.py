@@ -212,7 +212,9 @@ class MatrixCovariance:
                 )
             self.kernels[k].check_input(x[k], f"features[{k!r}]")
         dt = self.accumulate_dtype
-        phi = torch.cat([self.kernels[k].features(x[k]).to(dt) for k in self.names], dim=1)  # [B, D]
+        # features computed in the accumulation dtype (as DiffCovariance): float64 sums of float32-rounded
+        # features would keep float32's error, above the pair's estimated eigenvalue error
+        phi = torch.cat([self.kernels[k].features(x[k].to(dt)) for k in self.names], dim=1)  # [B, D]
         self.gram.addmm_(phi.T, phi)  # [D, B] @ [B, D] -> [D, D]: the one GEMM of the batch
         self.sums.add_(phi.sum(0))
         if self.raw_gram is not None:

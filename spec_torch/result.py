@@ -12,6 +12,7 @@ import torch
 from ._validate import as_matrix, check_pair
 from .errors import SpecError
 from .kernels import Kernel
+from .solver import below_resolution, exact_route_error
 
 __all__ = ["SpecResult", "TopSamples", "top_rows", "UNIFORM_THRESHOLD", "ZERO_RTOL"]
 
@@ -87,6 +88,13 @@ class SpecResult:
             D features; ``exact``/``dual``: an exact factor of L, :mod:`spec_torch.factor_intervals`), and the
             ``eigensolves`` of size ``solve_size`` that cost.
             ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
+        eigenvalue_error: float64 ``[K]``, each eigenvalue's estimated absolute error on the route that ran
+            (:func:`~spec_torch.solver.feature_route_error`, :func:`~spec_torch.solver.exact_route_error`).
+        below_resolution: bool ``[K]``: the mode's value, or its gap to a neighbouring mode of the same sign,
+            is below that error (:func:`~spec_torch.solver.below_resolution`): its eigenvalue or eigenvector is
+            not determined by this solve (docs/numerics.md).
+        re_solve: why ``st.spec(method="auto")`` solved again on the exact route (the features route left
+            modes below resolution); None when it did not.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class SpecResult:
         zero_rtol: float = ZERO_RTOL,
         shift: torch.Tensor | None = None,
         spec_diff_null: float | None = None,
+        eigenvalue_error: torch.Tensor | None = None,
     ) -> None:
         self.eigenvalues = eigenvalues
         self.n = n
@@ -130,6 +139,12 @@ class SpecResult:
             uniformity = torch.zeros(eigenvalues.numel(), dtype=torch.float64)
         nonzero = eigenvalues.abs().to(uniformity.device) > self.zero_tol
         self.uniformity = torch.where(nonzero, uniformity.double().clamp(0, 1), 0.0)  # [K]
+        if eigenvalue_error is None:  # n x n routes: Weyl's bound, the same for every mode
+            eigenvalue_error = exact_route_error(eigenvalues, n, scale)
+        self.eigenvalue_error = eigenvalue_error.double().cpu()  # [K]
+        self.below_resolution = below_resolution(eigenvalues.cpu(), self.eigenvalue_error, self.zero_tol)
+        # why st.spec(method="auto") re-solved on the exact route (None: it did not)
+        self.re_solve: str | None = None
         # uncertainty (spec_torch.uncertainty), set by DiffCovariance.compute(replicates=R)
         self.eigenvalue_ci: torch.Tensor | None = None  # [K, 2]
         self.spec_diff_ci: tuple[float, float] | None = None
@@ -200,6 +215,9 @@ class SpecResult:
             "method": self.method,
             "solver": self.solver,
             "center": self.center,
+            "eigenvalue_error": [float(v) for v in self.eigenvalue_error.tolist()],
+            "below_resolution": [bool(v) for v in self.below_resolution.tolist()],
+            "re_solve": self.re_solve,
             "kernel_x": self.kernel_x.describe(),
             "kernel_y": self.kernel_y.describe(),
             **self._uncertainty_dict(),

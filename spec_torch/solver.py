@@ -34,6 +34,10 @@ __all__ = [
     "check_top_k",
     "largest_magnitude",
     "shuffled_spec_diff",
+    "feature_route_error",
+    "exact_route_error",
+    "below_resolution",
+    "ROUNDING_FACTOR",
 ]
 
 
@@ -58,7 +62,7 @@ def sum_noise(dtype: torch.dtype, n: int, scale: float) -> float:
     return torch.finfo(dtype).eps * math.sqrt(max(n, 1)) * float(scale)
 
 
-def symmetric_factor(c: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
+def symmetric_factor(c: torch.Tensor, noise: float = 0.0, info: dict | None = None) -> torch.Tensor:
     """``Z^T: [D, r]`` with ``Z^T Z = C`` for a PSD ``C: [D, D]`` (r = D, or C's numerical rank).
 
     ``noise``: the absolute rounding error already present in C's entries (e.g. :func:`sum_noise` of the
@@ -68,13 +72,19 @@ def symmetric_factor(c: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
     eigenvalue of ``S``. Cholesky (``C = R R^T``, ``Z^T = R``) is used when a few steps of inverse iteration
     show C's smallest eigenvalue far (1e3 times) above that level; otherwise ``eigh(C)`` restricted to C's
     numerical range.
+
+    ``info``: a dict that, when given, receives ``"dropped"`` (the largest eigenvalue of C dropped, 0 when
+    none; the size of the perturbation the factor makes, for :func:`feature_route_error`) and ``"branch"``
+    (``"cholesky"`` or ``"eigh"``).
     """
+    info = {} if info is None else info
+    info.update(dropped=0.0, branch="cholesky")
     d = c.shape[0]
     eps = torch.finfo(c.dtype).eps
     top = float(c.diagonal().max()) if d else 0.0
     tol = max(float(noise), d * eps * top)
-    r, info = torch.linalg.cholesky_ex(c)
-    if int(info) == 0 and bool((torch.diagonal(r).square() > 1e3 * tol).all()):
+    r, failed = torch.linalg.cholesky_ex(c)
+    if int(failed) == 0 and bool((torch.diagonal(r).square() > 1e3 * tol).all()):
         # inverse iteration (4 vectors, 6 steps) for an upper estimate of 1 / lambda_min
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(d, 4, generator=gen, dtype=c.dtype).to(c.device)  # [D, 4]
@@ -87,19 +97,20 @@ def symmetric_factor(c: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
             return r
     g, e = torch.linalg.eigh(c)  # [D], [D, D]
     keep = g > max(tol, d * eps * float(g.abs().max()))
+    info.update(branch="eigh", dropped=float(g[~keep].clamp_min(0).max()) if bool((~keep).any()) else 0.0)
     return e[:, keep] * g[keep].sqrt()  # [D, r]
 
 
 def symmetric_form(
-    c: torch.Tensor, jv: torch.Tensor, noise: float = 0.0
+    c: torch.Tensor, jv: torch.Tensor, noise: float = 0.0, info: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``S = Z J Z^T: [r, r]`` (same nonzero eigenvalues as ``J C``) and ``J Z^T: [D, r]``.
 
     ``jv: [D]`` is the diagonal of J (+1 on x features, -1 on y features). An eigenpair ``(lambda, w)`` of S
     gives the feature-space direction ``u = J Z^T w``, and ``A u / |lambda|`` is the unit-norm sample-space
-    eigenvector of ``L = A J A^T``.
+    eigenvector of ``L = A J A^T``. ``info``: as in :func:`symmetric_factor`.
     """
-    zt = symmetric_factor(c, noise)  # [D, r]
+    zt = symmetric_factor(c, noise, info)  # [D, r]
     jzt = jv[:, None] * zt  # [D, r]
     s = zt.T @ jzt  # [r, D] @ [D, r] -> [r, r]
     return (s + s.T) / 2, jzt
@@ -214,6 +225,7 @@ def solve_features(
     keep: int | None = None,
     noise: float = 0.0,
     zero_tol: float = 0.0,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Eigen-solve on the feature side.
 
@@ -227,6 +239,8 @@ def solve_features(
         noise: absolute rounding error in ``C = A^T A`` (see :func:`sum_noise`); C's eigenvalues below it are
             dropped before the square root (:func:`symmetric_factor`).
         zero_tol: eigenvalues of L with ``|lambda| <= zero_tol`` are numerical zeros (only used with ``top_k``).
+        info: a dict that, when given, receives what :func:`feature_route_error` needs: ``"c"`` (the
+            assembled ``C: [D, D]``) and the factor's ``"dropped"`` and ``"branch"`` (:func:`symmetric_factor`).
 
     Returns:
         ``(eigenvalues [K], u [D, K], solver)``: eigenvalues descending; ``u_k = J Z^T w_k`` so that the unit-norm
@@ -237,7 +251,9 @@ def solve_features(
     c = assemble_covariance(xx, xy, yy, n, eta)  # [D, D]
     jv = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)  # J = diag(I_Dx, -I_Dy)
     jv[dx:] = -1
-    s, jz_t = symmetric_form(c, jv, noise / n)  # [r, r], [D, r]
+    info = {} if info is None else info
+    s, jz_t = symmetric_form(c, jv, noise / n, info)  # [r, r], [D, r]
+    info["c"] = c
     keep = keep if keep is not None else min(n, c.shape[0])
     evals, w, solver = _solve_symmetric(s, top_k, keep, zero_tol)
     u = jz_t @ w  # [D, r] @ [r, K] -> [D, K]
@@ -333,3 +349,88 @@ def check_top_k(top_k: Any, spectrum_size: int) -> int | None:
             f"(min(n, D)); use top_k <= {spectrum_size} or top_k=None"
         )
     return top_k
+
+
+# ------------------------------------------------------------------------------------ each route's error
+#: the features route's rounding in C's entries, as a multiple of ``eps(sum dtype) * ||C||`` (measured on
+#: nearly identical embeddings, docs/numerics.md "Each route's error")
+ROUNDING_FACTOR = 4.0
+#: the exact route's rounding, as a multiple of ``eps_64 * (scale / sqrt(n) + ||L||)`` (kernel entries and eigh)
+EXACT_FACTOR = 4.0
+
+
+def _top_eigenvalue(c: torch.Tensor, steps: int = 30) -> float:
+    """``||C||`` of a PSD ``c: [D, D]``: block power iteration (4 vectors), an estimate within a few percent."""
+    if c.shape[0] == 0:
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(c.shape[0], 4, generator=gen, dtype=c.dtype).to(c.device)  # [D, 4]
+    for _ in range(steps):
+        w = torch.linalg.qr(c @ w).Q
+    return float(torch.linalg.eigvalsh(w.T @ c @ w).max().clamp_min(0))
+
+
+def feature_route_error(
+    eigenvalues: torch.Tensor, u: torch.Tensor, c: torch.Tensor, sum_dtype: torch.dtype, dropped: float = 0.0
+) -> torch.Tensor:
+    """Estimated absolute error ``[K]`` of each eigenvalue of the features route.
+
+    An eigenvalue of ``J C`` with direction ``u`` (``u^T C u = lambda^2``) moves by ``u^T E u / lambda`` when
+    C moves by ``E`` (first order), and by at most ``2 sqrt(||E|| ||C||)`` whatever the conditioning (the
+    square root's perturbation bound: ``||sqrt(C + E) - sqrt(C)|| <= sqrt(||E||)``). ``||E||`` is the rounding
+    of C's entries, :data:`ROUNDING_FACTOR` ``* eps(sum_dtype) * ||C||``, plus the largest eigenvalue the
+    factor dropped (:func:`symmetric_factor`). So::
+
+        err_k = min(eps_C ||u_k||^2 / |lambda_k|,  2 sqrt(eps_C ||C||)),   eps_C = 4 eps ||C|| + dropped
+
+    The first term is small for a well-conditioned C (``||u||^2 <= lambda^2 / lambda_min(C)``); on nearly
+    identical embeddings the modes live in C's smallest directions and it grows to the second, about
+    ``sqrt(tol ||C||)`` once C's smallest eigenvalues reach the factor's drop tolerance. Exact zeros (the
+    dropped null space) get the second term.
+
+    Args:
+        eigenvalues: ``[K]``; u: ``[D, K]`` the directions of :func:`solve_features`; c: ``[D, D]`` the
+            assembled C; sum_dtype: the dtype the sums were accumulated in; dropped: from the factor's ``info``.
+    """
+    c_norm = _top_eigenvalue(c)
+    eps_c = ROUNDING_FACTOR * torch.finfo(sum_dtype).eps * c_norm + float(dropped)
+    cap = 2.0 * math.sqrt(eps_c * c_norm)
+    lam = eigenvalues.abs().to(torch.float64)
+    first = eps_c * u.to(torch.float64).square().sum(0).to(lam.device) / lam.clamp_min(1e-300)  # [K]
+    return torch.where(lam > 0, first.clamp(max=cap), torch.full_like(lam, cap))
+
+
+def exact_route_error(eigenvalues: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """Estimated absolute error ``[K]`` of each eigenvalue of an n x n route (exact, dual).
+
+    Weyl: an eigenvalue moves by at most ``||E||`` for a perturbation ``E`` of L. L's entries are kernel values
+    over n, each rounded at about ``eps_64 * scale / n`` (``scale`` = ``(tr K_x + eta tr K_y) / n`` bounds the
+    entries), so ``||E|| ~ 2 eps_64 scale / sqrt(n)`` for independent rounding; eigh adds ``eps_64 ||L||``.
+    The estimate is :data:`EXACT_FACTOR` ``* eps_64 * (scale / sqrt(n) + ||L||)``, the same for every mode.
+    """
+    eps = torch.finfo(torch.float64).eps
+    top = float(eigenvalues.abs().max()) if eigenvalues.numel() else 0.0
+    err = EXACT_FACTOR * eps * (scale / math.sqrt(max(n, 1)) + top)
+    return torch.full(eigenvalues.shape, err, dtype=torch.float64, device=eigenvalues.device)
+
+
+def below_resolution(eigenvalues: torch.Tensor, error: torch.Tensor, zero_tol: float) -> torch.Tensor:
+    """Which modes are not resolved: ``[K]`` bool.
+
+    Mode k is below resolution when ``|lambda_k| <= max(error_k, zero_tol)`` (its value, or the cut-off that
+    decides whether it is a mode at all) or when its gap to an adjacent eigenvalue of the same sign that is
+    itself a mode (``|lambda_j| > zero_tol``) is at most ``error_k + error_j``: two values each known to
+    +-error that may be in either order, so neither eigenvector is determined. ``eigenvalues`` descending.
+    """
+    lam = eigenvalues.to(torch.float64)
+    err = error.to(lam.device, torch.float64)
+    out = lam.abs() <= err.clamp(min=zero_tol)
+    if lam.numel() < 2:
+        return out
+    gap = (lam[:-1] - lam[1:]).abs()  # [K-1], between k and k+1
+    mode = lam.abs() > zero_tol
+    same = (torch.sign(lam[:-1]) == torch.sign(lam[1:])) & mode[:-1] & mode[1:]
+    close = same & (gap <= err[:-1] + err[1:])  # [K-1]
+    out[:-1] |= close
+    out[1:] |= close
+    return out

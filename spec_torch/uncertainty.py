@@ -49,8 +49,11 @@ __all__ = [
     "heldout_crossfit",
     "heldout_quotient",
     "mode_support",
+    "compare_cost",
+    "group_bytes",
     "plan_groups",
     "plan_replicates",
+    "replicate_solve_cost",
     "solves_needed",
     "tie_sets",
 ]
@@ -800,13 +803,29 @@ def mode_support(
     return "supported"
 
 
-# ------------------------------------------------------------------------- automatic settings under a cap
+# ------------------------------------------------------------------ automatic settings from a cost model
 #: the automatic choice (compare job): at most this many replicates, and off below the minimum
 MAX_REPLICATES = 200
 MIN_REPLICATES = 20
 #: groups by default, and the fewest that still give a usable bootstrap
 DEFAULT_GROUPS = 32
 MIN_GROUPS = 8
+
+#: The cost model the compare job chooses R and G with (docs/uncertainty.md, "In the compare job"). It counts
+#: floating-point operations from the problem's sizes only, never measured time or free memory, so the same
+#: data and config always give the same choice (and the same spec.json).
+#: an eigh of a D x D matrix: about this many times D^3 (as :func:`spec_torch.api.choose_route`)
+EIGH_FLOPS = 4
+#: one replicate's solve with the matching of its modes to the full data's
+MATCH_FACTOR = 1.5
+#: the fixed cost of one replicate solve (calls, bookkeeping), in FLOP-equivalents
+SOLVE_OVERHEAD_FLOPS = 1e7
+#: the fixed part of every compare job that the model does not size (top-samples pass, metrics, plots, report)
+JOB_FLOPS = 2e10
+#: ``uncertainty.budget``: the replicates may cost at most this multiple of the plain compare's modelled cost
+DEFAULT_BUDGET = 1.0
+#: the group sums may take at most this many bytes (a size rule; free memory is only checked, never chosen from)
+MAX_GROUP_BYTES = 2 * 2**30
 
 
 def solves_needed(replicates: int, splits: int | None = None) -> int:
@@ -815,24 +834,42 @@ def solves_needed(replicates: int, splits: int | None = None) -> int:
     return replicates + 2 * splits
 
 
-def plan_replicates(budget_s: float, solve_s: float) -> int:
-    """The most replicates (<= :data:`MAX_REPLICATES`) whose solves fit in ``budget_s`` seconds, given one
-    solve takes ``solve_s`` (counted 1.5x for matching the modes); 0 when fewer than :data:`MIN_REPLICATES` fit.
-    """
-    per = 1.5 * max(float(solve_s), 1e-6)
+def compare_cost(n: int, dx: int, dy: int) -> float:
+    """Modelled FLOPs of the plain compare job: the sums ``n D^2``, the solve ``4 D^3`` and :data:`JOB_FLOPS`."""
+    d = dx + dy
+    return float(n) * d * d + EIGH_FLOPS * float(d) ** 3 + JOB_FLOPS
+
+
+def replicate_solve_cost(dx: int, dy: int, groups: int) -> float:
+    """Modelled FLOPs of one replicate solve: its C from ``groups`` group sums (``G D^2``), the solve with the
+    matching (``1.5 * 4 D^3``) and :data:`SOLVE_OVERHEAD_FLOPS`."""
+    d = dx + dy
+    return MATCH_FACTOR * EIGH_FLOPS * float(d) ** 3 + float(groups) * d * d + SOLVE_OVERHEAD_FLOPS
+
+
+def plan_replicates(n: int, dx: int, dy: int, groups: int, budget: float = DEFAULT_BUDGET) -> int:
+    """The most replicates (<= :data:`MAX_REPLICATES`) whose solves cost at most ``budget`` times the plain
+    compare (:func:`compare_cost`), each solve costed by :func:`replicate_solve_cost`; 0 when fewer than
+    :data:`MIN_REPLICATES` fit. A function of the sizes only."""
+    allowed = float(budget) * compare_cost(n, dx, dy)
+    per = replicate_solve_cost(dx, dy, groups)
     best = 0
     for r in range(MIN_REPLICATES, MAX_REPLICATES + 1):
-        if solves_needed(r) * per > budget_s:
+        if solves_needed(r) * per > allowed:
             break
         best = r
     return best
 
 
-def plan_groups(n: int, dx: int, dy: int, available_bytes: int, wanted: int | None = None) -> int:
-    """Groups to keep: ``wanted`` (default :data:`DEFAULT_GROUPS`), fewer when the group sums
-    (``G (Dx^2 + Dx Dy + Dy^2)`` float64) would take more than a quarter of ``available_bytes`` or a group would
-    hold fewer than 4 samples on average; 0 when fewer than :data:`MIN_GROUPS` remain."""
+def group_bytes(groups: int, dx: int, dy: int) -> int:
+    """Bytes of ``groups`` float64 group sums (``G (Dx^2 + Dx Dy + Dy^2)``)."""
+    return int(groups) * (dx * dx + dx * dy + dy * dy) * 8
+
+
+def plan_groups(n: int, dx: int, dy: int, wanted: int | None = None) -> int:
+    """Groups to keep: ``wanted`` (default :data:`DEFAULT_GROUPS`), fewer when a group would hold fewer than 4
+    samples on average or the group sums would pass :data:`MAX_GROUP_BYTES`; 0 when fewer than
+    :data:`MIN_GROUPS` remain. A function of the sizes only (the caller checks that the bytes fit)."""
     g = DEFAULT_GROUPS if wanted is None else int(wanted)
-    per_group = (dx * dx + dx * dy + dy * dy) * 8
-    g = min(g, available_bytes // (4 * per_group), n // 4)
+    g = min(g, MAX_GROUP_BYTES // max(group_bytes(1, dx, dy), 1), n // 4)
     return int(g) if g >= MIN_GROUPS else 0

@@ -645,26 +645,31 @@ def test_compare_writes_intervals_and_flags(tmp_path, caplog):
 
 
 def test_compare_auto_records_its_choice_and_off_has_a_note(tmp_path):
+    """replicates: auto chooses R from the cost model (sizes only): n = 800, D = 16 fits 200 replicates."""
     x, y = (t.numpy() for t in planted(800))
-    spec = _compare(tmp_path, x, y)  # replicates: auto under max_overhead 1.5
+    spec = _compare(tmp_path, x, y)  # replicates: auto under budget 1.0
     info = spec["uncertainty"]
-    assert info["max_overhead"] == 1.5 and info["note"]
-    if info["enabled"]:  # the choice depends on timing: either way it is recorded
-        assert 20 <= info["replicates"] <= 200 and info["groups"] == 32
-        assert spec["modes"]["x"][0]["support"] == "supported"
+    assert info["budget"] == 1.0 and info["note"] and "max_overhead" not in info
+    assert info["enabled"] and info["replicates"] == unc.MAX_REPLICATES and info["groups"] == 32
+    assert info["cost_gflop"]["ratio"] <= 1.0
+    assert spec["modes"]["x"][0]["support"] == "supported"
     off = _compare(tmp_path, x, y, "uncertainty.replicates=0")
     assert off["uncertainty"]["enabled"] is False and "off" in off["uncertainty"]["note"]
     assert off["spec_diff_ci"] is None and "ci" not in off["modes"]["x"][0]
 
 
 def test_plan_replicates_and_groups():
-    assert unc.plan_replicates(budget_s=100.0, solve_s=0.001) == unc.MAX_REPLICATES
-    assert unc.plan_replicates(budget_s=1.0, solve_s=1.0) == 0  # not even 20 fit: off
-    r = unc.plan_replicates(budget_s=60.0, solve_s=1.0)
-    assert unc.solves_needed(r) * 1.5 <= 60 < unc.solves_needed(r + 1) * 1.5
-    assert unc.plan_groups(10_000, 100, 100, 2**40) == 32
-    assert unc.plan_groups(60, 100, 100, 2**40) == 15  # n // 4
-    assert unc.plan_groups(10_000, 1000, 1000, 3 * 8 * 10**6 * 4 * 5) == 0  # memory for 5 groups: off
+    """R and G from sizes only (no time, no free memory)."""
+    assert unc.plan_replicates(10_000, 50, 50, 32) == unc.MAX_REPLICATES
+    assert unc.plan_replicates(10_000, 2000, 2000, 32) == 0  # D = 4000: not even 20 fit: off
+    r = unc.plan_replicates(300_000, 400, 400, 32, budget=1.0)
+    allowed, per = unc.compare_cost(300_000, 400, 400), unc.replicate_solve_cost(400, 400, 32)
+    assert unc.MIN_REPLICATES <= r < unc.MAX_REPLICATES
+    assert unc.solves_needed(r) * per <= allowed < unc.solves_needed(r + 1) * per
+    assert unc.plan_replicates(300_000, 400, 400, 32, budget=2.0) > r
+    assert unc.plan_groups(10_000, 100, 100) == 32
+    assert unc.plan_groups(60, 100, 100) == 15  # n // 4
+    assert unc.plan_groups(10_000, 6000, 6000) == 0  # 8 group sums of D = 12,000 pass MAX_GROUP_BYTES: off
 
 
 def test_align_logs_the_strongest_modes_heldout_eigenvalue():

@@ -23,6 +23,7 @@ Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -313,12 +314,16 @@ def _stream_batch(cfg: DictConfig) -> int:
     return int(cfg.get("stream_batch_size") or cfg.batch_size)
 
 
-def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_start: float | None = None):
+def _solve(
+    cfg: DictConfig, paired: PairedFeatures, device: torch.device, timings: dict[str, float] | None = None
+):
     """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka).
 
     With ``uncertainty`` on (see :func:`_uncertainty_plan`) the accumulator keeps group sums, each sample's
     group hashed from its dataset row, and the result gets intervals, held-out eigenvalues and stability.
+    ``timings``: receives the wall-clock seconds of the solve (``solve_s``), for spec.json ``timings`` only.
     """
+    timings = {} if timings is None else timings
     from .report import metrics
 
     cka = metrics.LinearCKA()
@@ -374,11 +379,12 @@ def _solve(cfg: DictConfig, paired: PairedFeatures, device: torch.device, t_star
         cka.load_state_dict(distributed.all_reduce_state(cka.state_dict()))
     t_solve = time.perf_counter()
     with _named("top_k", "solve_top_k"):
-        res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
-    if plan["groups"]:
-        res = _with_uncertainty(cfg, acc, res, plan, t_start, time.perf_counter() - t_solve)
-    else:
-        res.uncertainty = plan
+        if plan["groups"]:  # the solve with the planned replicates (their R and G chosen from sizes)
+            res = _with_uncertainty(cfg, acc, plan)
+        else:
+            res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
+            res.uncertainty = plan
+    timings["solve_s"] = time.perf_counter() - t_solve
     return res, cka.compute()
 
 
@@ -421,18 +427,31 @@ def _batch_rows(paired: PairedFeatures, batch_size: int, rows: range) -> Iterato
 
 
 def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool = False) -> dict[str, Any]:
-    """Resolve ``cfg.uncertainty`` before streaming: groups to keep (0 = off) and the settings, with a note."""
-    from .._validate import memory_available
-    from ..uncertainty import DEFAULT_GROUPS, DEFAULT_INTERVAL, INTERVALS, plan_groups
+    """Resolve ``cfg.uncertainty`` before streaming: R and G (0 = off) from the problem's sizes, with the reason.
+
+    Nothing here reads the clock or free memory: ``replicates: auto`` takes the most replicates whose modelled
+    cost (FLOPs, :func:`spec_torch.uncertainty.plan_replicates`) is at most ``budget`` times the plain compare's,
+    and G comes from n and D (:func:`~spec_torch.uncertainty.plan_groups`). Free memory is only checked: a
+    shortfall is a :class:`SpecError`, never a different spec.json.
+    """
+    from .. import uncertainty as unc
+    from .._validate import check_fits
+    from ..uncertainty import DEFAULT_INTERVAL, INTERVALS
 
     ucfg = dict(_container(cfg.get("uncertainty")) or {})
     replicates = ucfg.get("replicates", "auto")
     level = ucfg.get("level", 0.9)
-    cap = ucfg.get("max_overhead", 1.5)
+    budget = ucfg.get("budget", unc.DEFAULT_BUDGET)
     wanted = ucfg.get("groups", "auto")
     interval = ucfg.get("interval", DEFAULT_INTERVAL)
     if interval not in INTERVALS:
         raise SpecError(f"uncertainty.interval: expected one of {', '.join(INTERVALS)}, got {interval!r}")
+    if ucfg.get("max_overhead") is not None:
+        raise SpecError(
+            "uncertainty.max_overhead: removed; it measured wall time, so spec.json depended on the machine's "
+            "load. Use uncertainty.budget (default 1.0: the replicates may cost as much as the plain compare, "
+            "in modelled FLOPs; docs/uncertainty.md)"
+        )
     if replicates != "auto" and (
         isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 0
     ):
@@ -443,8 +462,8 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
         raise SpecError("uncertainty.replicates: expected 'auto', 0 (off) or an integer >= 2, got 1")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise SpecError(f"uncertainty.level: expected a number in (0, 1), got {level!r}")
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
-        raise SpecError(f"uncertainty.max_overhead: expected a number > 1, got {cap!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+        raise SpecError(f"uncertainty.budget: expected a finite number > 0, got {budget!r}")
     if wanted != "auto" and (isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 2):
         raise SpecError(f"uncertainty.groups: expected 'auto' or an integer >= 2, got {wanted!r}")
     plan = {
@@ -453,7 +472,7 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
         "level": float(level),
         "interval": interval,
         "groups": 0,
-        "max_overhead": float(cap),
+        "budget": float(budget),
         "note": "",
     }
     if replicates == 0:
@@ -469,67 +488,62 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
             )
         plan["note"] = f"off: {why} (intervals need the feature route; use Nystrom or random features)"
         return plan
+    n = paired.n
     p, q = (int(paired.x.shape[1]), int(paired.y.shape[1]))
     dx, dy = kx.feature_dim(p), ky.feature_dim(q)
-    groups = plan_groups(
-        paired.n, dx, dy, memory_available(device), DEFAULT_GROUPS if wanted == "auto" else int(wanted)
-    )
+    groups = unc.plan_groups(n, dx, dy, unc.DEFAULT_GROUPS if wanted == "auto" else int(wanted))
     if not groups:
+        per = unc.group_bytes(1, dx, dy)
         plan["note"] = (
-            f"off: too few samples ({paired.n}) or too little memory for group sums of D = {dx + dy}"
+            f"off: too few samples (n = {n}) for {unc.MIN_GROUPS} groups of at least 4"
+            if n // 4 < unc.MIN_GROUPS
+            else f"off: {unc.MIN_GROUPS} group sums of D = {dx + dy} take {unc.MIN_GROUPS * per / 2**30:.1f} GiB, "
+            f"more than the {unc.MAX_GROUP_BYTES / 2**30:.0f} GiB cap (spec_torch.uncertainty.MAX_GROUP_BYTES)"
         )
         return plan
-    plan["groups"] = groups
+    plain = unc.compare_cost(n, dx, dy)
+    per_solve = unc.replicate_solve_cost(dx, dy, groups)
+    if replicates == "auto":
+        replicates = unc.plan_replicates(n, dx, dy, groups, budget)
+        if not replicates:
+            need = unc.solves_needed(unc.MIN_REPLICATES) * per_solve
+            plan["note"] = (
+                f"off: {unc.MIN_REPLICATES} replicates of D = {dx + dy} would cost {need / 1e9:.3g} GFLOP, more "
+                f"than budget {budget:g} x the plain compare's {plain / 1e9:.3g} GFLOP (modelled); set "
+                "uncertainty.replicates or a larger uncertainty.budget to force them"
+            )
+            plan["cost_gflop"] = {"plain": plain / 1e9, "replicates_min": need / 1e9}
+            return plan
+        why = (
+            f"the most (<= {unc.MAX_REPLICATES}) within budget {budget:g} x the plain compare's modelled cost"
+        )
+    else:
+        why = "uncertainty.replicates"
+    check_fits(
+        unc.group_bytes(groups, dx, dy), device, f"{groups} group sums of D = {dx + dy}", "uncertainty.groups"
+    )
+    cost = unc.solves_needed(replicates) * per_solve
+    plan.update(
+        replicates=int(replicates),
+        groups=groups,
+        cost_gflop={"plain": plain / 1e9, "replicates": cost / 1e9, "ratio": cost / plain},
+        note=f"{replicates} bootstrap replicates over {groups} groups ({why})",
+    )
     return plan
 
 
-def _with_uncertainty(cfg, acc: DiffCovariance, res, plan: dict[str, Any], t_start, solve_s: float):
-    """Choose R under the cap (``replicates: auto``) and recompute with replicates; record the choice.
-
-    ``solve_s``: the plain solve's time (the plain compare time when ``t_start`` is unknown)."""
-    from ..uncertainty import plan_replicates, solves_needed
-
-    replicates = plan["replicates"]
-    if replicates == "auto":
-        # the time so far (extraction, streaming, solve) stands for the plain compare time: replicates may add
-        # (max_overhead - 1) of it (the top-samples pass and the report come on top, so the cap is conservative).
-        # A probe of 2 replicates (and their held-out splits) measures the cost of one solve on this machine.
-        plain_s = time.perf_counter() - t_start if t_start is not None else solve_s
-        t_probe = time.perf_counter()
-        acc.compute(
-            eta=float(cfg.eta),
-            top_k=cfg.get("solve_top_k"),
-            center=bool(cfg.get("center", False)),
-            replicates=2,
-            seed=int(cfg.seed),
-            reference=False,  # a timing probe: only the replicates' cost is measured
-        )
-        probe_s = time.perf_counter() - t_probe
-        per_solve = probe_s / (solves_needed(2) + 1)
-        budget = (plan["max_overhead"] - 1) * plain_s - probe_s
-        replicates = distributed.broadcast_object(plan_replicates(budget, per_solve))
-        if not replicates:
-            plan.update(
-                groups=0,
-                note=f"off: fewer than 20 replicates fit under {plan['max_overhead']}x the plain compare time "
-                f"({plain_s:.2g} s; one solve {per_solve:.2g} s); set uncertainty.replicates to force them",
-            )
-            res.uncertainty = plan
-            return res
-        plan["estimated_overhead"] = 1 + (probe_s + solves_needed(replicates) * 1.5 * per_solve) / plain_s
-    t0 = time.perf_counter()
+def _with_uncertainty(cfg, acc: DiffCovariance, plan: dict[str, Any]):
+    """The solve with the planned replicates: the result with intervals, its ``uncertainty`` the plan."""
     out = acc.compute(
         eta=float(cfg.eta),
         top_k=cfg.get("solve_top_k"),
         center=bool(cfg.get("center", False)),
-        replicates=int(replicates),
+        replicates=int(plan["replicates"]),
         level=plan["level"],
         seed=int(cfg.seed),
         interval=plan["interval"],
     )
-    plan.update(out.uncertainty, enabled=True, replicates=int(replicates), seconds=time.perf_counter() - t0)
-    plan["note"] = plan["note"] or f"{replicates} bootstrap replicates over {plan['groups']} groups"
-    out.uncertainty = plan
+    out.uncertainty = {**plan, **out.uncertainty, "enabled": True, "note": plan["note"]}
     return out
 
 
@@ -601,6 +615,8 @@ def _describe_mode(res, paired: PairedFeatures, dataset, direction: str, m: int,
     entry: dict[str, Any] = {
         "eigenvalue": float(res.eigenvalues[m]),
         "uniformity": float(res.uniformity[m]),  # |<v, 1>| / sqrt(n); near 1: average levels differ
+        "eigenvalue_error": float(res.eigenvalue_error[m]),  # the route's estimated absolute error
+        "below_resolution": bool(res.below_resolution[m]),  # value or gap below it (docs/numerics.md)
         "top_ids": [paired.ids[i] for i in idx],
         "top_scores": [float(s) for s in scores],
         "tightness_x": float(tight_x),
@@ -773,7 +789,8 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     """
     cfg = load_config("compare", cfg)
     quiet_third_party(bool(cfg.get("verbose", False)))
-    t_start = time.perf_counter()  # the plain compare time the uncertainty cap is measured against
+    t_start = time.perf_counter()  # wall-clock times go to spec.json "timings" only (not reproducible)
+    timings: dict[str, float] = {}
     _check_settings(cfg)
     out_dir = distributed.run_on_main(
         lambda: prepare_output_dir(cfg, results=(SPEC_JSON, "report.html"))
@@ -791,14 +808,19 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         paired, dataset, data_info, enc_info = _extract_pair(cfg, device)
     log.info("comparing %d paired samples (%d skipped)", paired.n, len(paired.skipped))
 
+    timings["load_s"] = time.perf_counter() - t_start
+    t_stream = time.perf_counter()
     with phase(log, f"streaming {paired.n} rows into the covariance sums and solving"):
-        res, cka = _solve(cfg, paired, device, t_start=t_start)
+        res, cka = _solve(cfg, paired, device, timings)
+    timings["stream_and_solve_s"] = time.perf_counter() - t_stream
+    t_score = time.perf_counter()
     approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
     with phase(log, "scoring the top samples of each reported mode"):
         modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
     _explain(cfg, res, paired, dataset, modes, views, device)
     with phase(log, "mutual k-NN overlap"):
         knn = _mutual_knn(cfg, paired)
+    timings["score_and_metrics_s"] = time.perf_counter() - t_score
 
     summary = res.to_dict()
     summary.update(
@@ -833,8 +855,12 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         extra = {"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering}
         if data_info["name"] == "features":
             extra["names"] = {w: Path(data_info[f"{w}_path"]).stem for w in ("x", "y")}
+        t_report = time.perf_counter()
         with phase(log, "writing plots and report.html"):
             summary["report"] = str(write_report(out_dir, summary, views, extra=extra).name)
+        timings["report_s"] = time.perf_counter() - t_report
+    # wall-clock seconds, the one part of spec.json that is not reproducible (docs/compare.md)
+    summary["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
     atomic_write_json(spec_path, summary, default=str)
     _print_summary(summary, spec_path)
     return summary

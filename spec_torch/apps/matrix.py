@@ -272,6 +272,7 @@ def _pair_modes(cfg, m, features, n, dataset, index, device, rank_by) -> list[di
                     "rank": rank + 1,
                     "index": int(mode),
                     "eigenvalue": float(res.eigenvalues[mode]),
+                    "eigenvalue_error": float(res.eigenvalue_error[mode]),
                     "top_rows": [int(x) for x in idx],
                     "top_scores": [float(s) for s in top.scores[r]],
                 }
