@@ -67,7 +67,7 @@ def test_cli_summary_says_what_a_uniform_mode_means(caplog, tmp_path):
     lines = [r.getMessage() for r in caplog.records]
     y1 = next(line for line in lines if line.startswith("  mode y1"))
     x1 = next(line for line in lines if line.startswith("  mode x1"))
-    assert "UNIFORM (1.00): kernel levels, not a cluster" in y1 and "UNIFORM" not in x1
+    assert "FLAGS: uniform: kernel levels, not a group" in y1 and "uniform" not in x1  # labels from FLAGS
     assert "average similarity" in out and "center=true" in out
     assert "random features" not in out  # no approximation entry, no line
 
@@ -77,7 +77,7 @@ def test_cli_summary_without_uniform_modes_has_no_flag(caplog, tmp_path):
     summary["modes"]["y"][0]["uniformity"] = 0.2
     with caplog.at_level(logging.INFO, logger="spec_torch"):
         _print_summary(summary, tmp_path / "spec.json")
-    assert "UNIFORM" not in caplog.text
+    assert "uniform" not in caplog.text.lower()
 
 
 def test_report_flags_uniform_modes_in_words(tmp_path):
