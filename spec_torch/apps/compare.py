@@ -854,7 +854,9 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
     centred = finding.get("spec_diff_centred")
     if centred:
         log.info(f"  centred SPEC-diff = {centred['value']:.4g}: read this one ({centred['how']})")
-    log.info("\n".join(textwrap.wrap(finding["headline"], 108, initial_indent="  ", subsequent_indent="  ")))
+    wrapped = textwrap.wrap(finding["headline"], 108, initial_indent="  ", subsequent_indent="  ",
+                            break_long_words=False, break_on_hyphens=False)  # fmt: skip
+    log.info("\n".join(wrapped))
     if flags.reference_line(summary):  # the permutation reference, one line
         log.info(f"  {flags.reference_line(summary)}; 0% = the same kernel geometry")
     for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):

@@ -517,7 +517,7 @@ def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
     )
     if len(labels) > top and rest > 1e-9:
         rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td>{rest:.0%}</td></tr>'
-    return f"<table><tr><th>label</th><th>fraction</th></tr>{rows}</table>"
+    return f'<div class="tw"><table><tr><th>label</th><th>fraction</th></tr>{rows}</table></div>'
 
 
 def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
@@ -527,7 +527,7 @@ def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
         major, frac = (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
         style = ' style="font-weight:600"' if frac >= pure else ""
         rows.append(f"<tr{style}><td>{_e(attr)}</td><td>{_e(major)}</td><td>{frac:.0%}</td></tr>")
-    return f"<table>{''.join(rows)}</table>"
+    return f'<div class="tw"><table>{"".join(rows)}</table></div>'
 
 
 def _mode(
