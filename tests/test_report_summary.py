@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import spec_torch as st
 from spec_torch.apps import summarize
 from spec_torch.apps.compare import _print_summary, run
 from spec_torch.apps.report import ModeView, plots, write_report
@@ -270,3 +272,25 @@ def test_compare_report_fits_an_800_px_window(runs, which, tmp_path):
     document, body, window = (int(w) for w in widths.groups())
     assert window == 800
     assert document <= 800 and body <= 800, (document, body)
+
+
+@pytest.mark.parametrize("method", ["exact", "features"])
+def test_centred_spec_diff_on_each_route_matches_a_centred_solve(tmp_path, method):
+    """Non-negative features under cosine kernels: the strongest mode is uniform, and the job gives the centred
+    SPEC-diff beside it, from the same sums (features) or a second solve (exact), recorded in ``how``."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((150, 6)).astype(np.float32), (rng.random((150, 4)) ** 4).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    spec = run([
+        "data=features", f"data.x_path={tmp_path / 'x.npy'}", f"data.y_path={tmp_path / 'y.npy'}",
+        f"method={method}", f"output_dir={tmp_path / 'out'}", "report=false", "uncertainty.replicates=0",
+    ])  # fmt: skip
+    assert spec["method"] == method and spec["summary"]["lead_flags"] == ["uniform"]
+    centred = spec["spec_diff_centred"]
+    assert centred["method"] == method
+    assert ("second solve" if method == "exact" else "same streamed sums") in centred["how"]
+    oracle = st.spec(torch.from_numpy(x).double(), torch.from_numpy(y).double(), center=True, method="exact")
+    assert centred["value"] == pytest.approx(float(oracle.spec_diff), rel=TOL_SAME_SUMS)
+    assert spec["summary"]["read"] == "spec_diff_centred"
+    assert f"Read the centred SPEC-diff instead: {centred['value']:.3g}" in spec["summary"]["headline"]
