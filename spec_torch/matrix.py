@@ -298,11 +298,18 @@ class MatrixCovariance:
 
     # ---------------------------------------------------------------- compute
     def pair(
-        self, i: int, j: int, eta: float = 1.0, top_k: int | None = None, reference: bool = True
+        self,
+        i: int,
+        j: int,
+        eta: float = 1.0,
+        top_k: int | None = None,
+        reference: bool = True,
+        center: bool = False,
     ) -> SpecResult:
         """The full :class:`SpecResult` of ``(K_i - eta K_j) / n`` from the sums (no pass over the data): the
         pair's sub-blocks solved by :meth:`DiffCovariance.compute`, so each entry is what ``st.spec`` gives.
-        ``reference=False`` skips the permutation reference ``spec_diff_null`` (one more solve)."""
+        ``reference=False`` skips the permutation reference ``spec_diff_null`` (one more solve). ``center``:
+        both kernels centred, the pair's feature means subtracted from its blocks (as ``st.spec(center=True)``)."""
         sl = self._offsets(self.feature_dims)
         g, s = self.gram, self.sums
         a, b = self.names[i], self.names[j]
@@ -317,7 +324,7 @@ class MatrixCovariance:
             count=self.n,
             dims=(self.dims[a], self.dims[b]),
         )
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, reference=reference)
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=False, reference=reference, center=center)
 
     def cka_matrix(self) -> torch.Tensor:
         """Linear CKA ``[N, N]`` from the raw-row sums (module docstring: the convention)."""
@@ -332,8 +339,9 @@ class MatrixCovariance:
         eta: float = 1.0,
         top_k: int | None = None,
         sync_dist: bool | None = None,
+        center: bool = False,
     ) -> SpecMatrix:
-        """Solve every pair: ``spec_diff``, ``lead`` (and ``cka``) ``[N, N]``.
+        """Solve every pair: ``spec_diff``, ``lead``, their modes' ``uniformity`` (and ``cka``) ``[N, N]``.
 
         Args:
             eta: weight of the second kernel in ``(K_i - eta K_j) / n`` (> 0). At ``eta = 1`` one solve per
@@ -341,6 +349,9 @@ class MatrixCovariance:
             top_k: ``None``: full spectrum per pair (``min(n, D_i + D_j)`` eigenvalues); an integer: only the
                 strongest ``top_k`` of each sign (block Krylov), enough for ``spec_diff`` and ``lead``.
             sync_dist: all-reduce the sums first; ``None``: when a process group with > 1 rank is initialised.
+            center: centre both kernels of every pair (``H K H``): each pair's feature means are subtracted from
+                its blocks of the joint sums (DESIGN.md, second round), which removes the uniform mode. Linear
+                CKA is centred either way.
         """
         check_positive(eta, "eta")
         sync = sync_dist if sync_dist is not None else distributed_ready()
@@ -353,14 +364,20 @@ class MatrixCovariance:
         nn = len(names)
         spec_diff = torch.zeros(nn, nn, dtype=torch.float64)
         lead = torch.zeros(nn, nn, dtype=torch.float64)
+        uniformity = torch.zeros(nn, nn, dtype=torch.float64)
+        lead_uniformity = torch.zeros(nn, nn, dtype=torch.float64)
         for i, j in _pairs(nn, eta):
-            res = state.pair(i, j, eta=eta, top_k=top_k, reference=False)  # SPEC-diff and lead only
+            res = state.pair(i, j, eta=eta, top_k=top_k, reference=False, center=center)
             _fill(spec_diff, lead, i, j, res.eigenvalues, symmetric=eta == 1.0)
+            _fill_uniformity(uniformity, lead_uniformity, i, j, res, symmetric=eta == 1.0)
         cka = state.cka_matrix() if state.cka else None
         return SpecMatrix(
             names=list(names),
             spec_diff=spec_diff,
             lead=lead,
+            uniformity=uniformity,
+            lead_uniformity=lead_uniformity,
+            center=bool(center),
             cka=cka,
             n=state.n,
             eta=float(eta),
@@ -393,6 +410,22 @@ def _fill(spec_diff, lead, i: int, j: int, evals: torch.Tensor, symmetric: bool)
     if symmetric:  # eta = 1: L_ji = -L_ij, same |spectrum|, lead of j over i = -smallest eigenvalue
         spec_diff[j, i] = top
         lead[j, i] = max(-float(ev.min()), 0.0) if ev.numel() else 0.0
+
+
+def _fill_uniformity(uniformity, lead_uniformity, i: int, j: int, res: SpecResult, symmetric: bool) -> None:
+    """The uniformity of the modes behind ``spec_diff[i, j]`` (the largest |eigenvalue|) and ``lead[i, j]`` (the
+    largest positive one); 0 where the entry is 0. At ``eta = 1`` also ``[j, i]`` (``lead[j, i]``: the most
+    negative eigenvalue of ``(K_i - K_j) / n``)."""
+    ev = res.eigenvalues.to(torch.float64).cpu()
+    u = res.uniformity.to(torch.float64).cpu()
+    if not ev.numel():
+        return
+    top, hi, lo = int(ev.abs().argmax()), int(ev.argmax()), int(ev.argmin())
+    uniformity[i, j] = u[top]
+    lead_uniformity[i, j] = u[hi] if ev[hi] > 0 else 0.0
+    if symmetric:
+        uniformity[j, i] = u[top]
+        lead_uniformity[j, i] = u[lo] if ev[lo] < 0 else 0.0
 
 
 def linear_cka_matrix(
@@ -436,6 +469,12 @@ class SpecMatrix:
             (by convention, also for ``eta != 1``); symmetric at ``eta = 1``.
         lead: ``[N, N]`` float64; entry ``[i, j]`` is the largest positive eigenvalue of ``(K_i - eta K_j) / n``
             (0 if none): the strongest cluster structure ``i`` holds and ``j`` lacks. Asymmetric; zero diagonal.
+        uniformity: ``[N, N]`` float64; entry ``[i, j]`` is the uniformity ``|<v, 1>| / sqrt(n)`` of the mode behind
+            ``spec_diff[i, j]`` (its largest |eigenvalue|). Above :data:`~spec_torch.result.UNIFORM_THRESHOLD`
+            the entry is led by a uniform mode: the kernels' average levels differ, it is not a group of samples.
+            All 0 with ``center=True`` (centring removes that direction).
+        lead_uniformity: ``[N, N]`` float64; the same for the mode behind ``lead[i, j]`` (0 where lead is 0).
+        center: whether every pair's kernels were centred (``H K H``).
         cka: ``[N, N]`` linear CKA on the raw rows (module docstring), or None with ``cka=False``.
         n, eta, kernels: the samples summed, the weight, the fitted kernels per name.
         route: ``"joint"`` (one ``[D, D]`` matrix, one pass) or ``"groups"`` (memory fallback: pair blocks of
@@ -455,10 +494,17 @@ class SpecMatrix:
         route: str,
         passes: int,
         state: MatrixCovariance | None = None,
+        uniformity: torch.Tensor | None = None,
+        lead_uniformity: torch.Tensor | None = None,
+        center: bool = False,
     ) -> None:
         self.names = names
         self.spec_diff = spec_diff
         self.lead = lead
+        zeros = torch.zeros_like(spec_diff)
+        self.uniformity = zeros if uniformity is None else uniformity
+        self.lead_uniformity = zeros.clone() if lead_uniformity is None else lead_uniformity
+        self.center = bool(center)
         self.cka = cka
         self.n = n
         self.eta = eta
@@ -491,14 +537,29 @@ class SpecMatrix:
                 "pair: this matrix was computed on the memory-saving 'groups' route, which does not keep the "
                 f"joint sums; compare {self.names[a]!r} and {self.names[b]!r} with st.spec instead"
             )
-        return self._state.pair(a, b, eta=self.eta, top_k=top_k)
+        return self._state.pair(a, b, eta=self.eta, top_k=top_k, center=self.center)
 
-    def most_different(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` unordered pairs ``(i, j)``, ``i < j``, of largest ``max(spec_diff[i,j], spec_diff[j,i])``."""
+    def most_different(self, k: int, skip_uniform: bool = False) -> list[tuple[int, int]]:
+        """The ``k`` unordered pairs ``(i, j)``, ``i < j``, of largest ``max(spec_diff[i,j], spec_diff[j,i])``.
+
+        ``skip_uniform``: rank by :meth:`cluster_diff` instead, so that no pair is ranked on a uniform mode
+        (kernel levels, not a group); pairs with no such entry come last.
+        """
         nn = len(self.names)
-        sym = torch.maximum(self.spec_diff, self.spec_diff.T)
+        sym = self.cluster_diff() if skip_uniform else torch.maximum(self.spec_diff, self.spec_diff.T)
         pairs = sorted(((float(sym[i, j]), i, j) for i in range(nn) for j in range(i + 1, nn)), reverse=True)
         return [(i, j) for _, i, j in pairs[:k]]
+
+    def cluster_diff(self, threshold: float | None = None) -> torch.Tensor:
+        """``[N, N]`` symmetric: the larger of ``lead[i, j]`` and ``lead[j, i]`` over the directions whose mode is
+        not uniform (``lead_uniformity <= threshold``, default
+        :data:`~spec_torch.result.UNIFORM_THRESHOLD`), 0 where both are uniform. With centred kernels or
+        ``eta = 1`` and no uniform mode it equals ``spec_diff``."""
+        from .result import UNIFORM_THRESHOLD
+
+        t = UNIFORM_THRESHOLD if threshold is None else float(threshold)
+        kept = torch.where(self.lead_uniformity > t, 0.0, self.lead)  # [N, N]
+        return torch.maximum(kept, kept.T)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: names, the three matrices (nested lists), n and the settings."""
@@ -506,10 +567,13 @@ class SpecMatrix:
             "names": list(self.names),
             "spec_diff": self.spec_diff.tolist(),
             "lead": self.lead.tolist(),
+            "uniformity": self.uniformity.tolist(),
+            "lead_uniformity": self.lead_uniformity.tolist(),
             "cka": None if self.cka is None else self.cka.tolist(),
             "n": self.n,
             "settings": {
                 "eta": self.eta,
+                "center": self.center,
                 "kernels": {k: v.describe() for k, v in self.kernels.items()},
                 "route": self.route,
                 "passes": self.passes,
@@ -518,7 +582,10 @@ class SpecMatrix:
         }
 
     def __repr__(self) -> str:
-        return f"SpecMatrix(N={len(self.names)}, n={self.n}, eta={self.eta}, route={self.route!r})"
+        return (
+            f"SpecMatrix(N={len(self.names)}, n={self.n}, eta={self.eta}, center={self.center}, "
+            f"route={self.route!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------- one-call entry
@@ -559,6 +626,7 @@ def spec_matrix(
     max_dim: int | None = None,
     sync_dist: bool | None = None,
     seed: int = 0,
+    center: bool = False,
 ) -> SpecMatrix:
     """SPEC-diff, lead and linear CKA of every pair of N embeddings of the same samples, in one pass.
 
@@ -585,6 +653,10 @@ def spec_matrix(
             one dict: a seeded uniform sample of all rows (as :func:`spec_torch.spec`), so the result does not
             depend on ``batch_size`` or the row order. A stream offers only its first batch (with a warning);
             fit the kernels on a uniform sample yourself there (``kernel.fit(sample)``).
+        center: centre both kernels of every pair (``H K H``, as ``st.spec(center=True)``): the feature means
+            are subtracted from the joint sums, which removes the uniform mode (a difference of the kernels'
+            average levels, not a group). Default False: the paper's SPEC; then ``uniformity`` says which
+            entries a uniform mode leads.
 
     Returns:
         A :class:`SpecMatrix`.
@@ -636,7 +708,7 @@ def spec_matrix(
         acc.update(first)
         for b in it:
             acc.update(b)
-        return acc.compute(eta=eta, top_k=top_k, sync_dist=sync_dist)
+        return acc.compute(eta=eta, top_k=top_k, sync_dist=sync_dist, center=center)
     if iter(batches) is batches:
         raise SpecError(
             f"features: the joint matrix of D = {sum(dims)} features does not fit (max_dim = {max_dim}); the "
@@ -644,18 +716,20 @@ def spec_matrix(
             "not a one-shot iterator"
         )
     return _spec_matrix_groups(
-        batches, names, kernels, dims, max_dim, eta, top_k, cka, accumulate_dtype, sync_dist
+        batches, names, kernels, dims, max_dim, eta, top_k, cka, accumulate_dtype, sync_dist, center
     )
 
 
 def _spec_matrix_groups(
-    batches, names, kernels, dims, max_dim, eta, top_k, cka, dtype, sync_dist
+    batches, names, kernels, dims, max_dim, eta, top_k, cka, dtype, sync_dist, center=False
 ) -> SpecMatrix:
     """The memory fallback of :func:`spec_matrix`: one pass per pair of groups, each holding only its block."""
     groups = _groups(dims, max_dim)
     nn = len(names)
     spec_diff = torch.zeros(nn, nn, dtype=torch.float64)
     lead = torch.zeros(nn, nn, dtype=torch.float64)
+    uniformity = torch.zeros(nn, nn, dtype=torch.float64)
+    lead_uniformity = torch.zeros(nn, nn, dtype=torch.float64)
     cka_out = torch.eye(nn, dtype=torch.float64) if cka else None
     done: set[tuple[int, int]] = set()
     passes, n = 0, 0
@@ -668,7 +742,7 @@ def _spec_matrix_groups(
                 b = _check_batch(b, names)
                 acc.update({k: b[k] for k in sub})
             passes += 1
-            part = acc.compute(eta=eta, top_k=top_k, sync_dist=sync_dist)
+            part = acc.compute(eta=eta, top_k=top_k, sync_dist=sync_dist, center=center)
             n = part.n
             for a_local, a in enumerate(members):
                 for b_local, b in enumerate(members):
@@ -677,12 +751,17 @@ def _spec_matrix_groups(
                     done.add((a, b))
                     spec_diff[a, b] = part.spec_diff[a_local, b_local]
                     lead[a, b] = part.lead[a_local, b_local]
+                    uniformity[a, b] = part.uniformity[a_local, b_local]
+                    lead_uniformity[a, b] = part.lead_uniformity[a_local, b_local]
                     if cka_out is not None:
                         cka_out[a, b] = part.cka[a_local, b_local]
     return SpecMatrix(
         names=list(names),
         spec_diff=spec_diff,
         lead=lead,
+        uniformity=uniformity,
+        lead_uniformity=lead_uniformity,
+        center=bool(center),
         cka=cka_out,
         n=n,
         eta=float(eta),

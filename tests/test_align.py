@@ -321,6 +321,9 @@ def test_coco_pipeline_end_to_end_and_exact_resume(work, mini_coco, mini_imagene
     assert {"train/loss_clip", "train/loss_spec", "heldout/spec_diff"} <= set(tb.Tags()["scalars"])
     assert [e.step for e in tb.Scalars("train/loss_spec")] == [1, 2, 3, 4, 5, 6]  # as TensorBoard reads it
     assert (out_a / "plots" / "align_metrics.png").stat().st_size > 0
+    assert results["report"] == "report.html"  # written before results.json (fails on main: no report)
+    html = (out_a / "report.html").read_text()
+    assert "Held-out SPEC-diff to the teacher" in html and "<h2>Settings</h2>" in html
 
 
 def test_imagenet_preset_trains_with_class_prompts(work, mini_imagenet):
@@ -392,6 +395,75 @@ def test_resume_refuses_a_checkpoint_that_runs_code(work, tmp_path):
     with pytest.raises(SpecError, match=r"train.resume: refused the checkpoint .*evil.pt.*could run code"):
         trainer.resume(crafted)
     assert not marker.exists()
+
+
+def _results(before_sd=0.5, after_sd=0.1):
+    def metrics(sd, ev, acc, stab):
+        return {
+            "n": 64.0, "spec_diff": sd, "lambda_max": sd, "lambda_min": -0.5 * sd, "mode_eigenvalue": ev,
+            "mode_heldout_eigenvalue": 0.9 * ev, "mode_stability": stab, "knn_teacher_clusters": acc,
+            "knn_teacher_clusters_teacher": 1.0, "knn_labels": acc,
+        }  # fmt: skip
+
+    return {
+        "before": {"heldout": metrics(before_sd, -before_sd, 0.6, 0.95)},
+        "after": {"heldout": metrics(after_sd, -after_sd, 0.9, 0.2)},
+        "steps": 30,
+        "resumed": False,
+        "n_train": 160,
+        "n_heldout": 64,
+        "contrastive": "prompts",
+        "teacher": {"family": "offline_colour"},
+        "teacher_cache": "/cache/x",
+        "config": {
+            "student": {"family": "open_clip", "model": "ViT-S-32"},
+            "teacher": {"family": "offline_colour"},
+            "loss": {"eta": 1.0, "norm": "op"},
+            "seed": 0,
+            "heldout": 64,
+        },
+    }
+
+
+def test_plot_puts_mode_magnitudes_under_lower_is_better():
+    """The before/after panels (fails on main: the signed mode_eigenvalue and mode_heldout_eigenvalue sat under
+    "higher is better"): SPEC-diff and the |eigenvalue| of the loss's strongest mode, in sample and held out,
+    under "lower is better", stability on a panel of its own with no better direction, accuracies higher."""
+    from spec_torch.apps.align.evaluate import metric_label, metric_panels, metric_value
+
+    res = _results()
+    panels = {title: keys for _, title, keys in metric_panels(res["before"], res["after"])}
+    assert panels["lower is better"] == ["spec_diff", "mode_eigenvalue", "mode_heldout_eigenvalue"]
+    assert panels["higher is better"] == ["knn_teacher_clusters", "knn_labels"]
+    assert panels["no better direction"] == ["mode_stability"]
+    assert (
+        metric_label("mode_eigenvalue") == "|mode_eigenvalue|"
+        and metric_value("mode_eigenvalue", -0.3) == 0.3
+    )
+    assert metric_label("spec_diff") == "spec_diff"
+
+
+def test_align_report_renders_the_results(tmp_path):
+    """report.html from results.json (fails on main: align wrote no HTML): the finding, the metrics with
+    their better direction and whether they moved that way, |eigenvalue| lower-is-better, the loss's mode before
+    and after, the settings; tables scroll in their wrappers."""
+    from spec_torch.apps.align.evaluate import plot_before_after
+    from spec_torch.apps.report.align_html import write_align_report
+
+    res = _results()
+    history = {"step": [1, 2], "loss_spec": [0.5, 0.4], "loss_clip": [1.0, 0.9], "heldout_step": [0, 2]}
+    history["heldout_spec_diff"] = [0.5, 0.1]
+    plot = plot_before_after(res["before"], res["after"], tmp_path / "plots" / "align_metrics.png", history)
+    html = write_align_report(tmp_path, res, plot).read_text()
+    assert "Held-out SPEC-diff to the teacher: 0.5000 before, 0.1000 after 30 steps (5.00x lower" in html
+    assert '<td>|mode_eigenvalue|</td><td>lower is better</td><td class="num">0.5</td>' in html
+    assert "<td>|mode_heldout_eigenvalue|</td><td>lower is better</td>" in html
+    assert "<td>mode_stability</td><td>no better direction</td>" in html
+    assert html.count("<td>better</td>") == 5 and "<td>worse</td>" not in html
+    assert "Stability has no better direction" in html and "ViT-S-32" in html
+    assert '<div class="wide"><table>' in html and "overflow-x:auto" in html
+    worse = write_align_report(tmp_path / "w", _results(0.1, 0.2), plot).read_text()
+    assert "2.00x higher: the student moved away from the teacher" in worse
 
 
 def test_demo_lowers_heldout_spec_diff(work):

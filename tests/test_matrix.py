@@ -11,6 +11,7 @@ from oracle import difference
 import spec_torch as st
 from spec_torch.apps.report.metrics import LinearCKA
 from spec_torch.errors import SpecError
+from spec_torch.result import UNIFORM_THRESHOLD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -293,3 +294,95 @@ def test_layer_correspondence_spec_identifies_depth_like_cka():
     print(acc)
     assert acc["spec"] >= 2 * acc["chance"]
     assert acc["spec"] >= acc["cka"] - 0.10
+
+
+# ------------------------------------------------------------------------------------ centring, uniform modes
+def _centred_oracle(x, y, kernel, eta) -> np.ndarray:
+    """Eigenvalues of H L H, H = I - 11^T / n: the dense oracle of centred SPEC."""
+    lmat = difference(x, y, kernel, kernel, eta)
+    n = lmat.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    return _eig(h @ lmat @ h)
+
+
+def _with_offset(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The feature sets plus one whose rows share a large common direction: under cosine its kernel is nearly
+    constant (every pair about 0.9), so against a zero-mean set the strongest mode is the uniform one."""
+    out = dict(f)
+    out["offset"] = f["a"][:, :6] * 0.3 + 1.0
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "linear"])
+@pytest.mark.parametrize("eta", [1.0, 0.6])
+def test_centred_entries_equal_centred_spec_and_the_oracle(kernel, eta):
+    """center=True (fails on main: spec_matrix had no center): every entry is st.spec(center=True) on that
+    pair and the largest |eigenvalue| of H L H; lead the largest positive one; no mode is uniform."""
+    f = _with_offset(feature_sets())
+    m = st.spec_matrix(f, kernel=kernel, eta=eta, batch_size=70, center=True)
+    assert m.center and m.route == "joint"
+    names = list(f)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                continue
+            ref = st.spec(
+                f[a], f[b], kernel_x=kernel, kernel_y=kernel, eta=eta, method="features", center=True
+            )
+            ev = _centred_oracle(f[a].numpy(), f[b].numpy(), kernel, eta)
+            tol = TOL64 * ref.scale
+            assert abs(float(m.spec_diff[i, j]) - ref.spec_diff) <= tol
+            assert abs(float(m.spec_diff[i, j]) - np.abs(ev).max()) <= tol
+            assert abs(float(m.lead[i, j]) - max(ev.max(), 0.0)) <= tol
+    assert torch.all(m.uniformity == 0) and torch.all(m.lead_uniformity == 0)
+    res = m.pair("offset", "noise")  # the pair's full result is centred too
+    ref = st.spec(f["offset"], f["noise"], kernel_x=kernel, kernel_y=kernel, eta=eta, center=True)
+    assert res.center and torch.allclose(res.eigenvalues, ref.eigenvalues, rtol=0, atol=TOL64 * ref.scale)
+    assert m.to_dict()["settings"]["center"] is True
+
+
+def test_centred_float32_close_embeddings_and_groups_route():
+    """float32 input, a close copy (a + 0.05 noise) and class-sorted rows: the centred entries match the
+    float64 oracle to the float32 input tolerance, and the memory-saving groups route gives the same."""
+    f32 = _with_offset(feature_sets(dtype=torch.float32))
+    m = st.spec_matrix(f32, center=True)
+    groups = st.spec_matrix(f32, center=True, max_dim=20)
+    assert groups.route == "groups" and groups.center
+    assert torch.allclose(groups.spec_diff, m.spec_diff, atol=1e-12)
+    names = list(f32)
+    for a, b in [("a", "a_close"), ("clusters", "noise"), ("offset", "a")]:
+        i, j = names.index(a), names.index(b)
+        ev = _centred_oracle(f32[a].double().numpy(), f32[b].double().numpy(), "cosine", 1.0)
+        assert abs(float(m.spec_diff[i, j]) - np.abs(ev).max()) <= TOL32
+
+
+def test_uniformity_marks_the_uniform_led_entries_and_ranking_skips_them():
+    """Uncentred (fails on main: no uniformity): [i, j] holds the uniformity of the mode behind spec_diff[i, j]
+    (lead_uniformity: behind lead[i, j]), each equal to st.spec's for that mode; the offset set's entries are
+    led by the uniform mode, so most_different(skip_uniform=True) does not rank on them."""
+    f = _with_offset(feature_sets())
+    m = st.spec_matrix(f)
+    names = list(f)
+    o, z = names.index("offset"), names.index("noise")
+    for i, j in [(o, z), (z, o), (names.index("a"), names.index("clusters"))]:
+        ref = st.spec(f[names[i]], f[names[j]], method="features")
+        top = int(ref.eigenvalues.abs().argmax())
+        hi = int(ref.eigenvalues.argmax())
+        assert float(m.uniformity[i, j]) == pytest.approx(float(ref.uniformity[top]), abs=1e-9)
+        assert float(m.lead_uniformity[i, j]) == pytest.approx(float(ref.uniformity[hi]), abs=1e-9)
+    assert (
+        float(m.uniformity[o, z]) > UNIFORM_THRESHOLD and float(m.lead_uniformity[o, z]) > UNIFORM_THRESHOLD
+    )
+    assert float(m.uniformity[names.index("a"), names.index("clusters")]) < 0.5
+    plain = m.most_different(1)[0]
+    assert o in plain  # the raw ranking is headed by the uniform-led entry ...
+    clusters = m.cluster_diff()
+    for i, j in m.most_different(3, skip_uniform=True):  # ... the cluster ranking is not
+        led_by = (i, j) if m.lead[i, j] >= m.lead[j, i] else (j, i)
+        assert float(clusters[i, j]) > 0
+        assert float(m.lead_uniformity[led_by]) <= UNIFORM_THRESHOLD or float(clusters[i, j]) < float(
+            m.lead[led_by]
+        )
+    assert float(clusters[o, z]) < float(m.spec_diff[o, z])
+    d = m.to_dict()
+    assert np.asarray(d["uniformity"]).shape == (6, 6) and d["settings"]["center"] is False

@@ -3,8 +3,15 @@
 A recipe of calls (``configs/matrix.yaml``): build the dataset; for each configured encoder extract its features
 into the cache (one extraction pass per encoder; with ``layers`` every layer comes from the same pass and is
 split into named feature sets ``<encoder>/<layer>``); stream all feature sets through :func:`spec_torch.spec_matrix`
-once; for the ``top_pairs`` most different pairs score their top modes in both directions from the joint sums
-(:meth:`SpecMatrix.pair`, one scoring pass per pair); write ``matrix.json`` then ``report.html``.
+once (``center``: both kernels of every pair centred); for the ``top_pairs`` most different pairs score their
+top modes in both directions from the joint sums (:meth:`SpecMatrix.pair`, one scoring pass per pair); flag
+each entry and mode (:func:`~spec_torch.apps.report.flags.mode_flag_codes`) and say the finding in words
+(:func:`~spec_torch.apps.report.matrix_html.matrix_summary`); write ``report.html`` then ``matrix.json``.
+
+The ranking of "most different" pairs never rests on a uniform-led entry (a mode that scores every sample
+alike: the kernels' average levels differ, not a group): when some entry is led by one, the pairs are ranked by
+:meth:`SpecMatrix.cluster_diff` (the lead of each direction whose mode is not uniform), and ``ranking`` in
+``matrix.json`` says which matrix was used.
 
 Under torchrun (``torchrun --nproc_per_node=2 scripts/matrix.py experiment=matrix_demo``, or ``torchrun
 --nproc_per_node=2 -m spec_torch matrix ...``) each rank extracts its contiguous block of the dataset into a
@@ -25,11 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .._validate import resolve_device
 from ..errors import SpecError
-from ..matrix import spec_matrix
+from ..matrix import SpecMatrix, spec_matrix
+from ..result import UNIFORM_THRESHOLD
 from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
 from .config import ACCUMULATE_DTYPES, check_run_settings, load_config
+from .report.flags import mode_flag_codes
 
 __all__ = ["run", "MATRIX_JSON"]
 
@@ -48,6 +57,8 @@ def _check_settings(cfg: DictConfig) -> None:
         positive=("top_k", "samples_per_mode", "batch_size", "stream_batch_size"),
         non_negative=("top_pairs",),
     )
+    if not isinstance(cfg.get("center", False), bool):
+        raise SpecError(f"center: expected true or false, got {cfg.center!r}")
     encoders = cfg.get("encoders")
     if not isinstance(encoders, DictConfig) or len(encoders) == 0:
         raise SpecError("encoders: expected a mapping name -> encoder config (family: ..., layers: [...])")
@@ -178,13 +189,57 @@ def _kernels(cfg: DictConfig, features: dict[str, Any], n: int, device: torch.de
     return distributed.run_on_main(fit)
 
 
-def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, Any]]:
+def ranking(m: SpecMatrix) -> dict[str, Any]:
+    """Which matrix ranks the "most different" pairs: ``spec_diff`` when no entry is led by a uniform mode
+    (always so with centred kernels), else ``cluster_diff`` (uniform-led directions skipped), with a note."""
+    uniform = int((m.lead_uniformity > UNIFORM_THRESHOLD).sum())
+    if m.center or uniform == 0:
+        return {
+            "matrix": "spec_diff",
+            "skip_uniform": False,
+            "uniform_entries": uniform,
+            "note": "ranked by SPEC-diff"
+            + (
+                " of the centred kernels (no uniform mode)"
+                if m.center
+                else "; no entry is led by a uniform mode"
+            ),
+        }
+    return {
+        "matrix": "cluster_diff",
+        "skip_uniform": True,
+        "uniform_entries": uniform,
+        "note": (
+            f"ranked by the larger lead of each pair's directions whose mode is not uniform: {uniform} lead "
+            f"entries are led by a uniform mode (uniformity > {UNIFORM_THRESHOLD}: kernel levels, not a "
+            "group) and skipped; rerun with center=true to remove them"
+        ),
+    }
+
+
+def _flagged(entry: dict[str, Any], res: Any, mode: int) -> dict[str, Any]:
+    """``entry`` with the mode's ``uniformity``, ``below_resolution`` (when the result has it) and ``flags``."""
+    entry["uniformity"] = float(res.uniformity[mode])
+    below = getattr(res, "below_resolution", None)
+    if below is not None:
+        entry["below_resolution"] = bool(below[mode])
+    entry["flags"] = mode_flag_codes(entry)
+    return entry
+
+
+def entry_flags(uniformity: Any) -> list[list[list[str]]]:
+    """``[N][N]`` flag codes of the modes behind a matrix's entries, from their ``uniformity``."""
+    return [[mode_flag_codes({"uniformity": float(u)}) for u in row] for row in np.asarray(uniformity)]
+
+
+def _pair_modes(cfg, m, features, n, dataset, index, device, rank_by) -> list[dict[str, Any]]:
     """For the most different pairs: top modes of both signs, their top samples (one scoring pass per pair;
     under torchrun each rank scores its block and the candidates are merged over the ranks)."""
     out = []
     k = min(int(cfg.samples_per_mode), n)
     mine = _my_rows(n)
-    for i, j in m.most_different(int(cfg.top_pairs)):
+    clusters = m.cluster_diff()
+    for i, j in m.most_different(int(cfg.top_pairs), skip_uniform=rank_by["skip_uniform"]):
         a, b = m.names[i], m.names[j]
         res = m.pair(i, j)
         chosen = {"x": res.positive_modes(int(cfg.top_k)), "y": res.negative_modes(int(cfg.top_k))}
@@ -215,6 +270,7 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                     "top_rows": [int(x) for x in idx],
                     "top_scores": [float(s) for s in top.scores[r]],
                 }
+                _flagged(entry, res, int(mode))
                 if dataset.attributes:
                     from .report.metrics import purity
 
@@ -229,7 +285,16 @@ def _pair_modes(cfg, m, features, n, dataset, index, device) -> list[dict[str, A
                         for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
                     ]
                 modes.append(entry)
-        out.append({"x": a, "y": b, "spec_diff": float(m.spec_diff[i, j]), "modes": modes})
+        pair = {
+            "x": a,
+            "y": b,
+            "spec_diff": float(m.spec_diff[i, j]),
+            "lead": [float(m.lead[i, j]), float(m.lead[j, i])],  # x over y, y over x
+            "cluster_diff": float(clusters[i, j]),
+        }
+        _flagged(pair, res, int(res.eigenvalues.abs().argmax()))  # the pair's strongest mode
+        pair["modes"] = modes
+        out.append(pair)
     return out
 
 
@@ -260,9 +325,11 @@ def run(cfg: Any = None) -> dict[str, Any]:
         eta=float(cfg.eta),
         top_k=cfg.get("solve_top_k"),
         accumulate_dtype=ACCUMULATE_DTYPES[str(cfg.get("accumulate_dtype", "float64"))],
+        center=bool(cfg.get("center", False)),
     )
+    rank_by = ranking(m)
     if m.route == "joint":
-        pairs = _pair_modes(cfg, m, features, n, dataset, index, device)
+        pairs = _pair_modes(cfg, m, features, n, dataset, index, device, rank_by)
     else:  # the memory-saving route keeps no joint sums, so no pair's modes (matrix.json says route: groups)
         log.warning(
             "the joint matrix did not fit (%d passes over pair groups): no modes of the pairs", m.passes
@@ -277,7 +344,19 @@ def run(cfg: Any = None) -> dict[str, Any]:
         device=str(device),
         kernel_config=_container(cfg.kernel),
     )
-    summary.update(dataset=data_info, encoders=enc_info, pairs=pairs, skipped=len(dataset) - n)
+    summary.update(
+        cluster_diff=m.cluster_diff().tolist(),
+        entry_flags=entry_flags(m.uniformity),
+        lead_flags=entry_flags(m.lead_uniformity),
+        ranking=rank_by,
+        dataset=data_info,
+        encoders=enc_info,
+        pairs=pairs,
+        skipped=len(dataset) - n,
+    )
+    from .report.matrix_html import matrix_summary
+
+    summary["summary"] = matrix_summary(summary)
     if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
         return summary
     if cfg.get("report", True):
@@ -290,12 +369,29 @@ def run(cfg: Any = None) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
+    """The finding, the SPEC-diff table and the ranked pairs, through logging: Hydra writes them to the
+    console and to the run folder's ``matrix.log``."""
+    from .report.flags import FLAGS
+
     names, sd = summary["names"], np.asarray(summary["spec_diff"])
-    print(f"SPEC matrix: {len(names)} feature sets, n = {summary['n']}, route {summary['settings']['route']}")
+    settings = summary["settings"]
+    log.info(
+        f"SPEC matrix: {len(names)} feature sets, n = {summary['n']}, route {settings['route']}, "
+        f"{'centred' if settings.get('center') else 'uncentred'} kernels"
+    )
+    log.info(summary["summary"])
     width = max(len(s) for s in names)
-    print(" " * (width + 2) + " ".join(f"{k:>7d}" for k in range(len(names))))
+    lines = [" " * (width + 3) + " ".join(f"{k:>7d}" for k in range(len(names)))]
+    flags = summary.get("entry_flags")
     for i, s in enumerate(names):
-        print(f"{i:>2d} {s:<{width}}" + " ".join(f"{v:7.3f}" for v in sd[i]))
+        cells = [f"{v:7.3f}" + ("u" if flags and flags[i][j] else " ") for j, v in enumerate(sd[i])]
+        lines.append(f"{i:>2d} {s:<{width}}" + "".join(cells))
+    log.info("SPEC-diff (row i, column j; u: led by a uniform mode):\n" + "\n".join(lines))
+    log.info(f"most different pairs, {summary['ranking']['note']}:")
     for p in summary["pairs"]:
-        print(f"  most different: {p['x']} vs {p['y']}: SPEC-diff {p['spec_diff']:.4f}")
-    print(f"wrote {path}" + (f" and {summary['report']}" if "report" in summary else ""))
+        tags = "; ".join(FLAGS[c][0] for c in p.get("flags", []))
+        log.info(
+            f"  {p['x']} vs {p['y']}: SPEC-diff {p['spec_diff']:.4f}, lead {p['lead'][0]:.4f} / "
+            f"{p['lead'][1]:.4f}" + (f"  [{tags}]" if tags else "")
+        )
+    log.info(f"wrote {path}" + (f" and {summary['report']}" if "report" in summary else ""))

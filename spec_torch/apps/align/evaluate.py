@@ -42,6 +42,10 @@ __all__ = [
     "spec_diff_to_teacher",
     "evaluate",
     "plot_before_after",
+    "metric_panels",
+    "metric_direction",
+    "metric_label",
+    "metric_value",
 ]
 
 
@@ -355,10 +359,54 @@ def _evaluate_set(
 
 
 # ----------------------------------------------------------------------------------------------- the plot
-#: metrics where lower is better (the rest of evaluate()'s metrics are accuracies/recalls: higher is better)
-LOWER_IS_BETTER = ("spec_diff",)
+#: metrics where lower is better: SPEC-diff, and the magnitude of the loss's strongest mode in sample and held out
+#: (its signed value says which side holds the group; its size shrinks when training works)
+LOWER_IS_BETTER = ("spec_diff", "mode_eigenvalue", "mode_heldout_eigenvalue")
+#: signed metrics shown and compared as magnitudes (``|mode_eigenvalue|``)
+MAGNITUDE = ("mode_eigenvalue", "mode_heldout_eigenvalue")
+#: metrics with no better direction, shown apart: the stability of the strongest mode says whether the remaining
+#: difference is one reproducible direction (high) or spread over near-tied directions (low, noise-like); read it
+#: with the held-out |eigenvalue|
+DIAGNOSTIC = ("mode_stability",)
 #: the teacher's own score: the same before and after (a ceiling line, not a before/after pair)
 TEACHER_CONSTANT = "knn_teacher_clusters_teacher"
+#: what a panel's title says of its metrics
+DIRECTION_TITLE = {"lower": "lower is better", "higher": "higher is better", "neither": "no better direction"}
+
+
+def metric_direction(key: str) -> str:
+    """``"lower"``, ``"higher"`` or ``"neither"``: which way a metric of :func:`evaluate` moves when the student
+    is closer to the teacher (accuracies and recalls: higher)."""
+    if key in LOWER_IS_BETTER:
+        return "lower"
+    return "neither" if key in DIAGNOSTIC else "higher"
+
+
+def metric_label(key: str) -> str:
+    """The name a metric is shown under: ``|mode_eigenvalue|`` for the :data:`MAGNITUDE` ones."""
+    return f"|{key}|" if key in MAGNITUDE else key
+
+
+def metric_value(key: str, value: float) -> float:
+    """The value shown and compared: the magnitude for :data:`MAGNITUDE` metrics."""
+    return abs(float(value)) if key in MAGNITUDE else float(value)
+
+
+def metric_panels(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> list[tuple[str, str, list[str]]]:
+    """The before/after panels of :func:`plot_before_after`: ``[(set name, title, metric keys), ...]``, one per
+    evaluation set and direction (titles from :data:`DIRECTION_TITLE`); ``lambda_*`` and the teacher's own
+    score are left out."""
+    groups = []
+    for name in [s for s in after if s in before]:
+        keys = [k for k in after[name] if k != "n" and k in before[name] and not k.startswith("lambda")]
+        keys = [k for k in keys if k != TEACHER_CONSTANT]
+        for direction in ("lower", "higher", "neither"):
+            chosen = [k for k in keys if metric_direction(k) == direction]
+            if chosen:
+                groups.append((name, DIRECTION_TITLE[direction], chosen))
+    return groups
 
 
 def plot_before_after(
@@ -367,9 +415,11 @@ def plot_before_after(
     path: str | Path,
     history: dict[str, list[float]] | None = None,
 ) -> Path:
-    """Before/after bars per evaluation set, lower-is-better metrics (SPEC-diff) and higher-is-better ones
-    (accuracies, recalls) on separate panels, the teacher's own kNN score as a dashed ceiling; then the
-    training curves, the SPEC term and the contrastive term on separate y axes.
+    """Before/after bars per evaluation set, lower-is-better metrics (SPEC-diff, |eigenvalue| of the loss's
+    strongest mode in sample and held out), higher-is-better ones (accuracies, recalls) and the stability
+    (no better direction) on separate panels (:func:`metric_panels`), the teacher's own kNN score as a dashed
+    ceiling; then the training curves (all lower is better), the SPEC term and the contrastive term on
+    separate y axes.
 
     Args:
         history: ``{"step": [...], "loss_spec": [...], "loss_clip": [...], "heldout_step": [...],
@@ -377,28 +427,28 @@ def plot_before_after(
     """
     from matplotlib.figure import Figure
 
-    names = [s for s in after if s in before]
-    groups = []  # (set name, title, keys)
-    for name in names:
-        keys = [k for k in after[name] if k != "n" and k in before[name] and not k.startswith("lambda")]
-        low = [k for k in keys if k in LOWER_IS_BETTER]
-        high = [k for k in keys if k not in LOWER_IS_BETTER and k != TEACHER_CONSTANT]
-        groups += [(name, "lower is better", low)] if low else []
-        groups += [(name, "higher is better", high)] if high else []
-    panels = len(groups) + (1 if history else 0)
-    fig = Figure(figsize=(4.2 * max(panels, 1), 4.2), layout="constrained")
-    axes = fig.subplots(1, max(panels, 1), squeeze=False)[0]
+    groups = metric_panels(before, after)  # (set name, title, keys)
+    panels = max(len(groups) + (1 if history else 0), 1)
+    cols = min(panels, 2)  # two panels a row: readable when the page shows the plot at its width
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(5.6 * cols, 4.4 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    axes = axes[:panels]
     for ax, (name, title, keys) in zip(axes, groups):
         x = np.arange(len(keys))
-        ax.bar(x - 0.2, [before[name][k] for k in keys], 0.4, label="before", color="#9aa5b1")
-        ax.bar(x + 0.2, [after[name][k] for k in keys], 0.4, label="after", color="#2f6db5")
+        ax.bar(
+            x - 0.2, [metric_value(k, before[name][k]) for k in keys], 0.4, label="before", color="#9aa5b1"
+        )
+        ax.bar(x + 0.2, [metric_value(k, after[name][k]) for k in keys], 0.4, label="after", color="#2f6db5")
         if title == "higher is better" and TEACHER_CONSTANT in after[name] and "knn_teacher_clusters" in keys:
             j = keys.index("knn_teacher_clusters")
             ax.hlines(after[name][TEACHER_CONSTANT], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
                       label="teacher's own")  # fmt: skip
-        ax.set_xticks(x, keys, rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(x, [metric_label(k) for k in keys], rotation=35, ha="right", fontsize=9)
         ax.set_title(f"{name} (n={int(after[name]['n'])}): {title}", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=9)
     if history:
         ax = axes[-1]
         if history.get("loss_spec"):
@@ -408,7 +458,7 @@ def plot_before_after(
                     color="#2f6db5")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("SPEC")
-        ax.set_title("training", fontsize=10)
+        ax.set_title("training: lower is better", fontsize=10)
         handles, labels = ax.get_legend_handles_labels()
         if history.get("loss_clip") and any(v != 0 for v in history["loss_clip"]):
             twin = ax.twinx()  # the contrastive term has its own scale
@@ -418,7 +468,7 @@ def plot_before_after(
             twin.set_ylabel("contrastive")
             h2, l2 = twin.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
-        ax.legend(handles, labels, fontsize=8)
+        ax.legend(handles, labels, fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)

@@ -11,7 +11,8 @@
 5. evaluation before training (``eval_before.json``, kept across resumes), training with checkpoints and
    logs (:class:`AlignTrainer`), evaluation after;
 6. ``student.pt`` (the fine-tuned open_clip state dict, loadable with ``encoder.checkpoint=``), the plot,
-   and ``results.json`` written atomically, last: a folder with ``results.json`` is a finished run.
+   ``report.html`` (:func:`~spec_torch.apps.report.align_html.write_align_report`) and ``results.json``
+   written atomically, last: a folder with ``results.json`` is a finished run.
 """
 
 from __future__ import annotations
@@ -298,7 +299,10 @@ def run(
         if "spec_diff" in before["heldout"]:  # the curve starts at the untrained student
             history["heldout_step"].insert(0, 0)
             history["heldout_spec_diff"].insert(0, before["heldout"]["spec_diff"])
-        plot_before_after(before, after, out / "plots" / "align_metrics.png", history)
+        plot = plot_before_after(before, after, out / "plots" / "align_metrics.png", history)
+        from ..report.align_html import write_align_report
+
+        results["report"] = write_align_report(out, results, plot).name
         atomic_write_json(out / RESULTS_JSON, results)  # last: its presence marks a finished run
         _print_table("after", after)
         _print_change(before, after, out)
@@ -370,4 +374,4 @@ def _print_change(before: dict, after: dict, out: Path) -> None:
                 f"strongest mode after training: eigenvalue {h['mode_eigenvalue']:+.4f}, held-out "
                 f"{h['mode_heldout_eigenvalue']:+.4f}, stability {h['mode_stability']:.2f} (docs/uncertainty.md)"
             )
-    log.info(f"results: {out / RESULTS_JSON}")
+    log.info(f"results: {out / RESULTS_JSON}, report: {out / 'report.html'}")
