@@ -294,3 +294,25 @@ def test_centred_spec_diff_on_each_route_matches_a_centred_solve(tmp_path, metho
     assert centred["value"] == pytest.approx(float(oracle.spec_diff), rel=TOL_SAME_SUMS)
     assert spec["summary"]["read"] == "spec_diff_centred"
     assert f"Read the centred SPEC-diff instead: {centred['value']:.3g}" in spec["summary"]["headline"]
+
+
+# ------------------------------------------------------------------------------------------- the docs
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_compare_md_quotes_what_the_demo_and_the_uncentred_run_print(runs):
+    """docs/compare.md's demo output (it once showed the stale uncentred 0.2561 with y1 = circle as the
+    demo's): SPEC-diff, the centred value and each mode's eigenvalue and majority attribute, to the 4 digits
+    printed. Intervals and verdicts are left out: they depend on the replicates."""
+    _, specs = runs
+    text = DOCS.joinpath("compare.md").read_text(encoding="utf-8")
+    demo_block, uncentred_block = re.findall(r"```\n(SPEC-diff = .*?)```", text, re.S)[:2]
+    assert demo_block.startswith(f"SPEC-diff = {specs['demo']['spec_diff']:.4g} ")
+    assert uncentred_block.startswith(f"SPEC-diff = {specs['uncentred']['spec_diff']:.4g} ")
+    centred = specs["uncentred"]["spec_diff_centred"]["value"]
+    assert f"centred SPEC-diff = {centred:.4g}: read this one" in uncentred_block
+    for name, entry in _modes(specs["demo"]):
+        (line,) = [x for x in demo_block.splitlines() if x.startswith(f"  mode {name} ")]
+        best = max(entry["purity"], key=entry["purity"].get)
+        assert f"eigenvalue {entry['eigenvalue']:+.4g} " in line
+        assert f"purity: {best}={entry['dominant'][best]} " in line
