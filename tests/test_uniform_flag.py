@@ -13,7 +13,7 @@ import torch
 import spec_torch as st
 from spec_torch.apps.compare import _print_summary
 from spec_torch.apps.report import write_report
-from spec_torch.apps.report.flags import UNIFORM_THRESHOLD, approximation_line, uniform_modes, uniform_tag
+from spec_torch.apps.report.flags import UNIFORM_THRESHOLD, approximation_line, flag_labels, uniform_modes
 
 
 def _entry(rank: int, lam: float, uniformity: float | None) -> dict:
@@ -52,8 +52,10 @@ def _summary() -> dict:
 def test_uniform_modes_flags_only_entries_above_the_threshold():
     summary = _summary()
     assert uniform_modes(summary["modes"]) == [("y", 1, -0.6, 0.998)]
-    assert uniform_tag(summary["modes"]["y"][0]).startswith("  UNIFORM (1.00): kernel levels, not a cluster")
-    assert uniform_tag(summary["modes"]["x"][0]) == "" and uniform_tag(summary["modes"]["x"][1]) == ""
+    assert flag_labels(summary["modes"]["y"][0]) == ["uniform: kernel levels, not a group"]
+    assert "uniform" not in " ".join(
+        flag_labels(summary["modes"]["x"][0]) + flag_labels(summary["modes"]["x"][1])
+    )
     # the threshold is strict and documented: a cluster of 81% of the samples has uniformity sqrt(0.81) = 0.9
     assert uniform_modes({"x": [_entry(1, 0.1, UNIFORM_THRESHOLD)]}) == []
     assert uniform_modes({"x": [_entry(1, 0.1, math.nextafter(UNIFORM_THRESHOLD, 1.0))]})

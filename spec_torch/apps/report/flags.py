@@ -1,4 +1,6 @@
-"""Plain-words warnings about what a reported number means, shared by the CLI summary and ``report.html``.
+"""Plain-words warnings about what a reported number means, shared by the CLI summary and ``report.html``:
+the closed table of mode flag codes :data:`FLAGS` and the rule :func:`mode_flag_codes`, the one source every
+view renders a mode's flags from.
 
 - A *uniform* mode: its eigenvector is close to the constant vector ``1/sqrt(n)`` (``uniformity`` =
   ``|<v_k, 1>| / sqrt(n)`` near 1, in each spec.json mode entry). It scores every sample alike, so it is not a
@@ -19,7 +21,6 @@ from ...result import UNIFORM_THRESHOLD
 __all__ = [
     "UNIFORM_THRESHOLD",
     "uniform_modes",
-    "uniform_tag",
     "UNIFORM_MEANING",
     "approximation_line",
     "reference_phrase",
@@ -65,14 +66,6 @@ def uniform_modes(
             if u is not None and u > threshold:
                 out.append((direction, int(entry.get("rank", 0)), float(entry["eigenvalue"]), u))
     return out
-
-
-def uniform_tag(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHOLD) -> str:
-    """A short suffix for one mode's summary line: ``"  UNIFORM (0.99): kernel levels, not a cluster"`` or ``""``."""
-    u = _uniformity(entry)
-    if u is None or not u > threshold:
-        return ""
-    return f"  UNIFORM ({u:.2f}): kernel levels, not a cluster"
 
 
 def approximation_line(approx: Mapping[str, Any] | None) -> str:

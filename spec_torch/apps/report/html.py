@@ -615,24 +615,25 @@ def _uncertainty(
 ) -> str:
     """Intervals plot and mode table (eigenvalue, interval, held-out, stability, verdict), or the note why off."""
     info = spec.get("uncertainty") if isinstance(spec.get("uncertainty"), Mapping) else {}
-    ranked = [(n, m) for n, m, _ in all_ranked if m.ci is not None and m.heldout_eigenvalue is not None]
+    ranked = [(n, m, e) for n, m, e in all_ranked if m.ci is not None and m.heldout_eigenvalue is not None]
     if not ranked:
         note = info.get("note") if info else None
         return f'<p class="muted">Intervals and held-out eigenvalues: {_e(note)}.</p>' if note else ""
     level = float(info.get("level", 0.9))
     path = plots.plot_intervals(
-        [label for label, _ in ranked],
-        [m.eigenvalue for _, m in ranked],
-        [list(m.ci) for _, m in ranked],
-        [m.heldout_eigenvalue for _, m in ranked],
-        [m.support == "supported" for _, m in ranked],
+        [label for label, _, _ in ranked],
+        [m.eigenvalue for _, m, _ in ranked],
+        [list(m.ci) for _, m, _ in ranked],
+        [m.heldout_eigenvalue for _, m, _ in ranked],
+        [not flags.entry_flags(e) for _, _, e in ranked],  # a flagged mode is drawn hollow
         plot_dir / "intervals.png",
         level=level,
     )
     rows = [
-        [label, m.eigenvalue, f"{m.ci[0]:.4g} .. {m.ci[1]:.4g}", m.heldout_eigenvalue, m.stability, m.support]
-        for label, m in ranked
-    ]
+        [label, m.eigenvalue, f"{m.ci[0]:.4g} .. {m.ci[1]:.4g}", m.heldout_eigenvalue, m.stability, m.support,
+         "; ".join(_labels(m, e))]
+        for label, m, e in ranked
+    ]  # fmt: skip
     ci = spec.get("spec_diff_ci")
     diff = (
         f" SPEC-diff: {_fmt(spec.get('spec_diff'))}, {level:.0%} interval {ci[0]:.4g} .. {ci[1]:.4g}."
@@ -648,7 +649,7 @@ def _uncertainty(
         "<i>stability</i> is the fraction of resamples in which the same mode reappears (sample-score overlap "
         f"≥ {_e(info.get('overlap_cutoff', 0.9))}). See docs/uncertainty.md.</p>"
         + _img(path, "eigenvalue intervals and held-out eigenvalues")
-        + _table(rows, ["mode", "λ", f"{level:.0%} interval", "held-out λ", "stability", "verdict"])
+        + _table(rows, ["mode", "λ", f"{level:.0%} interval", "held-out λ", "stability", "verdict", "flags"])
     )
 
 

@@ -258,7 +258,8 @@ def plot_intervals(
     """The reported modes' eigenvalues with their bootstrap intervals and held-out eigenvalues.
 
     One column per mode (``labels``, e.g. ``"x1"``): the in-sample eigenvalue (dot, coloured by sign), its
-    ``level`` interval (bar), the held-out eigenvalue (cross); modes not ``supported`` drawn hollow and grey.
+    ``level`` interval (bar), the held-out eigenvalue (cross); modes not ``supported`` (the report passes: not
+    flagged) drawn hollow and grey.
 
     Args:
         eigenvalues: ``[M]``; ci: ``[M, 2]``; heldout: ``[M]``; supported: ``[M]`` booleans.
@@ -281,7 +282,7 @@ def plot_intervals(
     ax.scatter([], [], s=36, color="#555555", label="in-sample λ")
     ax.plot([], [], color="#555555", lw=4, alpha=0.45, label=f"{level:.0%} bootstrap interval")
     ax.scatter([], [], s=40, marker="x", color="black", label="held-out λ")
-    ax.scatter([], [], s=36, facecolors="none", edgecolors="#999999", label="not supported / not distinct")
+    ax.scatter([], [], s=36, facecolors="none", edgecolors="#999999", label="flagged (see the mode's card)")
     ax.set_xticks(pos, [str(label) for label in labels])
     ax.set_xlabel("reported mode")
     ax.set_ylabel("eigenvalue λ")
