@@ -234,7 +234,7 @@ def test_report_has_a_glossary_with_every_flag_and_settings_last(runs):
     for label, sentence in FLAGS.values():
         assert f"<dt>{label}</dt><dd>{sentence}</dd>" in glossary
     assert page.index("<h2>Settings</h2>") > page.rindex('<section class="mode')
-    assert page.count("<table>") == page.count('<div class="tw"><table>')  # every table scrolls sideways
+    assert page.count("<table>") == page.count('<div class="wide"><table>')  # every table scrolls sideways
 
 
 def _chromium() -> str:

@@ -118,7 +118,7 @@ h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:34px 0 8px;border-b
 padding-bottom:4px}h3{font-size:1.05em;margin:0 0 8px}
 .sub{color:#57606a;margin:0 0 16px}.muted{color:#57606a;font-size:.9em}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:.92em}
-.tw{overflow-x:auto;max-width:100%}.facts>div{min-width:0;max-width:100%}
+.wide{overflow-x:auto;max-width:100%}.facts>div{min-width:0;max-width:100%}
 td,th,li,p,dd,code{overflow-wrap:break-word}td.num{white-space:nowrap}
 dl.glossary dt{font-weight:600;margin-top:8px}dl.glossary dd{margin:2px 0 0 18px}
 .tag{color:#9a6700;font-weight:600}
@@ -172,7 +172,7 @@ def _table(
 ) -> str:
     """A table in a wrapper that scrolls sideways (``overflow-x: auto``), so the page never gets wider than
     the window; ``row_attrs``: HTML attributes of each row (e.g. ``data-mode``)."""
-    out = ['<div class="tw"><table>']
+    out = ['<div class="wide"><table>']
     if header:
         out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
     for i, row in enumerate(rows):
@@ -517,7 +517,7 @@ def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
     )
     if len(labels) > top and rest > 1e-9:
         rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td>{rest:.0%}</td></tr>'
-    return f'<div class="tw"><table><tr><th>label</th><th>fraction</th></tr>{rows}</table></div>'
+    return f'<div class="wide"><table><tr><th>label</th><th>fraction</th></tr>{rows}</table></div>'
 
 
 def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
@@ -527,7 +527,7 @@ def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
         major, frac = (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
         style = ' style="font-weight:600"' if frac >= pure else ""
         rows.append(f"<tr{style}><td>{_e(attr)}</td><td>{_e(major)}</td><td>{frac:.0%}</td></tr>")
-    return f'<div class="tw"><table>{"".join(rows)}</table></div>'
+    return f'<div class="wide"><table>{"".join(rows)}</table></div>'
 
 
 def _mode(
