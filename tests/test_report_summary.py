@@ -316,3 +316,20 @@ def test_compare_md_quotes_what_the_demo_and_the_uncentred_run_print(runs):
         best = max(entry["purity"], key=entry["purity"].get)
         assert f"eigenvalue {entry['eigenvalue']:+.4g} " in line
         assert f"purity: {best}={entry['dominant'][best]} " in line
+
+
+def test_summary_names_a_group_by_its_keywords_when_the_entry_has_them():
+    """spec.json ``keywords`` (the words branch's explain stage) describe a text mode's group in the headline."""
+    spec = {
+        "eigenvalues": [0.3, -0.2],
+        "spec_diff": 0.3,
+        "modes": {
+            "x": [
+                {"rank": 1, "eigenvalue": 0.3, "keywords": [["terrier", 9.4], ["spaniel", 7.1]], "labels": []}
+            ],
+            "y": [{"rank": 1, "eigenvalue": -0.2, "top_ids": ["cap:7"]}],
+        },
+    }
+    headline = build_summary(spec, {"x": "A", "y": "B"})["headline"]
+    assert "A holds together a group described by terrier, spaniel, which B does not" in headline
+    assert "B holds together a group led by cap:7, which A does not" in headline

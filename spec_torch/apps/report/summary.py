@@ -98,7 +98,10 @@ def tagged(direction: str, entry: Mapping[str, Any]) -> str:
 
 def group_phrase(entry: Mapping[str, Any]) -> str:
     """What a mode's top samples share: ``"100% colour=blue"`` (planted attributes), ``"75% circle"``
-    (labels), ``'led by "a caption"'`` (texts) or ``"led by <id>"``."""
+    (labels), ``"described by terrier, spaniel"`` (its distinctive words, spec.json ``keywords`` ``[[term, z],
+    ...]``, where the data has texts), ``'led by "a caption"'`` (texts) or ``"led by <id>"``."""
+    if entry.get("keywords"):  # its distinctive words say best what the group is
+        return "described by " + ", ".join(str(term) for term, _ in entry["keywords"])
     purity, dominant = entry.get("purity"), entry.get("dominant") or {}
     if purity:
         attr, frac = max(purity.items(), key=lambda kv: float(kv[1]))
@@ -111,6 +114,12 @@ def group_phrase(entry: Mapping[str, Any]) -> str:
         return f'led by "{entry["top_texts"][0]}"'
     ids = entry.get("top_ids") or []
     return f"led by {ids[0]}" if ids else "of unnamed samples"
+
+
+def _group(entry: Mapping[str, Any]) -> str:
+    """:func:`group_phrase` after "a group": ``"that is 100% colour=blue"``, ``"described by ..."``."""
+    phrase = group_phrase(entry)
+    return phrase if phrase.startswith(("described", "led", "of ")) else f"that is {phrase}"
 
 
 def _lam(entry: Mapping[str, Any]) -> str:
@@ -154,11 +163,11 @@ def _direction_finding(
     elif flags.entry_flags(lead):
         text = (
             f"{me}'s strongest mode, {tagged(direction, lead)} ({_lam(lead)}, {_share(lead, total)}; {count}), "
-            f"points to a group that is {group_phrase(lead)}, which {them} does not hold together."
+            f"points to a group {_group(lead)}, which {them} does not hold together."
         )
     else:
         text = (
-            f"{me} holds together a group that is {group_phrase(lead)}, which {them} does not "
+            f"{me} holds together a group {_group(lead)}, which {them} does not "
             f"({mode_name(direction, lead)}: {_lam(lead)}, {_share(lead, total)}; {count})."
         )
     return {"direction": direction, "modes": named, "text": text}
