@@ -11,7 +11,9 @@
 4. a second streaming pass for the top samples of the strongest modes of each sign;
 5. per-mode metrics (tightness under each kernel, KMeans agreement, label composition, purity on planted
    attributes) and mutual k-NN overlap on a subsample;
-6. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
+6. the words (:func:`_explain`): each mode's ``flags`` and the ``summary`` every view renders; when the
+   strongest mode is uniform, the centred SPEC-diff beside it (``spec_diff_centred``, from step 3's sums);
+7. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
    ``spec.json`` is a finished run.
 
 Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the setting.
