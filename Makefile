@@ -38,6 +38,7 @@ bench: $(STAMP)  ## print the benchmarks (ratios measured side by side in one ru
 	$(PY) bench/bench_rff_error.py
 	$(PY) bench/bench_permutation.py
 	$(PY) bench/hard_case.py
+	$(PY) bench/bench_keywords.py
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check spec_torch scripts tests bench

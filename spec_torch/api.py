@@ -18,6 +18,7 @@ from ._validate import (
 )
 from .covariance import MAX_ETA, DiffCovariance
 from .errors import SpecError
+from .factor_intervals import attach_factor_uncertainty, check_replicate_groups
 from .kernels import Kernel, resolve_kernel
 from .result import SpecResult
 from .solver import check_top_k, largest_magnitude, solve_exact
@@ -201,12 +202,22 @@ def spec(
             ``torch.float32`` (faster, its error documented in docs/numerics.md).
         center: centre both kernels (``H K H``), removing the uniform mode; default False (the paper's SPEC).
         replicates: R >= 2 bootstrap replicates for ``eigenvalue_ci``, ``spec_diff_ci``, ``heldout_eigenvalues``
-            and ``stability`` (docs/uncertainty.md); ``None``/``0`` skips them. Needs the feature route.
+            and ``stability`` (docs/uncertainty.md); ``None``/``0`` skips them. On every route, resampling groups
+            of rows (rows and columns of L together); the route is chosen as without them. The features route
+            with ``D <= n`` resamples its group sums: ``R + 2S`` solves of ``D x D`` (S = min(R, 10) held-out
+            splits), ``G D^2`` float64 sums. The n x n routes (exact kernels; the dual solve when ``D > n``)
+            resample an exact factor of L of rank ``r <= min(n, D)`` (:mod:`spec_torch.factor_intervals`):
+            every eigenpair of L (the exact solve's own; one more n x n build and eigh with ``center`` or
+            ``top_k``), then ``R + 2S`` solves of ``r x r`` (``O(r^3)`` each: a factorisation of C and an eigh of
+            S; above rank :data:`~spec_torch.factor_intervals.FULL_SOLVE_MAX_RANK` the S solve keeps the strongest
+            :data:`~spec_torch.factor_intervals.CAPPED_TOP_K` modes of each sign, and only they get intervals)
+            and ``n r + (G + 14) r^2`` float64 of memory, checked before allocation. ``uncertainty`` records
+            which ran and its size. Refused with fewer than 16 samples or 8 groups.
         seed: seed of the uniform row sample that ``sigma="auto"`` is fitted on, and of the replicates' group
             assignment hash and resampling (deterministic for a seed).
         level: interval level (default 0.9).
-        groups: number of groups the samples are split into for the replicates (default 32 when
-            ``replicates`` is given; at most n // 2).
+        groups: number of groups the samples are split into for the replicates (default ``min(32, n // 2)``
+            when ``replicates`` is given; at least 8).
         reference: compute the permutation reference ``spec_diff_null`` (SPEC-diff with the pairing shuffled)
             and ``spec_diff_ratio`` (docs/uncertainty.md). Its cost: about one more solve on the feature route;
             on the n x n routes an eigenvalue solve of a (2n+1)-square matrix (centred: two n x n), measured at
@@ -236,13 +247,16 @@ def spec(
     kx.check_input(x, "x")
     ky.check_input(y, "y")
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    # replicates come from group sums of feature maps: the feature route (checked in _spec_with_uncertainty)
-    route = "features" if replicates and method != "exact" else choose_route(method, n, p, q, kx, ky)
+    groups = check_replicate_groups(replicates, groups, n)  # None: no replicates
+    if groups is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
+    route = choose_route(method, n, p, q, kx, ky)
     kx, ky = kx.for_route(route), ky.for_route(route)
     if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
         rows = _fit_rows(n, seed, x.device, size=max(FIT_ROWS, kx.fit_rows, ky.fit_rows))
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
-    if replicates:
+    d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
+    if groups is not None and route == "features" and d <= n:  # replicate solves of D <= n: the group sums
         return _spec_with_uncertainty(
             x,
             y,
@@ -260,7 +274,6 @@ def spec(
             center,
             reference,
         )
-    d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if route == "features" and d <= n:
         acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
@@ -294,7 +307,7 @@ def spec(
     null = None
     if reference:
         null = shuffled_spec_diff_dense(x, y, kx, ky, eta, center=center, block_size=block)
-    return SpecResult.from_exact(
+    result = SpecResult.from_exact(
         evals,
         v,
         data=(x, y),
@@ -311,6 +324,23 @@ def spec(
         shift=shift,
         spec_diff_null=null,
     )
+    if groups is not None:  # intervals from an exact factor of L (spec_torch.factor_intervals)
+        if center or top_k is not None:  # the factor needs every eigenpair of the uncentred L: one more solve
+            lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
+            evals, v = torch.linalg.eigh(lmat)  # [n], [n, n]
+            del lmat
+        attach_factor_uncertainty(
+            result,
+            (evals, v),
+            route="dual" if route == "features" else "exact",
+            replicates=replicates,
+            groups=groups,
+            level=level,
+            seed=seed,
+            top_k=top_k,
+            center=center,
+        )
+    return result
 
 
 #: rows of the seeded uniform sample that data-dependent kernel settings (sigma="auto") are fitted on, or more
@@ -371,30 +401,15 @@ def _spec_with_uncertainty(
     center,
     reference,
 ) -> SpecResult:
-    """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``."""
-    for k, name in ((kx, "kernel_x"), (ky, "kernel_y")):
-        if not k.has_features:
-            raise SpecError(
-                f"{name}: {k!r} has no finite feature map, so replicates (intervals, held-out eigenvalues, "
-                "stability) cannot be computed from group sums; use Nystrom features or random Fourier "
-                "features (GaussianKernel(rff_dim=...)), or replicates=None"
-            )
-    if method == "exact":
-        raise SpecError("method: replicates need the feature route; use method='features' or 'auto'")
-    if method not in _METHODS:
-        raise SpecError(f"method: expected one of {_METHODS}, got {method!r}")
-    from .uncertainty import DEFAULT_GROUPS
+    """The feature route with group-wise sums (row positions as sample indices) and ``compute(replicates=R)``.
 
+    ``groups`` validated (:func:`~spec_torch.factor_intervals.check_replicate_groups`), ``D <= n``."""
     n = x.shape[0]
-    if groups is None:
-        groups = min(DEFAULT_GROUPS, n // 2)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
     acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype, groups=groups, group_seed=seed)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         acc.update(x[start:stop], y[start:stop], index=torch.arange(start, stop))
-    return acc.compute(
+    res = acc.compute(
         eta=eta,
         top_k=top_k,
         sync_dist=False,
@@ -404,3 +419,13 @@ def _spec_with_uncertainty(
         center=center,
         reference=reference is not False,
     )
+    from .uncertainty import solves_needed
+
+    d = acc.xx.shape[0] + acc.yy.shape[0]  # each replicate solves D x D (the n x n routes record their rank)
+    res.uncertainty = {
+        **res.uncertainty,
+        "route": "features",
+        "eigensolves": solves_needed(replicates),
+        "solve_size": d,
+    }
+    return res

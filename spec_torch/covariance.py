@@ -757,6 +757,14 @@ class DiffCovariance:
             raise SpecError(
                 f"replicates: {replicates} replicates need group-wise sums; create DiffCovariance(..., groups=G)"
             )
+        from .uncertainty import MIN_GROUPS
+
+        if self.groups < MIN_GROUPS:  # st.spec refuses this; the accumulator (tests, experiments) warns
+            warnings.warn(
+                f"groups: {self.groups} groups give few distinct bootstrap resamples and intervals that "
+                f"undercover; use at least {MIN_GROUPS} (st.spec refuses fewer)",
+                stacklevel=3,
+            )
         c_full = assemble_covariance(*blocks, self.n, eta)
         out = estimate(
             self.group_state,

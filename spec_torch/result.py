@@ -78,7 +78,10 @@ class SpecResult:
             (the cross-covariance replaced by its average over shuffles of the pairing); ``None`` where not
             computed. spec_diff_ratio: ``spec_diff / spec_diff_null`` (docs/uncertainty.md).
         eigenvalue_ci: ``[K, 2]`` bootstrap interval of each eigenvalue; spec_diff_ci: ``(lo, hi)``;
-            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used.
+            heldout_eigenvalues: ``[K]``; stability: ``[K]`` in [0, 1]; uncertainty: the settings used, with
+            (from :func:`spec_torch.spec`) the ``route`` the replicates resampled (``features``: group sums of
+            D features; ``exact``/``dual``: an exact factor of L, :mod:`spec_torch.factor_intervals`), and the
+            ``eigensolves`` of size ``solve_size`` that cost.
             ``None`` unless computed with ``replicates`` (see spec_torch.uncertainty and docs/uncertainty.md).
     """
 
@@ -273,15 +276,24 @@ class SpecResult:
         """Sample-space eigenvectors ``[n, M]`` on ``x: [n, p]``, ``y: [n, q]`` (the compared samples).
 
         On the compared samples the columns are unit-norm eigenvectors of L. Each column's sign is fixed so
-        that its largest-magnitude entry is positive. ``modes`` defaults to every mode with a nonzero eigenvalue.
+        that its largest-magnitude entry is positive. ``modes`` (indices into ``eigenvalues``) gives the columns
+        in that order; a numerically zero mode among them is refused (its eigenvector is not determined).
+        Default: all ``K`` columns, column ``k`` the mode of ``eigenvalues[k]``, NaN for the zero modes.
         """
-        modes = self._check_modes(modes)
+        every = modes is None
+        live = self._check_modes(modes)
         x, y = self._prepare(x, y)
         out = torch.cat(
-            [self._batch_scores(xb, yb, modes) for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+            [self._batch_scores(xb, yb, live) for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
         )  # [n, M]
-        peak = out.gather(0, out.abs().argmax(0, keepdim=True))  # [1, M]
-        return out * torch.where(peak < 0, -1.0, 1.0).to(out.dtype)
+        if out.shape[0]:
+            peak = out.gather(0, out.abs().argmax(0, keepdim=True))  # [1, M]
+            out = out * torch.where(peak < 0, -1.0, 1.0).to(out.dtype)
+        if not every:
+            return out
+        full = out.new_full((out.shape[0], self.eigenvalues.numel()), float("nan"))  # [n, K]
+        full[:, live] = out
+        return full
 
     @torch.no_grad()
     def top_samples(
@@ -297,7 +309,9 @@ class SpecResult:
         Args:
             data: ``(x, y)`` (tensors or arrays) or an iterable of ``(x_batch, y_batch)`` in sample order.
             k: samples per mode.
-            modes: indices into ``eigenvalues``; default every mode with a nonzero eigenvalue.
+            modes: indices into ``eigenvalues``; default every mode with a nonzero eigenvalue (the zero modes
+                are skipped: ``TopSamples.modes`` says which modes row ``i`` of ``indices`` belongs to); a
+                numerically zero mode asked for is refused.
             offset: index of the first sample of ``data`` (a shard's start, so that indices are global).
             sync_dist: merge the candidates of every rank of ``torch.distributed`` (each scoring its own
                 shard, with its ``offset``) into the global top ``k``; the same result on every rank.

@@ -498,12 +498,17 @@ def _feature_files(work: Path) -> None:
     work.mkdir(parents=True)
     np.save(work / "x.npy", x.astype(np.float32))
     np.save(work / "y.npy", y.astype(np.float32))
+    words = ["zebra quokka", "narwhal okapi", "axolotl pangolin"]  # each x group's words: the explain stage
+    (work / "names.txt").write_text(
+        "".join(f"a photo of a {words[g]} number {i}\n" for i, g in enumerate(gx))
+    )
 
 
 def _features_cfg(work: Path, route: str, out: str | None = None):
     from hydra import compose, initialize_config_dir
 
     data = ["data=features", f"data.x_path={work / 'x.npy'}", f"data.y_path={work / 'y.npy'}"]
+    data.append(f"data.names_path={work / 'names.txt'}")
     with initialize_config_dir(config_dir=str(ROOT / "spec_torch/apps/configs/compare"), version_base="1.3"):
         return compose(
             config_name="compare",
@@ -535,6 +540,11 @@ def test_compare_on_precomputed_features_two_ranks_equal_one_process(ranks, rout
             assert [m["top_ids"] for m in two["modes"][direction]] == [
                 m["top_ids"] for m in one["modes"][direction]
             ]
+            # the explain stage: rank 0 names the modes and every rank holds its words
+            assert [m["keywords"] for m in two["modes"][direction]] == [
+                m["keywords"] for m in one["modes"][direction]
+            ]
+        assert any(m["keywords"] for m in one["modes"]["x"])
         np.testing.assert_allclose(two["metrics"]["linear_cka"], one["metrics"]["linear_cka"], rtol=1e-9)
 
 

@@ -87,7 +87,7 @@ def test_library_runs_without_the_apps_extra_and_apps_name_the_extra():
     )
     assert proc.returncode == 0, proc.stderr
     assert "library ok True True" in proc.stdout
-    assert 'pip install "spec_torch[apps]"' in proc.stdout and "hydra-core" in proc.stdout
+    assert 'pip install ".[apps]"' in proc.stdout and "hydra-core" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------- command

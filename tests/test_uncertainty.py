@@ -454,12 +454,19 @@ def test_a_mode_made_of_sampling_fluctuation_is_not_supported(m):
 
 
 def test_heldout_falls_back_to_the_quotient_with_fewer_than_4_groups():
+    """The public entry points refuse fewer than 8 groups (tests/test_route_intervals.py); the pure estimate
+    still takes 3, and then cannot cut an evaluated half in two parts."""
+    from spec_torch.solver import assemble_covariance
+
     x, y = planted(400)
-    res = st.spec(x, y, replicates=10, seed=0, groups=3)
-    assert res.uncertainty["heldout"] == "quotient"
     acc = grouped(x, y, groups=3)
-    res_acc = acc.compute(replicates=10, seed=0)
-    torch.testing.assert_close(res.heldout_eigenvalues, res_acc.heldout_eigenvalues, rtol=1e-9, atol=1e-12)
+    res = acc.compute()
+    c_full = assemble_covariance(acc.xx.double(), acc.xy.double(), acc.yy.double(), acc.n, 1.0)
+    out = unc.estimate(
+        acc.group_state, c_full, res.eigenvalues, res._u, eta=1.0, dx=10, zero_tol=res.zero_tol, replicates=10
+    )
+    assert out["settings"]["heldout"] == "quotient"
+    assert float(out["heldout_eigenvalues"][0]) > 0.5 * float(res.eigenvalues[0])
 
 
 # ------------------------------------------------------------------------------------- what the numbers say
@@ -526,10 +533,7 @@ def test_skipped_without_replicates_and_serialised():
 
 def test_bad_input_raises_named_errors():
     x, y = planted(300)
-    with pytest.raises(st.SpecError, match="kernel_x.*Nystrom"):
-        st.spec(x, y, kernel_x=st.GaussianKernel(sigma=1.0), replicates=10)
-    with pytest.raises(st.SpecError, match="method"):
-        st.spec(x, y, method="exact", replicates=10)
+    # exact kernels and method="exact" have intervals now (tests/test_route_intervals.py)
     with pytest.raises(st.SpecError, match="replicates.*groups"):
         st.DiffCovariance().update(x, y).compute(replicates=10)
     with pytest.raises(st.SpecError, match="groups"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,14 @@ def hydra_command(command: Command, args: Sequence[str]) -> None:
     def _main(cfg: DictConfig) -> None:
         run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
 
+    from .config import check_overrides
+
+    try:  # unknown keys and presets: one error line before Hydra's report; on every rank (the same verdict)
+        notes = check_overrides(command.name, args)
+    except SpecError as exc:
+        _fail(str(exc))
+    for note in notes if not distributed.is_follower() else ():
+        print(f"warning: {' '.join(note.split())}", file=sys.stderr)
     argv0 = sys.argv[0] if sys.argv else "spec-torch"
     sys.argv = [f"{argv0} {command.name}", *args]
     try:
@@ -170,6 +179,15 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
         )
     finally:
         distributed.destroy_distributed()
+
+
+def plain_text(doc: str) -> str:
+    """A reStructuredText docstring as terminal text (``--help``): ````code```` -> ``code``, ``Example::`` ->
+    ``Example:``, ``:func:`name``` -> ``name``."""
+    text = re.sub(r"``([^`]+)``", r"\1", doc)
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"::(\s*\n)", r":\1", text)
+    return text.strip()
 
 
 def _fail(message: str) -> None:

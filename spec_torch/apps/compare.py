@@ -11,9 +11,11 @@
 4. a second streaming pass for the top samples of the strongest modes of each sign;
 5. per-mode metrics (tightness under each kernel, KMeans agreement, label composition, purity on planted
    attributes) and mutual k-NN overlap on a subsample;
-6. the words (:func:`_explain`): each mode's ``flags`` and the ``summary`` every view renders; when the
-   strongest mode is uniform, the centred SPEC-diff beside it (``spec_diff_centred``, from step 3's sums);
-7. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
+6. explain: where the data has texts (``data.names_path``, text lines, COCO captions), each reported mode's
+   distinctive words (:mod:`spec_torch.apps.explain`), one more scoring pass over every row;
+7. the words for every view (:func:`_flags_and_summary`): each mode's ``flags`` and the ``summary``; when
+   the strongest mode is uniform, the centred SPEC-diff beside it (``spec_diff_centred``, from step 3's sums);
+8. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
    ``spec.json`` is a finished run.
 
 Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the setting.
@@ -127,6 +129,18 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SpecError(f"method: expected 'auto', 'features' or 'exact', got {cfg.method!r}")
     if cfg.get("approx_error", "auto") != "auto" and not isinstance(cfg.get("approx_error"), bool):
         raise SpecError(f"approx_error: expected auto, true or false, got {cfg.approx_error!r}")
+    keywords_config(cfg)
+
+
+def keywords_config(cfg: DictConfig) -> dict[str, Any]:
+    """The checked ``explain.keywords`` settings (:func:`spec_torch.apps.explain.keyword_settings`); the
+    compare and matrix jobs both read them."""
+    from .explain import keyword_settings as check
+
+    explain = _container(cfg.get("explain")) or {}
+    if not isinstance(explain, dict):
+        raise SpecError(f"explain: expected a mapping with 'keywords', got {explain!r}")
+    return check(explain.get("keywords"), name="explain.keywords")
 
 
 # ------------------------------------------------------------------------------------- loading inputs
@@ -728,6 +742,45 @@ def _mutual_knn(cfg, paired: PairedFeatures) -> dict[str, Any]:
     return {"value": float(metrics.mutual_knn_overlap(xs, ys, k=k)), "k": k, "m": m}
 
 
+# ------------------------------------------------------------------------------------------------ explain
+def _texts(paired: PairedFeatures, dataset) -> list[str] | None:
+    """The text of each paired row, the explain stage's input: the dataset's ``texts`` (text lines, COCO
+    captions), or the ``data.names_path`` names of data=features; None when the data has none."""
+    if dataset is not None:
+        texts = dataset.texts
+        return None if texts is None else [texts[int(i)] for i in paired.dataset_index]
+    return paired.names
+
+
+def _explain(cfg, res, paired: PairedFeatures, dataset, modes: dict[str, list[dict]], views, device) -> None:
+    """The explain stage: each reported mode's ``keywords`` (:func:`spec_torch.apps.explain.mode_keywords`),
+    into its spec.json entry and its report view; nothing when the data has no texts. Rank 0 scores every
+    row (oriented as the top samples) and sends the words to every rank."""
+    from .explain import mode_keywords, oriented_scores
+
+    texts = _texts(paired, dataset)
+    chosen = [(direction, entry) for direction in ("x", "y") for entry in modes[direction]]
+    if texts is None or not chosen:
+        return
+    settings = keywords_config(cfg)
+    picked = [int(entry["index"]) for _, entry in chosen]
+    top = [paired.ids.index(entry["top_ids"][0]) for _, entry in chosen]  # each mode's top sample
+    anchors = paired.gather(top)  # [M, p], [M, q]
+
+    def name_modes() -> list[list[tuple[str, float]]]:
+        batches = ((xb.to(device), yb.to(device)) for xb, yb in paired.batches(_stream_batch(cfg)))
+        scores = oriented_scores(res, batches, picked, (anchors[0].to(device), anchors[1].to(device)))
+        return mode_keywords(scores, texts, **settings)  # scores: [n, M]
+
+    with phase(log, f"naming {len(chosen)} modes by the words of {paired.n} texts"):
+        words = distributed.run_on_main(name_modes)
+    view_of = {(view.direction, view.index): view for view in views}
+    for (direction, entry), terms in zip(chosen, words, strict=True):
+        entry["keywords"] = [[term, z] for term, z in terms]
+        if (direction, entry["index"]) in view_of:
+            view_of[direction, entry["index"]].keywords = entry["keywords"]
+
+
 # ------------------------------------------------------------------------------------------------ run
 def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     """Run one comparison as configured (``configs/compare/compare.yaml``); returns the ``spec.json`` dict.
@@ -772,6 +825,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
     with phase(log, "scoring the top samples of each reported mode"):
         modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
+    _explain(cfg, res, paired, dataset, modes, views, device)
     with phase(log, "mutual k-NN overlap"):
         knn = _mutual_knn(cfg, paired)
 
@@ -790,6 +844,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
             "stream_batch_size": _stream_batch(cfg),
             "accumulate_dtype": str(cfg.get("accumulate_dtype", "float64")),
             "center": bool(cfg.get("center", False)),
+            "explain": {"keywords": keywords_config(cfg)},
         },
         encoders=enc_info,
         dataset=data_info,
@@ -801,7 +856,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         summary["settings"]["approx_error"] = cfg.get("approx_error", "auto")
     if centred is not None:
         summary["spec_diff_centred"] = centred
-    _explain(summary)
+    _flags_and_summary(summary)
     if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
         return summary
     if cfg.get("report", True):
@@ -815,7 +870,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def _explain(summary: dict[str, Any]) -> None:
+def _flags_and_summary(summary: dict[str, Any]) -> None:
     """The words stage: every mode entry gets its ``flags`` (:func:`report.flags.mode_flag_codes`, from the
     facts the library decided) and spec.json gets its ``summary`` (:func:`report.summary.build_summary`), the
     finding every view renders."""
@@ -838,9 +893,10 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
     """The result in a few lines, through ``logging``: on the console and in the run folder's log.
 
     Renders spec.json: the ``summary`` headline first, then one line per mode with its ``flags`` (labels from
-    :data:`report.flags.FLAGS`) and what each flag means; it decides nothing itself."""
+    :data:`report.flags.FLAGS`) and its ``keywords``, and what each flag means; it decides nothing itself."""
     import textwrap
 
+    from .explain import keywords_tag
     from .report import flags
     from .report.summary import build_summary
 
@@ -885,7 +941,7 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
             if e.get("support"):
                 line += f": {e['support']}"
             labels = flags.flag_labels(e)
-            log.info(line + (f"  FLAGS: {'; '.join(labels)}" if labels else ""))
+            log.info(line + keywords_tag(e) + (f"  FLAGS: {'; '.join(labels)}" if labels else ""))
     for note in finding.get("notes") or []:
         log.info(f"  {note}")
     if "approximation" in summary:

@@ -14,6 +14,7 @@ presets) and ``spec_torch/apps/configs/{data,encoder,kernel}/`` (groups shared b
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "group_overrides",
     "instantiate_target",
     "for_setting",
+    "check_overrides",
 ]
 
 #: the package holding the configs (Hydra: ``pkg://spec_torch.apps.configs``)
@@ -110,6 +112,135 @@ def compose(command: str, overrides: Sequence[str] = (), hydra_config: bool = Fa
     finally:
         if saved is not None:
             GlobalHydra.instance().initialize(saved)
+
+
+#: Hydra's flags that take a value (the next argument), and those after which the overrides are not a run's
+_FLAG_VALUES = ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "-c", "--cfg", "-p",
+                "--package", "--experimental-rerun")  # fmt: skip
+_NOT_A_RUN = ("-h", "--help", "--hydra-help", "-i", "--info", "--shell-completion", "-sc")
+#: difflib's similarity ratio above which an unknown key gets "did you mean" (top_kk -> top_k: 0.91)
+SUGGEST_CUTOFF = 0.8
+
+
+def _options(command: str, group: str) -> list[str] | None:
+    """The packaged options of a config group (``kernel`` -> cosine, gaussian, ...); None if it is no group."""
+    for root in (config_dir(command), config_dir()):
+        if (root / group).is_dir():
+            return sorted(p.stem for p in (root / group).glob("*.yaml"))
+    return None
+
+
+def _setting_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config (``top_k``, ``data.n``, ``kernel_x.sigma``, ...)."""
+    out = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            out.append(path)
+            out.extend(_setting_keys(node._get_node(key), f"{path}."))
+    return out
+
+
+def _did_you_mean(key: str, keys: Sequence[str]) -> str:
+    keys = [k for k in keys if not key.startswith(f"{k}.")]  # not the node the key would be added to
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=SUGGEST_CUTOFF)
+    return f"; did you mean {' or '.join(near)}?" if near else ""
+
+
+def _under_target(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` lies inside a node that names a class by ``_target_`` (which reads every key it gets)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        node = OmegaConf.select(cfg, ".".join(parts[:i]), default=None)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            return True
+    return False
+
+
+def check_overrides(command: str, args: Sequence[str]) -> list[str]:
+    """Check a command line's overrides against the composed config before Hydra runs; the warnings to print.
+
+    Raises :class:`SpecError` (one line) for a preset that does not exist (``kernel@kernel_x=cosin``: the
+    choices) and for a key the config does not have (``top_kk=5``: "did you mean top_k", from the composed
+    config's keys, :data:`SUGGEST_CUTOFF`), where Hydra would advise ``+top_kk=5``, which runs with ``top_k``
+    unchanged. Returns a warning for each ``+key``/``++key`` that adds a setting nothing reads (not inside a
+    ``_target_`` node). With ``--config-dir``, another primary config, or a line Hydra cannot parse, nothing is
+    checked here (Hydra reports it).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a in _NOT_A_RUN for a in args) or any(
+        a in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+        or a.startswith(
+            ("--config-dir=", "--config-path=", "--config-name=", "hydra.searchpath", "+hydra.searchpath")
+        )
+        for a in args
+    ):
+        return []
+    lines, skip = [], False
+    for a in args:
+        if skip or a.startswith("-"):
+            skip = not skip and a in _FLAG_VALUES
+            continue
+        lines.append(a)
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # Hydra's parser error: Hydra reports it with its own message
+        return []
+    choices, values = [], []
+    for o in overrides:
+        group = o.key_or_group
+        options = _options(command, group) if not o.is_delete() and "." not in group else None
+        if options is None:
+            values.append(o)
+            continue
+        wanted = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for value in wanted:
+            if isinstance(value, str) and value not in options:
+                near = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                raise SpecError(
+                    f"{o.get_key_element()}: unknown option {value!r}; choices: {', '.join(options)}{hint}"
+                )
+        if wanted and isinstance(wanted[0], str):
+            choices.append(f"{o.get_key_element()}={wanted[0]}")
+    try:
+        cfg = compose(command, choices)
+    except Exception:  # a choice Hydra cannot compose: Hydra reports it
+        return []
+    keys = _setting_keys(cfg)
+    warnings = []
+    for o in values:
+        key = o.key_or_group
+        if key.split(".")[0] == "hydra" or "/" in key or o.is_delete():  # Hydra's own settings and groups
+            continue
+        if _has_key(cfg, key) or _under_target(cfg, key):
+            continue
+        if o.is_add() or o.is_force_add():
+            warnings.append(
+                f"{o.input_line}: adds a setting that spec-torch {command} does not read; it has no effect"
+                + _did_you_mean(key, keys)
+            )
+        else:
+            raise SpecError(
+                f"{key}: spec-torch {command} has no such setting{_did_you_mean(key, keys)} "
+                f"(`spec-torch {command} --cfg job` prints every setting)"
+            )
+    return warnings
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted ``key`` is a setting of ``cfg`` (a mandatory ``???`` value counts; list items too)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, ListConfig):
+            return True
+        if not isinstance(node, DictConfig):
+            return False
+        if part not in node.keys():  # keys(): mandatory ??? values included, unlike `in`
+            return False
+        node = node._get_node(part)
+    return True
 
 
 def _is_complete(command: str, cfg: DictConfig) -> bool:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["NOISY", "quiet_third_party", "phase"]
+__all__ = ["NOISY", "OwnInfoOnly", "quiet_third_party", "phase"]
 
 #: libraries whose INFO lines (model loading, hub lookups, font caches) drown the pipeline's own
 NOISY = (
@@ -23,10 +23,30 @@ NOISY = (
 )
 
 
+class OwnInfoOnly(logging.Filter):
+    """Pass every record at WARNING or above, and below it only spec_torch's own (loggers ``spec_torch.*``).
+
+    A handler filter, so it holds for libraries that log through the root logger (open_clip calls
+    ``logging.info``) and for loggers not in :data:`NOISY`, while handlers added for other purposes (the
+    random-weights trap of ``spec_torch.apps.encoders.base``) still see every record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == "spec_torch" or record.name.startswith("spec_torch.")
+        return own or record.levelno >= logging.WARNING
+
+
 def quiet_third_party(verbose: bool = False) -> None:
-    """Set the loggers of :data:`NOISY` libraries to WARNING (INFO when ``verbose``)."""
+    """Set the loggers of :data:`NOISY` libraries to WARNING (INFO when ``verbose``); unless ``verbose``, the root
+    logger's handlers (Hydra's console and ``<command>.log``) pass only spec_torch's records below WARNING
+    (:class:`OwnInfoOnly`)."""
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        for flt in [f for f in handler.filters if isinstance(f, OwnInfoOnly)]:
+            handler.removeFilter(flt)
+        if not verbose:
+            handler.addFilter(OwnInfoOnly())
 
 
 @contextmanager

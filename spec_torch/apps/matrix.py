@@ -6,7 +6,9 @@ split into named feature sets ``<encoder>/<layer>``); stream all feature sets th
 once (``center``: both kernels of every pair centred); for the ``top_pairs`` most different pairs score their
 top modes in both directions from the joint sums (:meth:`SpecMatrix.pair`, one scoring pass per pair); flag
 each entry and mode (:func:`~spec_torch.apps.report.flags.mode_flag_codes`) and say the finding in words
-(:func:`~spec_torch.apps.report.matrix_html.matrix_summary`); write ``report.html`` then ``matrix.json``.
+(:func:`~spec_torch.apps.report.matrix_html.matrix_summary`); where the data has texts (text lines, COCO captions)
+name the modes by their distinctive words (:mod:`spec_torch.apps.explain`, one more pass per pair); write
+``report.html`` then ``matrix.json``.
 
 The ranking of "most different" pairs never rests on a uniform-led entry (a mode that scores every sample
 alike: the kernels' average levels differ, not a group): when some entry is led by one, the pairs are ranked by
@@ -37,6 +39,7 @@ from ..result import UNIFORM_THRESHOLD
 from . import sharding as distributed
 from ._io import atomic_write_json, prepare_output_dir
 from .cli import check_required
+from .compare import keywords_config
 from .config import ACCUMULATE_DTYPES, check_run_settings, load_config
 from .report.flags import mode_flag_codes
 
@@ -59,6 +62,7 @@ def _check_settings(cfg: DictConfig) -> None:
     )
     if not isinstance(cfg.get("center", False), bool):
         raise SpecError(f"center: expected true or false, got {cfg.center!r}")
+    keywords_config(cfg)
     encoders = cfg.get("encoders")
     if not isinstance(encoders, DictConfig) or len(encoders) == 0:
         raise SpecError("encoders: expected a mapping name -> encoder config (family: ..., layers: [...])")
@@ -239,6 +243,7 @@ def _pair_modes(cfg, m, features, n, dataset, index, device, rank_by) -> list[di
     k = min(int(cfg.samples_per_mode), n)
     mine = _my_rows(n)
     clusters = m.cluster_diff()
+    counts: dict[str, Any] = {}  # the texts' term counts, made once (rank 0) for every pair
     for i, j in m.most_different(int(cfg.top_pairs), skip_uniform=rank_by["skip_uniform"]):
         a, b = m.names[i], m.names[j]
         res = m.pair(i, j)
@@ -285,6 +290,7 @@ def _pair_modes(cfg, m, features, n, dataset, index, device, rank_by) -> list[di
                         for lab, f in label_composition([dataset.labels[r_] for r_ in rows])
                     ]
                 modes.append(entry)
+        _pair_keywords(cfg, res, {a: features[a], b: features[b]}, modes, dataset, index, device, counts)
         pair = {
             "x": a,
             "y": b,
@@ -296,6 +302,38 @@ def _pair_modes(cfg, m, features, n, dataset, index, device, rank_by) -> list[di
         pair["modes"] = modes
         out.append(pair)
     return out
+
+
+def _pair_keywords(cfg, res, pair: dict[str, Any], modes: list[dict], dataset, index, device, counts) -> None:
+    """The explain stage of one pair: each mode entry's ``keywords`` (as the compare job's), where the dataset
+    has texts. Rank 0 scores every common row of the pair and sends the words to every rank; the texts' term
+    counts are made on the first pair and kept in ``counts`` for the others."""
+    from .explain import keywords_from_counts, oriented_scores, term_counts
+
+    texts = dataset.texts
+    if texts is None or not modes:
+        return
+    (a, fa), (b, fb) = pair.items()
+    n = int(fa.shape[0])
+    settings = keywords_config(cfg)
+
+    def row(features: Any, r: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(features[r : r + 1], dtype=np.float32)).to(device)  # [1, d]
+
+    def name_modes() -> list[list[tuple[str, float]]]:
+        tops = [e["top_rows"][0] for e in modes]  # each mode's top sample: its orientation
+        anchors = (torch.cat([row(fa, r) for r in tops]), torch.cat([row(fb, r) for r in tops]))
+        batches = ((t[a], t[b]) for t in _Batches(pair, range(n), int(cfg.stream_batch_size), device))
+        scores = oriented_scores(res, batches, [e["index"] for e in modes], anchors)  # [n, M]
+        if not counts:  # [n, V] sparse, and the terms
+            rows = [texts[int(i)] for i in index]
+            counts["terms"] = term_counts(
+                rows, settings["ngram_range"], settings["min_df"], settings["max_df"]
+            )
+        return keywords_from_counts(scores, *counts["terms"], settings["top_n"], settings["min_z"])
+
+    for entry, terms in zip(modes, distributed.run_on_main(name_modes), strict=True):
+        entry["keywords"] = [[term, z] for term, z in terms]
 
 
 def run(cfg: Any = None) -> dict[str, Any]:
@@ -371,6 +409,7 @@ def run(cfg: Any = None) -> dict[str, Any]:
 def _print_summary(summary: dict[str, Any], path: Path) -> None:
     """The finding, the SPEC-diff table and the ranked pairs, through logging: Hydra writes them to the
     console and to the run folder's ``matrix.log``."""
+    from .explain import keywords_tag
     from .report.flags import FLAGS
 
     names, sd = summary["names"], np.asarray(summary["spec_diff"])
@@ -394,4 +433,9 @@ def _print_summary(summary: dict[str, Any], path: Path) -> None:
             f"  {p['x']} vs {p['y']}: SPEC-diff {p['spec_diff']:.4f}, lead {p['lead'][0]:.4f} / "
             f"{p['lead'][1]:.4f}" + (f"  [{tags}]" if tags else "")
         )
+        for e in p["modes"]:  # named in words where the data had texts
+            if keywords_tag(e):
+                log.info(
+                    f"    {e['direction']}{e['rank']} ({p[e['direction']]} holds together):{keywords_tag(e)}"
+                )
     log.info(f"wrote {path}" + (f" and {summary['report']}" if "report" in summary else ""))

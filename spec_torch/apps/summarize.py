@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from .explain import keywords_phrase
 
 __all__ = ["collect", "main"]
 
@@ -49,7 +50,7 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
         summary = build_summary(spec)
     lead = summary.get("lead_mode")
     centred = summary.get("spec_diff_centred") or {}
-    return {
+    row = {
         "kind": "compare",
         "n": spec.get("n"),
         "spec_diff": spec.get("spec_diff"),
@@ -64,6 +65,11 @@ def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
         "mutual_knn": (metrics.get("mutual_knn") or {}).get("value"),
         "headline": summary.get("headline"),
     }
+    for d in ("x", "y"):  # the strongest mode's distinctive words, where the run's data had texts
+        words = keywords_phrase((modes.get(d) or [{}])[0])
+        if words is not None:
+            row[f"words_{d}"] = words
+    return row
 
 
 def _align_row(results: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +127,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``spec-torch summarize DIR [--csv PATH]``: print the table of the runs under DIR, write it as CSV."""
-    parser = argparse.ArgumentParser(prog="spec-torch summarize", description=__doc__.split("\n\n")[0])
+    from .cli import plain_text
+
+    parser = argparse.ArgumentParser(
+        prog="spec-torch summarize",
+        description=plain_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example's lines
+    )
     parser.add_argument("dir", help="a folder of runs (a Hydra multirun sweep dir, or outputs/)")
     parser.add_argument("--csv", default=None, help="where to write the table (default: DIR/summary.csv)")
     args = parser.parse_args(argv)

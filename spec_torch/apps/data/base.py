@@ -91,6 +91,12 @@ class SampleDataset(Dataset):
         """Planted attributes per sample (``{"shape": [...], ...}``), or None."""
         return None
 
+    @property
+    def texts(self) -> list[str] | None:
+        """A text per sample saying what it is (the text itself, an image's captions), or None: what the
+        explain stage names modes by (:mod:`spec_torch.apps.explain`)."""
+        return None
+
     def display(self, i: int) -> Image.Image | str:
         """Sample ``i`` as shown in the report: a thumbnail (longest side ``THUMBNAIL_SIZE``) or the text."""
         raw = self[i]

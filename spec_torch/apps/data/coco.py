@@ -1,6 +1,7 @@
 """MS-COCO captions: an image folder plus a ``captions_*.json`` annotation file, as images or as captions.
 
-- ``modality="image"``: one sample per annotated image, id ``coco:<image_id>``, sorted by image id.
+- ``modality="image"``: one sample per annotated image, id ``coco:<image_id>``, sorted by image id; its
+  ``texts`` are all its captions, one a line (what the explain stage names modes by).
 - ``modality="text"``: one sample per caption, id ``cap:<caption_id>``, sorted by (image id, caption id);
   the images are not needed (``root`` may be null).
 """
@@ -113,7 +114,10 @@ class CocoDataset(SampleDataset):
             self._image_ids = [image_ids[k] for k in keep]
             self._files = [files[i] for i in self._image_ids]
             self._ids = [f"coco:{i}" for i in self._image_ids]
-            self._texts: list[str] = []
+            by_image: dict[int, list[str]] = {}
+            for img, _, caption in caps:  # sorted by (image id, caption id)
+                by_image.setdefault(img, []).append(caption)
+            self._texts: list[str] = ["\n".join(by_image[i]) for i in self._image_ids]  # all its captions
         else:
             if captions_per_image is not None and (
                 isinstance(captions_per_image, bool)
@@ -144,6 +148,11 @@ class CocoDataset(SampleDataset):
             return self._texts[i]
         assert self.root is not None
         return open_image(self.root / self._files[i], self._ids[i])
+
+    @property
+    def texts(self) -> list[str]:
+        """Each sample's text: the caption, or for an image all its captions, one a line."""
+        return list(self._texts)
 
     @property
     def image_ids(self) -> list[int]:

@@ -90,6 +90,10 @@ class TextFileDataset(SampleDataset):
         return self._texts[i]
 
     @property
+    def texts(self) -> list[str]:
+        return list(self._texts)
+
+    @property
     def labels(self) -> list[str] | None:
         return None if self._labels is None else list(self._labels)
 

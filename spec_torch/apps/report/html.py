@@ -36,6 +36,7 @@ from typing import Any
 from ...errors import SpecError
 from ...result import UNIFORM_THRESHOLD
 from .._io import atomic_write_text
+from ..explain import NO_WORDS, keywords_phrase
 from . import flags, plots
 from .summary import build_summary, encoder_names, group_phrase, short_name, side_setting
 
@@ -63,6 +64,8 @@ class ModeView:
             its spec.json entry's ``flags`` codes.
         ci, heldout_eigenvalue, stability, support: the mode's bootstrap interval ``[lo, hi]``, held-out
             eigenvalue, stability and plain-words verdict (:func:`spec_torch.uncertainty.mode_support`), or None.
+        keywords: the mode's distinctive terms ``[[term, z], ...]`` (spec.json ``keywords``, from
+            :mod:`spec_torch.apps.explain`): ``[]`` when none stands out, None when the data has no texts.
     """
 
     direction: str
@@ -82,6 +85,7 @@ class ModeView:
     heldout_eigenvalue: float | None = None
     stability: float | None = None
     support: str | None = None
+    keywords: Sequence[Sequence[Any]] | None = None
 
     def __post_init__(self) -> None:
         where = f"ModeView(direction={self.direction!r}, index={self.index!r})"
@@ -553,6 +557,7 @@ def _mode(
             + [f for f in view.flags if f not in codes]
         ),
         _support_line(view, codes),
+        _keywords_line(view),
     ]
     out.append('<div class="facts">')
     if view.tightness_x is not None or view.tightness_y is not None:
@@ -595,6 +600,22 @@ def _mode(
         out.append(f'<ol class="{listing}">{"".join(items)}</ol>')
     out.append("</section>")
     return "\n".join(out)
+
+
+def _keywords_line(view: ModeView) -> str:
+    """One line under a mode's heading: its distinctive words with their z-scores (spec.json ``keywords``)."""
+    phrase = keywords_phrase({"keywords": view.keywords}, with_z=True)
+    if phrase is None:
+        return ""
+    if phrase == NO_WORDS:
+        return (
+            '<p class="words"><b>No distinctive words</b> <span class="muted">(no term is over-represented '
+            "among its members enough to stand out from the rest of the data)</span></p>"
+        )
+    return (
+        f'<p class="words"><b>Distinctive words:</b> {_e(phrase)} <span class="muted">(weighted log-odds '
+        "z-score of its members' texts against the rest)</span></p>"
+    )
 
 
 def _support_line(view: ModeView, codes: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..explain import keywords_phrase
 from . import plots
 from .html import _composition, _describe, _e, _img, _purity, _table
 from .page import wide, write_page
@@ -219,6 +220,9 @@ def _mode_block(
             + "</ul></div>"
         )
     facts = []
+    words = keywords_phrase(mode, with_z=True)  # matrix.json keywords, where the data had texts
+    if words is not None:
+        facts.append(f'<p class="words"><b>Distinctive words:</b> {_e(words)}</p>')
     if "purity" in mode:
         facts.append(_purity(mode["purity"]))
     if "labels" in mode:
