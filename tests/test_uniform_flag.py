@@ -13,7 +13,7 @@ import torch
 import spec_torch as st
 from spec_torch.apps.compare import _print_summary
 from spec_torch.apps.report import write_report
-from spec_torch.apps.report.flags import UNIFORM_THRESHOLD, approximation_line, uniform_modes, uniform_tag
+from spec_torch.apps.report.flags import UNIFORM_THRESHOLD, approximation_line, flag_labels, uniform_modes
 
 
 def _entry(rank: int, lam: float, uniformity: float | None) -> dict:
@@ -52,8 +52,10 @@ def _summary() -> dict:
 def test_uniform_modes_flags_only_entries_above_the_threshold():
     summary = _summary()
     assert uniform_modes(summary["modes"]) == [("y", 1, -0.6, 0.998)]
-    assert uniform_tag(summary["modes"]["y"][0]).startswith("  UNIFORM (1.00): kernel levels, not a cluster")
-    assert uniform_tag(summary["modes"]["x"][0]) == "" and uniform_tag(summary["modes"]["x"][1]) == ""
+    assert flag_labels(summary["modes"]["y"][0]) == ["uniform: kernel levels, not a group"]
+    assert "uniform" not in " ".join(
+        flag_labels(summary["modes"]["x"][0]) + flag_labels(summary["modes"]["x"][1])
+    )
     # the threshold is strict and documented: a cluster of 81% of the samples has uniformity sqrt(0.81) = 0.9
     assert uniform_modes({"x": [_entry(1, 0.1, UNIFORM_THRESHOLD)]}) == []
     assert uniform_modes({"x": [_entry(1, 0.1, math.nextafter(UNIFORM_THRESHOLD, 1.0))]})
@@ -67,7 +69,7 @@ def test_cli_summary_says_what_a_uniform_mode_means(caplog, tmp_path):
     lines = [r.getMessage() for r in caplog.records]
     y1 = next(line for line in lines if line.startswith("  mode y1"))
     x1 = next(line for line in lines if line.startswith("  mode x1"))
-    assert "UNIFORM (1.00): kernel levels, not a cluster" in y1 and "UNIFORM" not in x1
+    assert "FLAGS: uniform: kernel levels, not a group" in y1 and "uniform" not in x1  # labels from FLAGS
     assert "average similarity" in out and "center=true" in out
     assert "random features" not in out  # no approximation entry, no line
 
@@ -77,7 +79,7 @@ def test_cli_summary_without_uniform_modes_has_no_flag(caplog, tmp_path):
     summary["modes"]["y"][0]["uniformity"] = 0.2
     with caplog.at_level(logging.INFO, logger="spec_torch"):
         _print_summary(summary, tmp_path / "spec.json")
-    assert "UNIFORM" not in caplog.text
+    assert "uniform" not in caplog.text.lower()
 
 
 def test_report_flags_uniform_modes_in_words(tmp_path):

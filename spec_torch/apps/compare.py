@@ -14,7 +14,9 @@
    attributes) and mutual k-NN overlap on a subsample;
 6. explain: where the data has texts (``data.names_path``, text lines, COCO captions), each reported mode's
    distinctive words (:mod:`spec_torch.apps.explain`), one more scoring pass over every row;
-7. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
+7. the words for every view (:func:`_flags_and_summary`): each mode's ``flags`` and the ``summary``; when
+   the strongest mode is uniform, the centred SPEC-diff beside it (``spec_diff_centred``, from step 3's sums);
+8. plots and ``report.html``, then ``spec.json`` written atomically, last: a run directory with a
    ``spec.json`` is a finished run.
 
 Bad input raises :class:`~spec_torch.errors.SpecError` with a message naming the setting.
@@ -317,7 +319,8 @@ def _stream_batch(cfg: DictConfig) -> int:
 def _solve(
     cfg: DictConfig, paired: PairedFeatures, device: torch.device, timings: dict[str, float] | None = None
 ):
-    """Stream every paired batch through the accumulator and the CKA sums; solve. -> (SpecResult, cka).
+    """Stream every paired batch through the accumulator and the CKA sums; solve.
+    -> (SpecResult, cka, spec.json ``spec_diff_centred`` or None: :func:`_centred_spec_diff`).
 
     With ``uncertainty`` on (see :func:`_uncertainty_plan`) the accumulator keeps group sums, each sample's
     group hashed from its dataset row, and the result gets intervals, held-out eigenvalues and stability.
@@ -356,7 +359,14 @@ def _solve(
                 center=center,
             )
         res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
-        return res, cka.compute()
+        centred = _centred_spec_diff(
+            cfg,
+            res,
+            lambda: api.spec(x, y, kx, ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=True,
+                             reference=False),
+            f"a second solve on the {res.method} route",
+        )  # fmt: skip
+        return res, cka.compute(), centred
     plan = _uncertainty_plan(cfg, kx, ky, paired, device)
     acc = DiffCovariance(
         kx, ky, accumulate_dtype=dtype, device=device, groups=plan["groups"] or None, group_seed=int(cfg.seed)
@@ -385,7 +395,37 @@ def _solve(
             res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
             res.uncertainty = plan
     timings["solve_s"] = time.perf_counter() - t_solve
-    return res, cka.compute()
+    centred = _centred_spec_diff(
+        cfg,
+        res,
+        lambda: acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=True, reference=False),
+        "from the same streamed sums: DiffCovariance.compute(center=True), centring needs only the feature means",
+    )
+    return res, cka.compute(), centred
+
+
+def _centred_spec_diff(cfg: DictConfig, res, solve_centred, how: str) -> dict[str, Any] | None:
+    """spec.json ``spec_diff_centred`` when the strongest mode is uniform (uniformity above
+    ``UNIFORM_THRESHOLD``) and the kernels were not centred: SPEC-diff with both kernels centred, which the
+    summary gives beside the uniform one and says to read. ``solve_centred()`` solves with ``center=True`` (the
+    features route from the same sums, the n x n routes a second solve); ``how`` records which. Else None."""
+    from ..result import UNIFORM_THRESHOLD
+
+    if bool(cfg.get("center", False)) or res.eigenvalues.numel() == 0:
+        return None
+    lead = int(res.eigenvalues.abs().argmax())
+    if not float(res.uniformity[lead]) > UNIFORM_THRESHOLD:
+        return None
+    with _named("top_k", "solve_top_k"):
+        centred = solve_centred()
+    lam = centred.eigenvalues
+    return {
+        "value": float(centred.spec_diff),
+        "top_eigenvalue_x": float(lam.max()) if lam.numel() and float(lam.max()) > 0 else None,
+        "top_eigenvalue_y": float(lam.min()) if lam.numel() and float(lam.min()) < 0 else None,
+        "method": centred.method,
+        "how": how,
+    }
 
 
 @contextmanager
@@ -811,7 +851,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     timings["load_s"] = time.perf_counter() - t_start
     t_stream = time.perf_counter()
     with phase(log, f"streaming {paired.n} rows into the covariance sums and solving"):
-        res, cka = _solve(cfg, paired, device, timings)
+        res, cka, centred = _solve(cfg, paired, device, timings)
     timings["stream_and_solve_s"] = time.perf_counter() - t_stream
     t_score = time.perf_counter()
     approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
@@ -847,6 +887,9 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     if approx is not None:
         summary["approximation"] = approx
         summary["settings"]["approx_error"] = cfg.get("approx_error", "auto")
+    if centred is not None:
+        summary["spec_diff_centred"] = centred
+    _flags_and_summary(summary)
     if not distributed.is_main_process():  # torchrun: every rank holds the same result; rank 0 writes it
         return summary
     if cfg.get("report", True):
@@ -866,6 +909,19 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def _flags_and_summary(summary: dict[str, Any]) -> None:
+    """The words stage: every mode entry gets its ``flags`` (:func:`report.flags.mode_flag_codes`, from the
+    facts the library decided) and spec.json gets its ``summary`` (:func:`report.summary.build_summary`), the
+    finding every view renders."""
+    from .report.flags import mode_flag_codes
+    from .report.summary import build_summary
+
+    for entries in summary["modes"].values():
+        for entry in entries:
+            entry["flags"] = mode_flag_codes(entry)
+    summary["summary"] = build_summary(summary)
+
+
 def _shorten(text: str, width: int) -> str:
     """``text`` on one line, cut to ``width`` characters with an ellipsis."""
     text = " ".join(str(text).split())
@@ -873,18 +929,31 @@ def _shorten(text: str, width: int) -> str:
 
 
 def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
-    """The result in a few lines, through ``logging``: on the console and in the run folder's log."""
+    """The result in a few lines, through ``logging``: on the console and in the run folder's log.
+
+    Renders spec.json: the ``summary`` headline first, then one line per mode with its ``flags`` (labels from
+    :data:`report.flags.FLAGS`) and its ``keywords``, and what each flag means; it decides nothing itself."""
+    import textwrap
+
     from .explain import keywords_tag
     from .report import flags
+    from .report.summary import build_summary
 
     m = summary["metrics"]
     ci = summary.get("spec_diff_ci")
+    finding = summary.get("summary") or build_summary(summary)
     log.info(
         f"SPEC-diff = {summary['spec_diff']:.4g}"
         + (f" ({summary['uncertainty']['level']:.0%} CI {ci[0]:.4g} .. {ci[1]:.4g})" if ci else "")
         + f"  n = {summary['n']}  skipped = {summary['skipped']['count']}  "
         f"linear CKA = {m['linear_cka']:.3f}  mutual {m['mutual_knn']['k']}-NN = {m['mutual_knn']['value']:.3f}"
     )
+    centred = finding.get("spec_diff_centred")
+    if centred:
+        log.info(f"  centred SPEC-diff = {centred['value']:.4g}: read this one ({centred['how']})")
+    wrapped = textwrap.wrap(finding["headline"], 108, initial_indent="  ", subsequent_indent="  ",
+                            break_long_words=False, break_on_hyphens=False)  # fmt: skip
+    log.info("\n".join(wrapped))
     if flags.reference_line(summary):  # the permutation reference, one line
         log.info(f"  {flags.reference_line(summary)}; 0% = the same kernel geometry")
     for direction, what in (("x", "x captures, y does not"), ("y", "y captures, x does not")):
@@ -903,14 +972,17 @@ def _print_summary(summary: dict[str, Any], spec_path: Path) -> None:
                 line += "  top: " + " | ".join(_shorten(t, 40) for t in e["top_texts"][:3])
             else:
                 line += f"  top ids {', '.join(e['top_ids'][:3])}"
-            if "support" in e:
+            if e.get("ci") is not None:
                 line += (
                     f"  CI {e['ci'][0]:+.4g} .. {e['ci'][1]:+.4g}  held-out {e['heldout_eigenvalue']:+.4g}  "
-                    f"stability {e['stability']:.2f}: {e['support']}"
+                    f"stability {e['stability']:.2f}"
                 )
-            log.info(line + keywords_tag(e) + flags.uniform_tag(e))
-    if flags.uniform_modes(summary["modes"]):
-        log.info(f"  UNIFORM modes (uniformity > {flags.UNIFORM_THRESHOLD}): {flags.UNIFORM_MEANING}")
+            if e.get("support"):
+                line += f": {e['support']}"
+            labels = flags.flag_labels(e)
+            log.info(line + keywords_tag(e) + (f"  FLAGS: {'; '.join(labels)}" if labels else ""))
+    for note in finding.get("notes") or []:
+        log.info(f"  {note}")
     if "approximation" in summary:
         log.info(flags.approximation_line(summary["approximation"]))
     note = (summary.get("uncertainty") or {}).get("note")

@@ -2,7 +2,10 @@
 
 Every finished run under ``DIR`` (a folder holding ``spec.json`` from compare, or ``results.json`` from align)
 becomes one row: the run folder, the overrides that made it (``.hydra/overrides.yaml``, written by Hydra),
-and its headline numbers. The table is printed and written to ``DIR/summary.csv``::
+and its headline numbers. A compare row renders what spec.json says and computes nothing: the flags of each
+direction's strongest mode (``flags`` codes), the mode SPEC-diff comes from, the centred SPEC-diff where the
+summary says to read it, and the ``summary`` headline, printed under the table. The table is printed and
+written (headlines included) to ``DIR/summary.csv``::
 
     spec-torch compare -m kernel@kernel_x=cosine,linear eta=0.5,1 hydra.sweep.dir=multirun/eta
     spec-torch summarize multirun/eta
@@ -37,17 +40,31 @@ def _overrides(run_dir: Path) -> str:
 
 
 def _compare_row(spec: dict[str, Any]) -> dict[str, Any]:
+    from .report.flags import entry_flags
+    from .report.summary import build_summary
+
     modes = spec.get("modes") or {}
     metrics = spec.get("metrics") or {}
-    top = {d: (modes.get(d) or [{}])[0].get("eigenvalue") for d in ("x", "y")}
+    top = {d: (modes.get(d) or [{}])[0] for d in ("x", "y")}
+    summary = spec.get("summary") if isinstance(spec.get("summary"), dict) else None
+    if summary is None:  # a spec.json from before ``summary``: the words the job would have stored
+        summary = build_summary(spec)
+    lead = summary.get("lead_mode")
+    centred = summary.get("spec_diff_centred") or {}
     row = {
         "kind": "compare",
         "n": spec.get("n"),
         "spec_diff": spec.get("spec_diff"),
-        "top_eigenvalue_x": top["x"],
-        "top_eigenvalue_y": top["y"],
+        "spec_diff_of": "".join(str(p) for p in lead) if lead else None,
+        "spec_diff_flags": " ".join(summary.get("lead_flags") or []),
+        "spec_diff_centred": centred.get("value"),
+        "top_eigenvalue_x": top["x"].get("eigenvalue"),
+        "flags_x1": " ".join(entry_flags(top["x"])) if top["x"] else "",
+        "top_eigenvalue_y": top["y"].get("eigenvalue"),
+        "flags_y1": " ".join(entry_flags(top["y"])) if top["y"] else "",
         "linear_cka": metrics.get("linear_cka"),
         "mutual_knn": (metrics.get("mutual_knn") or {}).get("value"),
+        "headline": summary.get("headline"),
     }
     for d in ("x", "y"):  # the strongest mode's distinctive words, where the run's data had texts
         words = keywords_phrase((modes.get(d) or [{}])[0])
@@ -94,11 +111,16 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+#: columns written to the CSV but not printed in the table (too long for a line): printed under it instead
+LONG_COLUMNS = ("headline",)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """``rows`` as an aligned text table (columns: the union of the rows' keys, in first-seen order)."""
+    """``rows`` as an aligned text table (columns: the union of the rows' keys, in first-seen order, without
+    :data:`LONG_COLUMNS`)."""
     columns: list[str] = []
     for row in rows:
-        columns += [k for k in row if k not in columns]
+        columns += [k for k in row if k not in columns and k not in LONG_COLUMNS]
     cells = [columns] + [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(r[j]) for r in cells) for j in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
@@ -120,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         raise SpecError(f"DIR: no finished run (spec.json or results.json) under {args.dir}")
     print(table(rows))
+    for row in rows:
+        if row.get("headline"):
+            print(f"\n{row['run']}: {row['headline']}")
     out = Path(args.csv) if args.csv else Path(args.dir) / "summary.csv"
     columns: list[str] = []
     for row in rows:

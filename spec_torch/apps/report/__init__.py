@@ -6,7 +6,7 @@ Example:
 
 from __future__ import annotations
 
-from . import metrics, plots
+from . import flags, metrics, plots, summary
 from .html import ModeView, write_report
 
-__all__ = ["metrics", "plots", "write_report", "ModeView"]
+__all__ = ["flags", "metrics", "plots", "summary", "write_report", "ModeView"]

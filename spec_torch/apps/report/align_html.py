@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .html import _describe, _e, _fmt, _img, _short_name, _table
+from .html import _describe, _e, _fmt, _img, _table
 from .page import wide, write_page
+from .summary import short_name
 
 __all__ = ["write_align_report", "align_summary"]
 
@@ -139,8 +140,8 @@ def write_align_report(out_dir: str | os.PathLike, results: dict[str, Any], plot
     """Write ``out_dir/report.html`` from the ``results.json`` dict and the before/after plot ``plot``."""
     out_dir = Path(out_dir)
     config = results.get("config") or {}
-    student = _short_name(config.get("student"), "student")
-    teacher = _short_name(config.get("teacher"), "teacher")
+    student = short_name(config.get("student"), "student")
+    teacher = short_name(config.get("teacher"), "teacher")
     parts = [
         f"<h1>Alignment: {_e(student)} toward {_e(teacher)}</h1>",
         f'<p class="sub">{_e(results.get("steps", "?"))} steps, {_e(results.get("n_train", "?"))} training and '

@@ -1,4 +1,6 @@
-"""Plain-words warnings about what a reported number means, shared by the CLI summary and ``report.html``.
+"""Plain-words warnings about what a reported number means, shared by the CLI summary and ``report.html``:
+the closed table of mode flag codes :data:`FLAGS` and the rule :func:`mode_flag_codes`, the one source every
+view renders a mode's flags from.
 
 - A *uniform* mode: its eigenvector is close to the constant vector ``1/sqrt(n)`` (``uniformity`` =
   ``|<v_k, 1>| / sqrt(n)`` near 1, in each spec.json mode entry). It scores every sample alike, so it is not a
@@ -19,14 +21,17 @@ from ...result import UNIFORM_THRESHOLD
 __all__ = [
     "UNIFORM_THRESHOLD",
     "uniform_modes",
-    "uniform_tag",
     "UNIFORM_MEANING",
     "approximation_line",
     "reference_phrase",
     "reference_line",
     "REFERENCE_MEANING",
     "FLAGS",
+    "SUPPORTED_MEANING",
     "mode_flag_codes",
+    "entry_flags",
+    "flag_label",
+    "flag_labels",
 ]
 
 # a mode whose ``uniformity`` exceeds UNIFORM_THRESHOLD (the library's, spec_torch.result) is flagged as
@@ -61,14 +66,6 @@ def uniform_modes(
             if u is not None and u > threshold:
                 out.append((direction, int(entry.get("rank", 0)), float(entry["eigenvalue"]), u))
     return out
-
-
-def uniform_tag(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHOLD) -> str:
-    """A short suffix for one mode's summary line: ``"  UNIFORM (0.99): kernel levels, not a cluster"`` or ``""``."""
-    u = _uniformity(entry)
-    if u is None or not u > threshold:
-        return ""
-    return f"  UNIFORM ({u:.2f}): kernel levels, not a cluster"
 
 
 def approximation_line(approx: Mapping[str, Any] | None) -> str:
@@ -139,7 +136,17 @@ FLAGS: dict[str, tuple[str, str]] = {
         "Its eigenvalue or its gap to a neighbour is below the error of the route that computed it: the "
         "number and its samples are not reliable.",
     ),
+    "contradictory": (
+        "contradictory: its top samples are tighter under the other embedding",
+        "Its sign says one embedding holds its top samples together, but they are tighter (higher mean "
+        "kernel value) under the other: the listed samples are not the group the eigenvalue speaks of.",
+    ),
 }
+
+#: what an unflagged mode's verdict ``supported`` means (cards and the glossary)
+SUPPORTED_MEANING = (
+    "Supported by the data: its strength carries over to held-out samples and it reappears in resampled data."
+)
 
 #: the library's verdicts (spec.json mode ``support``) that carry a flag
 _SUPPORT_FLAG = {
@@ -152,8 +159,10 @@ _SUPPORT_FLAG = {
 def mode_flag_codes(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHOLD) -> list[str]:
     """The flag codes of one spec.json (or matrix.json pair) mode entry, in :data:`FLAGS` order.
 
-    Reads only the entry's fields: ``uniformity``, ``support``, ``tied_size``, ``below_resolution``. A field
-    that is absent raises no flag.
+    Reads only the entry's fields: ``uniformity``, ``support``, ``tied_size``, ``below_resolution``, and
+    ``eigenvalue`` with ``tightness_x``/``tightness_y`` (contradictory: a mode of x, eigenvalue > 0, whose top
+    samples are tighter under y, or the reverse; not raised beside ``uniform``, which already says the top
+    samples are no group). A field that is absent raises no flag.
     """
     codes = set()
     u = _uniformity(entry)
@@ -166,4 +175,29 @@ def mode_flag_codes(entry: Mapping[str, Any], threshold: float = UNIFORM_THRESHO
         codes.add(code)
     if entry.get("below_resolution"):
         codes.add("below_resolution")
+    tx, ty, lam = entry.get("tightness_x"), entry.get("tightness_y"), entry.get("eigenvalue")
+    if tx is not None and ty is not None and lam and "uniform" not in codes:  # uniform says it all
+        own, other = (tx, ty) if float(lam) > 0 else (ty, tx)
+        if float(own) < float(other):
+            codes.add("contradictory")
     return [c for c in FLAGS if c in codes]
+
+
+def entry_flags(entry: Mapping[str, Any]) -> list[str]:
+    """The codes a view renders for one mode entry: its stored ``flags`` (spec.json, written by the job), or,
+    for an entry written before ``flags`` existed, :func:`mode_flag_codes` of it (the same rule)."""
+    stored = entry.get("flags")
+    return list(stored) if stored is not None else mode_flag_codes(entry)
+
+
+def flag_label(code: str, entry: Mapping[str, Any] | None = None) -> str:
+    """The short label of one flag code from :data:`FLAGS`; ``tied`` names the size of its set from the
+    entry's ``tied_size`` ("tied: one of 3 directions within noise"). An unknown code is shown as itself."""
+    if code == "tied" and entry is not None and int(entry.get("tied_size") or 1) > 1:
+        return f"tied: one of {int(entry['tied_size'])} directions within noise"
+    return FLAGS[code][0] if code in FLAGS else str(code)
+
+
+def flag_labels(entry: Mapping[str, Any]) -> list[str]:
+    """The short labels of a mode entry's flags (:func:`entry_flags`), in :data:`FLAGS` order."""
+    return [flag_label(c, entry) for c in entry_flags(entry)]

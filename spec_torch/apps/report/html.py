@@ -4,15 +4,17 @@
 and optional context scores, draws the plots into ``run_dir/plots/`` and writes ``run_dir/report.html``
 atomically (a temporary name, then :func:`os.replace`). Every piece of text is HTML-escaped.
 
-The page, in order: the title and an opening paragraph in plain words (:func:`verdict`: which encoder holds
-which groups the other does not, how strong), the headline numbers, a mode overview table (one row per
+The page, in order: the title and the opening paragraph (spec.json ``summary.headline``, written by
+:func:`spec_torch.apps.report.summary.build_summary`), the headline numbers, a mode overview table (one row per
 reported mode: direction, eigenvalue, share of |spectrum|, cluster size, tightness under x and y, purity,
-flags), report-wide flags, settings, context scores, the spectrum, and the per-mode detail.
+flags), report-wide flags, context scores, the spectrum, the per-mode detail, a glossary and the settings.
 
-Hook points for other analyses: each :class:`ModeView` carries a ``flags`` list (short warnings shown in the
-overview and on the mode: e.g. a mode that is close to the uniform vector, an approximation error, a
-confidence interval or an unsupported mode), and ``extra["flags"]`` holds report-wide ones; both are plain
-strings appended by whoever computes them. :func:`mode_flags` adds the ones the report can see by itself.
+The page renders facts and decides none: a mode's flags are its spec.json entry's ``flags`` codes (labels and
+sentences from :data:`spec_torch.apps.report.flags.FLAGS`; an entry written before ``flags`` existed gets
+:func:`~spec_torch.apps.report.flags.mode_flag_codes`, the same rule), the opening is ``summary.headline``
+(built from the spec dict by the same function when a hand-made spec has none). Hook points for other
+analyses: each :class:`ModeView` carries a ``flags`` list of extra plain-text warnings shown beside the codes'
+labels, and ``extra["flags"]`` holds report-wide ones.
 
 Why f-strings and not a template engine (Jinja2): the page is assembled from a dozen small functions, each
 escaping its own values with one helper; a template would move the markup into a second language while the
@@ -32,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import SpecError
+from ...result import UNIFORM_THRESHOLD
 from .._io import atomic_write_text
 from ..explain import NO_WORDS, keywords_phrase
 from . import flags, plots
+from .summary import build_summary, encoder_names, group_phrase, short_name, side_setting
 
-__all__ = ["ModeView", "write_report", "verdict", "mode_flags", "cluster_size", "SIZE_RULE"]
+__all__ = ["ModeView", "write_report", "cluster_size", "SIZE_RULE", "GLOSSARY"]
 
 
 @dataclass
@@ -56,7 +60,8 @@ class ModeView:
         labels: label composition ``[(label, fraction), ...]`` (:func:`metrics.label_composition`), or None.
         purity: per planted attribute, ``(majority value, fraction)`` (:func:`metrics.purity`) or a fraction.
         paths: the file of each top sample (same order as ``sample_ids``), where the data has files; or None.
-        flags: short warnings about this mode (the report appends its own: :func:`mode_flags`).
+        flags: extra plain-text warnings about this mode from another analysis, shown beside the labels of
+            its spec.json entry's ``flags`` codes.
         ci, heldout_eigenvalue, stability, support: the mode's bootstrap interval ``[lo, hi]``, held-out
             eigenvalue, stability and plain-words verdict (:func:`spec_torch.uncertainty.mode_support`), or None.
         keywords: the mode's distinctive terms ``[[term, z], ...]`` (spec.json ``keywords``, from
@@ -117,6 +122,10 @@ h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:34px 0 8px;border-b
 padding-bottom:4px}h3{font-size:1.05em;margin:0 0 8px}
 .sub{color:#57606a;margin:0 0 16px}.muted{color:#57606a;font-size:.9em}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:.92em}
+.wide{overflow-x:auto;max-width:100%}.facts>div{min-width:0;max-width:100%}
+td,th,li,p,dd,code{overflow-wrap:break-word}td.num{white-space:nowrap}
+dl.glossary dt{font-weight:600;margin-top:8px}dl.glossary dd{margin:2px 0 0 18px}
+.tag{color:#9a6700;font-weight:600}
 th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:left;vertical-align:top}
 th{background:#f6f8fa;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .headline{display:flex;gap:14px;flex-wrap:wrap;margin:14px 0}
@@ -160,18 +169,25 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="{_png_uri(path)}" alt="{_e(alt)}">'
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
-    out = ["<table>"]
+def _table(
+    rows: Sequence[Sequence[Any]],
+    header: Sequence[str] | None = None,
+    row_attrs: Sequence[Mapping[str, str]] | None = None,
+) -> str:
+    """A table in a wrapper that scrolls sideways (``overflow-x: auto``), so the page never gets wider than
+    the window; ``row_attrs``: HTML attributes of each row (e.g. ``data-mode``)."""
+    out = ['<div class="wide"><table>']
     if header:
         out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = []
         for j, cell in enumerate(row):
             tag = "th" if j == 0 and header is None else "td"
             cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
             cells.append(f"<{tag}{cls}>{_e(_fmt(cell))}</{tag}>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
+        attrs = "".join(f' {k}="{_e(v)}"' for k, v in (row_attrs[i] if row_attrs else {}).items())
+        out.append(f"<tr{attrs}>" + "".join(cells) + "</tr>")
+    out.append("</table></div>")
     return "".join(out)
 
 
@@ -184,25 +200,6 @@ def _describe(value: Any) -> str:
     return _fmt(value)
 
 
-def _short_name(value: Any, fallback: str) -> str:
-    if isinstance(value, Mapping):
-        for key in ("name", "model", "classifier", "family"):
-            if value.get(key):
-                return str(value[key])
-        return fallback
-    return str(value) if value else fallback
-
-
-def _weights_tag(encoder: Any) -> str | None:
-    """The weights an encoder config names (open_clip pretrained tag, torchvision weights, checkpoint)."""
-    if not isinstance(encoder, Mapping):
-        return None
-    for key in ("pretrained", "weights", "checkpoint"):
-        if isinstance(encoder.get(key), str) and encoder[key]:
-            return Path(encoder[key]).name if key == "checkpoint" else encoder[key]
-    return None
-
-
 def _lookup(spec: Mapping[str, Any], *keys: str) -> Any:
     for key in keys:
         if key in spec and spec[key] is not None:
@@ -210,18 +207,9 @@ def _lookup(spec: Mapping[str, Any], *keys: str) -> Any:
     return None
 
 
-def _side(spec: Mapping[str, Any], kind: str, side: str) -> Any:
-    """``spec[kind + "_" + side]`` or ``spec[kind + "s"][side]`` (e.g. kernel_x or kernels["x"])."""
-    direct = spec.get(f"{kind}_{side}")
-    if direct is not None:
-        return direct
-    group = spec.get(f"{kind}s")
-    return group.get(side) if isinstance(group, Mapping) else None
-
-
 def _encoder(spec: Mapping[str, Any], side: str) -> Any:
     """The encoder settings of one side; for precomputed features, the file they came from."""
-    enc = _side(spec, "encoder", side)
+    enc = side_setting(spec, "encoder", side)
     dataset = _lookup(spec, "dataset", "data")
     if enc is None and isinstance(dataset, Mapping) and dataset.get(f"{side}_path"):
         return f"precomputed features: {dataset[f'{side}_path']}"
@@ -246,40 +234,45 @@ def cluster_size(view: ModeView) -> str:
     return f"≥ {size}" if size == len(view.scores) else str(size)
 
 
-def _purity_of(view: ModeView) -> tuple[str, float] | None:
-    """The mode's strongest shared label or planted attribute value and its fraction of the top samples."""
-    best = None
+def _view_entry(view: ModeView, rank: int) -> dict[str, Any]:
+    """A spec.json-shaped mode entry from a view, for a view whose spec has no entry (library use)."""
+    entry: dict[str, Any] = {
+        "index": view.index, "rank": rank, "eigenvalue": view.eigenvalue, "top_ids": list(view.sample_ids),
+        "tightness_x": view.tightness_x, "tightness_y": view.tightness_y, "support": view.support,
+    }  # fmt: skip
     if view.purity:
-        for attr, value in view.purity.items():
-            major, frac = (
-                (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
-            )
-            if best is None or frac > best[1]:
-                best = (f"{attr}={major}" if major != "" else str(attr), frac)
-    elif view.labels:
-        label, frac = list(view.labels)[0]
-        best = (str(label), float(frac))
-    return best
+        split = {a: (v if isinstance(v, (tuple, list)) else ("", v)) for a, v in view.purity.items()}
+        entry["purity"] = {a: float(f) for a, (_, f) in split.items()}
+        entry["dominant"] = {a: m for a, (m, _) in split.items() if m != ""}
+    if view.labels:
+        entry["labels"] = [[str(label), float(f)] for label, f in view.labels]
+    return {k: v for k, v in entry.items() if v is not None}
 
 
-def mode_flags(view: ModeView, names: Mapping[str, str]) -> list[str]:
-    """Warnings the report sees by itself: a mode "captured by x" whose top samples are tighter under y (or the
-    reverse) contradicts its sign — its top samples are not the group the eigenvalue speaks of."""
-    flags = []
-    tx, ty = view.tightness_x, view.tightness_y
-    if tx is not None and ty is not None:
-        own, other = (tx, ty) if view.direction == "x" else (ty, tx)
-        if own < other:
-            side, rival = (names["x"], names["y"]) if view.direction == "x" else (names["y"], names["x"])
-            flags.append(
-                f"contradictory: captured by {side} by its sign, but its top samples are tighter under {rival} "
-                f"({other:.2f} vs {own:.2f})"
-            )
-    return flags
+def _ranked(spec: Mapping[str, Any], modes: Sequence[ModeView]) -> list[tuple[str, ModeView, dict]]:
+    """``[(name, view, entry)]``: each view with its spec.json mode entry (matched by direction and index;
+    :func:`_view_entry` where the spec has none), x then y, by the entry's rank."""
+    out = []
+    for side in ("x", "y"):
+        entries = {int(e["index"]): e for e in (spec.get("modes") or {}).get(side) or [] if "index" in e}
+        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        pairs = [
+            (view, entries.get(int(view.index)) or _view_entry(view, r))
+            for r, view in enumerate(chosen, start=1)
+        ]
+        pairs.sort(key=lambda p: int(p[1].get("rank", 0)))
+        out += [(f"{side}{int(e.get('rank', 0))}", view, e) for view, e in pairs]
+    return out
+
+
+def _labels(view: ModeView, entry: Mapping[str, Any]) -> list[str]:
+    """The labels of the entry's flag codes, then the view's extra warnings."""
+    own = flags.flag_labels(entry)
+    return own + [f for f in view.flags if f not in own]
 
 
 def _same_encoder(spec: Mapping[str, Any]) -> bool:
-    ex, ey = _side(spec, "encoder", "x"), _side(spec, "encoder", "y")
+    ex, ey = side_setting(spec, "encoder", "x"), side_setting(spec, "encoder", "y")
     if not ex or not ey:
         return False
     if isinstance(ex, Mapping) and isinstance(ey, Mapping):
@@ -288,56 +281,32 @@ def _same_encoder(spec: Mapping[str, Any]) -> bool:
     return ex == ey
 
 
-def verdict(spec: Mapping[str, Any], modes: Sequence[ModeView], names: Mapping[str, str]) -> str:
-    """One or two plain sentences: which encoder holds which groups the other does not, and how strongly."""
-    eig = [float(v) for v in spec.get("eigenvalues") or []]
-    total = sum(abs(v) for v in eig) or 1.0
-    parts = []
-    for side in ("x", "y"):
-        other = "y" if side == "x" else "x"
-        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
-        if not chosen:
-            continue
-        top = chosen[0]
-        what = _purity_of(top)
-        group = f"a group that is {what[1]:.0%} {what[0]}" if what else f"a group led by {top.sample_ids[0]}"
-        if top.keywords:  # its distinctive words say best what the group is
-            group = f"a group described by {keywords_phrase({'keywords': top.keywords})}"
-        parts.append(
-            f"{names[side]} holds together {group}, which {names[other]} does not "
-            f"(the strongest such mode: λ = {top.eigenvalue:+.3g}, {abs(top.eigenvalue) / total:.0%} of the "
-            f"|spectrum|; {len(chosen)} mode{'s' if len(chosen) > 1 else ''} of this kind reported)."
-        )
-    if not parts:
-        return "No mode was reported, so this run says nothing about which groups either encoder holds."
-    sd = spec.get("spec_diff")
-    reference = flags.reference_phrase(spec)
-    strength = (
-        f" SPEC-diff, the largest |λ|, is {sd:.3g}" + (f", {reference}." if reference else ".")
-        if isinstance(sd, (int, float))
-        else ""
-    )
-    return " ".join(parts) + strength
-
-
-def _overview(modes: Sequence[ModeView], names: Mapping[str, str], spec: Mapping[str, Any]) -> str:
-    eig = [float(v) for v in spec.get("eigenvalues") or []]
-    total = sum(abs(v) for v in eig) or 1.0
-    header = ["mode", "captured by", "λ", "share of |spectrum|", "cluster size",
-              f"tightness under {names['x']}", f"tightness under {names['y']}", "purity", "flags"]  # fmt: skip
-    rows = []
-    for side in ("x", "y"):
-        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
-        for rank, view in enumerate(chosen, start=1):
-            what = _purity_of(view)
-            rows.append([
-                f"{side}{rank}", names[side], view.eigenvalue, f"{abs(view.eigenvalue) / total:.1%}",
-                cluster_size(view), view.tightness_x, view.tightness_y,
-                f"{what[0]} {what[1]:.0%}" if what else "—", "; ".join(view.flags) or "",
-            ])  # fmt: skip
+def _overview(
+    ranked: Sequence[tuple[str, ModeView, dict]], names: Mapping[str, str], spec: Mapping[str, Any]
+) -> str:
+    """ "Modes at a glance": one row per mode; the flags column renders the entry's ``flags``."""
+    eig = [abs(float(v)) for v in spec.get("eigenvalues") or [] if v is not None]
+    total = sum(eig) or 1.0
+    header = ["mode", "λ", "share of |spectrum|", "cluster size",
+              "tightness under x", "tightness under y", "purity", "flags"]  # fmt: skip
+    rows, attrs = [], []
+    for name, view, entry in ranked:
+        has_group = entry.get("purity") or entry.get("labels")
+        rows.append([
+            name, view.eigenvalue, f"{abs(view.eigenvalue) / total:.1%}",
+            cluster_size(view), view.tightness_x, view.tightness_y,
+            group_phrase(entry) if has_group else "—", "; ".join(_labels(view, entry)),
+        ])  # fmt: skip
+        attrs.append({"data-mode": name, "data-flags": " ".join(flags.entry_flags(entry))})
     if not rows:
         return ""
-    return "<h2>Modes at a glance</h2>" + _table(rows, header) + f'<p class="muted">{_e(SIZE_RULE)}.</p>'
+    return (
+        "<h2>Modes at a glance</h2>"
+        + _table(rows, header, attrs)
+        + f'<p class="muted">Modes x1, x2, ...: held together by x = {_e(names["x"])}; y1, y2, ...: by y = '
+        f"{_e(names['y'])}. {_e(SIZE_RULE)}. Flags: see the "
+        "glossary at the end.</p>"
+    )
 
 
 def _flags(flags: Sequence[str]) -> str:
@@ -352,12 +321,13 @@ def _flags(flags: Sequence[str]) -> str:
 _KNOWN_KEYS = {
     "eigenvalues", "spec_diff", "n", "eta", "method", "kernel_x", "kernel_y", "kernels", "encoder_x",
     "encoder_y", "encoders", "dataset", "data", "modes", "skipped", "n_skipped", "title", "metrics", "report",
-    "approximation", "spec_diff_null", "spec_diff_ratio",
+    "approximation", "spec_diff_null", "spec_diff_ratio", "summary", "spec_diff_centred", "tied_modes",
+    "timings",
 }  # fmt: skip
 
 
 def _title(spec: Mapping[str, Any], names: dict[str, str], extra: Mapping[str, Any]) -> str:
-    dataset = _short_name(_lookup(spec, "dataset", "data"), "")
+    dataset = short_name(_lookup(spec, "dataset", "data"), "")
     on = f" on {dataset}" if dataset not in ("", "features") else ""
     return str(extra.get("title") or spec.get("title") or f"SPEC: {names['x']} vs {names['y']}{on}")
 
@@ -368,8 +338,8 @@ def _header(
     extra: Mapping[str, Any],
     opening: str = "",
     overview: str = "",
+    finding: Mapping[str, Any] | None = None,
 ) -> str:
-    dataset = _lookup(spec, "dataset", "data")
     title = _title(spec, names, extra)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -386,6 +356,11 @@ def _header(
         ("SPEC-diff", spec.get("spec_diff"), "max |λ| = ‖(K_X − η K_Y) / n‖"),
         ("samples n", spec.get("n"), "compared" + (f", {skipped} skipped" if skipped else "")),
     ]
+    centred = (finding or {}).get("spec_diff_centred")
+    if centred:  # the summary says to read this one: a uniform mode holds the plain SPEC-diff
+        lead = "".join(str(p) for p in finding.get("lead_mode") or [])
+        stats[0] = ("SPEC-diff", spec.get("spec_diff"), f"of {lead}, uniform: kernel levels, not a group")
+        stats.insert(0, ("centred SPEC-diff (read this)", centred.get("value"), "both kernels centred"))
     ratio = spec.get("spec_diff_ratio")
     if ratio is not None:  # the permutation reference (docs/uncertainty.md)
         stats.insert(
@@ -408,13 +383,27 @@ def _header(
             f'<div class="stat"><span>{_e(label)}</span><b>{_e(_fmt(value))}</b><span>{_e(desc)}</span></div>'
         )
     out.append("</div>")
-    out.append(overview)  # the modes at a glance, before the settings
+    out.append(overview)  # the modes at a glance
+    return "\n".join(out)
+
+
+def _settings(spec: Mapping[str, Any], names: dict[str, str]) -> str:
+    """The settings table, at the end of the page: encoders, kernels, dataset, eta, route, other entries."""
+    dataset = _lookup(spec, "dataset", "data")
     rows = [
         ["embedding x", names["x"], _describe(_encoder(spec, "x"))],
         ["embedding y", names["y"], _describe(_encoder(spec, "y"))],
-        ["kernel x", _short_name(_side(spec, "kernel", "x"), "—"), _describe(_side(spec, "kernel", "x"))],
-        ["kernel y", _short_name(_side(spec, "kernel", "y"), "—"), _describe(_side(spec, "kernel", "y"))],
-        ["dataset", _short_name(dataset, "—"), _describe(dataset)],
+        [
+            "kernel x",
+            short_name(side_setting(spec, "kernel", "x"), "—"),
+            _describe(side_setting(spec, "kernel", "x")),
+        ],
+        [
+            "kernel y",
+            short_name(side_setting(spec, "kernel", "y"), "—"),
+            _describe(side_setting(spec, "kernel", "y")),
+        ],
+        ["dataset", short_name(dataset, "—"), _describe(dataset)],
         ["η (eta)", _fmt(spec.get("eta")), "L = (K_X − η K_Y) / n"],
         ["method", _fmt(spec.get("method")), f"{len(spec.get('eigenvalues') or [])} eigenvalues computed"],
     ]
@@ -430,8 +419,7 @@ def _header(
             ]
         elif not isinstance(value, (list, tuple)):
             rows.append([key, _fmt(value), ""])
-    out.append("<h2>Settings</h2>" + _table(rows, ["", "name", "resolved settings"]))
-    return "\n".join(out)
+    return "<h2>Settings</h2>" + _table(rows, ["", "name", "resolved settings"])
 
 
 _CONTEXT = (
@@ -472,15 +460,29 @@ def _trust_notes(spec: Mapping[str, Any], names: dict[str, str]) -> str:
             f'<div class="mode"><h3>Is SPEC-diff large?</h3><p>{_e(reference)}. {_e(flags.REFERENCE_MEANING)} '
             "See docs/uncertainty.md.</p></div>"
         )
-    flagged = flags.uniform_modes(spec.get("modes"))
+    flagged = [
+        (d, e)
+        for d in ("x", "y")
+        for e in (spec.get("modes") or {}).get(d) or []
+        if "uniform" in flags.entry_flags(e)
+    ]
     if flagged:
         rows = [
-            [f"mode {d}{r}", lam, u, f"captured by {names[d]}: a higher average similarity, not a group"]
-            for d, r, lam, u in flagged
-        ]
+            [f"mode {d}{e.get('rank')}", e.get("eigenvalue"), e.get("uniformity"),
+             f"captured by {names[d]}: a higher average similarity, not a group"]
+            for d, e in flagged
+        ]  # fmt: skip
+        centred = spec.get("spec_diff_centred")
+        read = (
+            f"<p><b>Centred SPEC-diff: {_e(_fmt(centred.get('value')))}</b> (both kernels centred; "
+            f"{_e(centred.get('how'))}). Read this one: it compares groups only.</p>"
+            if isinstance(centred, Mapping) and centred.get("value") is not None
+            else ""
+        )
         out.append(
             f'<div class="mode"><h3>Uniform modes (uniformity &gt; {flags.UNIFORM_THRESHOLD})</h3>'
             f"<p>{_e(flags.UNIFORM_MEANING)}</p>"
+            + read
             + _table(rows, ["mode", "λ", "uniformity", "what it is"])
             + "</div>"
         )
@@ -519,7 +521,7 @@ def _composition(labels: Sequence[tuple[str, float]], top: int = 6) -> str:
     )
     if len(labels) > top and rest > 1e-9:
         rows += f'<tr><td class="muted">other ({len(labels) - top})</td><td>{rest:.0%}</td></tr>'
-    return f"<table><tr><th>label</th><th>fraction</th></tr>{rows}</table>"
+    return f'<div class="wide"><table><tr><th>label</th><th>fraction</th></tr>{rows}</table></div>'
 
 
 def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
@@ -529,21 +531,32 @@ def _purity(purity: Mapping[str, Any], pure: float = 0.9) -> str:
         major, frac = (value[0], float(value[1])) if isinstance(value, (tuple, list)) else ("", float(value))
         style = ' style="font-weight:600"' if frac >= pure else ""
         rows.append(f"<tr{style}><td>{_e(attr)}</td><td>{_e(major)}</td><td>{frac:.0%}</td></tr>")
-    return f"<table>{''.join(rows)}</table>"
+    return f'<div class="wide"><table>{"".join(rows)}</table></div>'
 
 
 def _mode(
-    view: ModeView, rank: int, names: dict[str, str], plot_dir: Path, baseline: Mapping[str, float] | None
+    name: str,
+    view: ModeView,
+    entry: Mapping[str, Any],
+    names: dict[str, str],
+    plot_dir: Path,
+    baseline: Mapping[str, float] | None,
 ) -> str:
+    """One mode's card: heading, its flags (label and sentence of each code), verdict line, facts, samples."""
     other = "y" if view.direction == "x" else "x"
     heading = (
-        f"Mode {view.direction}{rank} · λ = {view.eigenvalue:.4g} "
+        f"Mode {name} · λ = {view.eigenvalue:.4g} "
         f"(spectrum index {view.index}) · captured by {names[view.direction]}, not by {names[other]}"
     )
+    codes = flags.entry_flags(entry)
     out = [
-        f'<section class="mode {view.direction}"><h3>{_e(heading)}</h3>',
-        _flags(view.flags),
-        _support_line(view),
+        f'<section class="mode {view.direction}" data-mode="{_e(name)}" data-flags="{_e(" ".join(codes))}">'
+        f"<h3>{_e(heading)}</h3>",
+        _flags(
+            [f"{flags.flag_label(c, entry)}: {flags.FLAGS[c][1]}" if c in flags.FLAGS else c for c in codes]
+            + [f for f in view.flags if f not in codes]
+        ),
+        _support_line(view, codes),
         _keywords_line(view),
     ]
     out.append('<div class="facts">')
@@ -563,13 +576,11 @@ def _mode(
     if view.images is not None and len(view.images):
         captions = [f"{s:.3g}" for s in view.scores]
         title = (
-            f"mode {view.direction}{rank}: λ = {view.eigenvalue:+.3g}, top {len(view.images)} samples — "
+            f"mode {name}: λ = {view.eigenvalue:+.3g}, top {len(view.images)} samples — "
             f"held together by {names[view.direction]}, not by {names[other]}"
         )
-        path = plots.image_grid(
-            list(view.images), captions, plot_dir / f"mode_{view.direction}{rank}.png", title=title
-        )
-        out.append(_img(path, f"top {len(view.images)} images of mode {view.direction}{rank}"))
+        path = plots.image_grid(list(view.images), captions, plot_dir / f"mode_{name}.png", title=title)
+        out.append(_img(path, f"top {len(view.images)} images of mode {name}"))
         paths = view.paths if view.paths is not None else [None] * len(view.sample_ids)
         items = "".join(
             f"<li><span class='score'>{s:.4g}</span><code>{_e(i)}</code>"
@@ -591,17 +602,6 @@ def _mode(
     return "\n".join(out)
 
 
-_SUPPORT_WORDS = {
-    "supported": "Supported by the data: its strength carries over to held-out samples and it reappears in "
-    "resampled data.",
-    "not a distinct cluster": "Not a distinct cluster: the direction is real (it keeps its strength on held-out "
-    "samples) but the mode changes from one resample to the next: it is one of several equally strong "
-    "directions, so its top samples are not a stable group.",
-    "not supported by the data": "Not supported by the data: on held-out samples its eigenvalue falls towards 0 "
-    "(or changes sign); it is mostly sampling noise.",
-}
-
-
 def _keywords_line(view: ModeView) -> str:
     """One line under a mode's heading: its distinctive words with their z-scores (spec.json ``keywords``)."""
     phrase = keywords_phrase({"keywords": view.keywords}, with_z=True)
@@ -618,44 +618,43 @@ def _keywords_line(view: ModeView) -> str:
     )
 
 
-def _support_line(view: ModeView) -> str:
-    """One sentence under a mode's heading: its verdict, interval, held-out eigenvalue and stability."""
+def _support_line(view: ModeView, codes: Sequence[str]) -> str:
+    """Under a mode's heading: what "supported" means when the verdict is that and nothing is flagged (the
+    other verdicts are flags, shown above in words), then its interval, held-out eigenvalue and stability."""
     if not view.support or view.support == "unknown":
         return ""
     ci = f"[{view.ci[0]:.4g}, {view.ci[1]:.4g}]" if view.ci else "—"
-    style = "" if view.support == "supported" else ' style="color:#9a6700;font-weight:600"'
+    words = f"<p>{_e(flags.SUPPORTED_MEANING)}</p>" if view.support == "supported" and not codes else ""
     return (
-        f"<p{style}>{_e(_SUPPORT_WORDS.get(view.support, view.support))}</p>"
-        f'<p class="muted">interval {_e(ci)} · held-out λ {_e(_fmt(view.heldout_eigenvalue))} · '
-        f"stability {_e(_fmt(view.stability, 2))}</p>"
+        words + f'<p class="muted">verdict: {_e(view.support)} · interval {_e(ci)} · held-out λ '
+        f"{_e(_fmt(view.heldout_eigenvalue))} · stability {_e(_fmt(view.stability, 2))}</p>"
     )
 
 
-def _uncertainty(spec: Mapping[str, Any], modes: Sequence[ModeView], plot_dir: Path) -> str:
+def _uncertainty(
+    spec: Mapping[str, Any], all_ranked: Sequence[tuple[str, ModeView, dict]], plot_dir: Path
+) -> str:
     """Intervals plot and mode table (eigenvalue, interval, held-out, stability, verdict), or the note why off."""
     info = spec.get("uncertainty") if isinstance(spec.get("uncertainty"), Mapping) else {}
-    shown = [m for m in modes if m.ci is not None and m.heldout_eigenvalue is not None]
-    if not shown:
+    ranked = [(n, m, e) for n, m, e in all_ranked if m.ci is not None and m.heldout_eigenvalue is not None]
+    if not ranked:
         note = info.get("note") if info else None
         return f'<p class="muted">Intervals and held-out eigenvalues: {_e(note)}.</p>' if note else ""
-    ranked: list[tuple[str, ModeView]] = []
-    for side in ("x", "y"):
-        chosen = sorted((m for m in shown if m.direction == side), key=lambda m: -abs(m.eigenvalue))
-        ranked += [(f"{side}{r}", m) for r, m in enumerate(chosen, start=1)]
     level = float(info.get("level", 0.9))
     path = plots.plot_intervals(
-        [label for label, _ in ranked],
-        [m.eigenvalue for _, m in ranked],
-        [list(m.ci) for _, m in ranked],
-        [m.heldout_eigenvalue for _, m in ranked],
-        [m.support == "supported" for _, m in ranked],
+        [label for label, _, _ in ranked],
+        [m.eigenvalue for _, m, _ in ranked],
+        [list(m.ci) for _, m, _ in ranked],
+        [m.heldout_eigenvalue for _, m, _ in ranked],
+        [not flags.entry_flags(e) for _, _, e in ranked],  # a flagged mode is drawn hollow
         plot_dir / "intervals.png",
         level=level,
     )
     rows = [
-        [label, m.eigenvalue, f"{m.ci[0]:.4g} .. {m.ci[1]:.4g}", m.heldout_eigenvalue, m.stability, m.support]
-        for label, m in ranked
-    ]
+        [label, m.eigenvalue, f"{m.ci[0]:.4g} .. {m.ci[1]:.4g}", m.heldout_eigenvalue, m.stability, m.support,
+         "; ".join(_labels(m, e))]
+        for label, m, e in ranked
+    ]  # fmt: skip
     ci = spec.get("spec_diff_ci")
     diff = (
         f" SPEC-diff: {_fmt(spec.get('spec_diff'))}, {level:.0%} interval {ci[0]:.4g} .. {ci[1]:.4g}."
@@ -671,7 +670,7 @@ def _uncertainty(spec: Mapping[str, Any], modes: Sequence[ModeView], plot_dir: P
         "<i>stability</i> is the fraction of resamples in which the same mode reappears (sample-score overlap "
         f"≥ {_e(info.get('overlap_cutoff', 0.9))}). See docs/uncertainty.md.</p>"
         + _img(path, "eigenvalue intervals and held-out eigenvalues")
-        + _table(rows, ["mode", "λ", f"{level:.0%} interval", "held-out λ", "stability", "verdict"])
+        + _table(rows, ["mode", "λ", f"{level:.0%} interval", "held-out λ", "stability", "verdict", "flags"])
     )
 
 
@@ -696,6 +695,60 @@ def _kmeans(kmeans: Mapping[str, Any], names: dict[str, str]) -> str:
         + _table(rows, ["top samples of", f"NMI under {names['x']}", f"AMI under {names['x']}",
                         f"NMI under {names['y']}", f"AMI under {names['y']}"])
     )  # fmt: skip
+
+
+#: the terms the report uses, in plain words (the "Glossary" section; the flags follow from FLAGS)
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("mode", "An eigenvector of (K_X − η K_Y) / n: a weighting of the samples. Its top samples are the ones it "
+     "weights most; they are the group the mode speaks of."),
+    ("λ (eigenvalue), direction", "A positive λ marks a group the first embedding (x) holds together and the "
+     "second (y) does not; a negative λ the reverse. Modes are named by direction and rank: x1 is the "
+     "strongest positive mode, y1 the strongest negative one."),
+    ("SPEC-diff", "The largest |λ|: the strongest difference between the two embeddings' kernel geometries."),
+    ("centred SPEC-diff", "SPEC-diff with both kernels centred (H K H, center=true): the kernels' average "
+     "levels are removed, so only groups are compared. The report gives it beside a uniform strongest mode."),
+    ("kernel geometry", "The pairwise similarities (the kernel matrix) an embedding gives the samples. SPEC "
+     "compares these, not coordinates, so two embeddings that differ by a rotation have the same geometry."),
+    ("marginals", "Each embedding's distribution on its own, without the pairing of samples. \"Unrelated "
+     "embeddings with the same marginals\" are the same two embeddings with the pairing shuffled."),
+    ("spectrum index", "The mode's position among all eigenvalues sorted from largest to smallest (the index "
+     "into spec.json eigenvalues)."),
+    ("share of |spectrum|", "|λ| divided by the sum of all |λ|."),
+    ("tightness", "The mean kernel value between a mode's top samples under each embedding: a mode of x should "
+     "be tight under x and loose under y."),
+    ("purity", "The fraction of a mode's top samples that share the majority value of a label or planted "
+     "attribute."),
+    ("cluster size", SIZE_RULE + "."),
+    ("linear CKA, mutual k-NN", "Familiar global similarity scores: centred linear CKA (1 = the same up to "
+     "rotation and scale) and the mean overlap of each sample's k nearest neighbours (1 = the same)."),
+    ("NMI / AMI", "Normalised and adjusted mutual information between KMeans clusters of the modes' top samples "
+     "and which mode each sample came from: 1 = the same grouping; AMI is about 0 for a chance grouping."),
+    ("uniformity, uniform", f"|<v, 1>| / sqrt(n): 1 for a mode that weights every sample alike. Above "
+     f"{UNIFORM_THRESHOLD} a mode is uniform: it measures the kernels' average similarity, not a group."),
+    ("interval", "Where λ would fall on another sample of the same size: a bootstrap interval over groups of "
+     "samples (docs/uncertainty.md)."),
+    ("held-out λ", "The mode fitted on part of the samples and measured on the rest: in-sample extremes are "
+     "inflated by selection, a real group keeps most of its value."),
+    ("stability", "The fraction of resamples in which the same mode reappears (sample-score overlap at least "
+     "the stated cutoff). Low stability: one of several equally strong directions."),
+    ("tied", "Adjacent modes whose eigenvalues are within sampling noise of each other: together they span a "
+     "real difference, but no one of them is an identifiable group on its own."),
+    ("verdict", "The library's judgement of a mode from its interval, held-out λ and stability: supported, "
+     "tied, not a distinct cluster, not supported by the data, or unknown (no replicates)."),
+)  # fmt: skip
+
+
+def _glossary() -> str:
+    """The glossary: the report's terms, then each flag's label and sentence from :data:`flags.FLAGS`."""
+    terms = "".join(f"<dt>{_e(t)}</dt><dd>{_e(d)}</dd>" for t, d in GLOSSARY)
+    marks = "".join(f"<dt>{_e(label)}</dt><dd>{_e(text)}</dd>" for label, text in flags.FLAGS.values())
+    return (
+        '<h2>Glossary</h2><dl class="glossary">' + terms + "</dl>"
+        "<h3>Flags</h3>"
+        '<p class="muted">A mode\'s flags (spec.json <code>flags</code>) say what its number does not mean. '
+        "A flagged mode is never described without its flag.</p>"
+        '<dl class="glossary">' + marks + "</dl>"
+    )
 
 
 # ---------------------------------------------------------------- entry point
@@ -737,18 +790,11 @@ def write_report(
     for old in plot_dir.glob("mode_[xy]*.png"):  # grids of an earlier run here must not pass for this one's
         old.unlink()
 
-    given = extra.get("names") or {}
-    names = {
-        side: str(given.get(side) or _short_name(_side(spec, "encoder", side), f"embedding {side}"))
-        for side in ("x", "y")
-    }
-    if names["x"] == names["y"]:  # same model: tell them apart by weights, else by side
-        tags = {side: _weights_tag(_side(spec, "encoder", side)) for side in ("x", "y")}
-        use_tags = tags["x"] != tags["y"] and all(tags.values())
-        names = {side: f"{names[side]} ({tags[side] if use_tags else side})" for side in names}
-
-    for view in modes:  # the flags the report sees by itself, beside those others appended
-        view.flags = list(view.flags) + [f for f in mode_flags(view, names) if f not in view.flags]
+    finding = spec.get("summary") if isinstance(spec.get("summary"), Mapping) else None
+    names = encoder_names(spec, extra.get("names") or (finding or {}).get("names"))
+    if finding is None:  # a hand-made spec (library use): the same words the job would have stored
+        finding = build_summary(spec, names)
+    ranked = _ranked(spec, modes)
     report_flags = list(extra.get("flags") or [])
     if _same_encoder(spec):
         report_flags.append(
@@ -762,19 +808,19 @@ def write_report(
     spectrum = plots.plot_spectrum(
         spec["eigenvalues"], plot_dir / "spectrum.png", spec.get("spec_diff"), labels=(names["x"], names["y"])
     )
-    opening = f'<p class="verdict">{_e(verdict(spec, modes, names))}</p>'
+    opening = f'<p class="verdict">{_e(finding["headline"])}</p>'
     body = [
-        _header(spec, names, extra, opening + _flags(report_flags), _overview(modes, names, spec)),
+        _header(spec, names, extra, opening + _flags(report_flags), _overview(ranked, names, spec), finding),
         _context(extra),
         _trust_notes(spec, names),
         "<h2>Spectrum</h2>",
         _how_to_read(names),
     ]
     body.append(_img(spectrum, "eigenvalue spectrum"))
-    body.append(_uncertainty(spec, modes, plot_dir))
+    body.append(_uncertainty(spec, ranked, plot_dir))
     for side in ("x", "y"):
         other = "y" if side == "x" else "x"
-        chosen = sorted((m for m in modes if m.direction == side), key=lambda m: -abs(m.eigenvalue))
+        chosen = [(n, v, e) for n, v, e in ranked if v.direction == side]
         sign = "λ > 0" if side == "x" else "λ < 0"
         body.append(
             f'<h2><span class="dir-{side}">Modes {_e(names[side])} captures and {_e(names[other])} does not</span> '
@@ -782,9 +828,11 @@ def write_report(
         )
         if not chosen:
             body.append('<p class="muted">No mode reported in this direction.</p>')
-        body += [_mode(view, rank, names, plot_dir, baseline) for rank, view in enumerate(chosen, start=1)]
+        body += [_mode(n, view, entry, names, plot_dir, baseline) for n, view, entry in chosen]
     if extra.get("kmeans"):
         body.append(_kmeans(extra["kmeans"], names))
+    body.append(_glossary())
+    body.append(_settings(spec, names))
 
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -23,7 +23,14 @@ pre{overflow-x:auto;max-width:100%;white-space:pre}
 
 
 def wide(html: str) -> str:
-    """A table (or anything wider than the window) in a box that scrolls sideways instead of the page."""
+    """A table (or anything wider than the window) in a box that scrolls sideways instead of the page; a table
+    of :func:`~spec_torch.apps.report.html._table` is in one already and comes back as it is."""
+    if (
+        html.startswith('<div class="wide"><table')
+        and html.endswith("</table></div>")
+        and html.count("<table") == 1
+    ):
+        return html
     return f'<div class="wide">{html}</div>'
 
 

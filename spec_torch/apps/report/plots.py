@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "plot_spectrum",
     "plot_intervals",
     "image_grid",
+    "grid_font",
     "score_histogram",
     "POSITIVE_COLOUR",
     "NEGATIVE_COLOUR",
@@ -150,6 +152,17 @@ def plot_spectrum(
     return _save(fig, path, dpi)
 
 
+@lru_cache(maxsize=8)
+def grid_font(size: int):
+    """A PIL font with the glyphs the grid titles print (λ, the em dash, ≥): DejaVu Sans, which matplotlib
+    ships, found through :mod:`matplotlib.font_manager` (PIL's built-in default font has neither glyph)."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=True)
+    return ImageFont.truetype(path, size)
+
+
 def image_grid(
     images: Sequence[Any],
     captions: Sequence[str],
@@ -163,7 +176,7 @@ def image_grid(
 
     Composed with PIL (no matplotlib): each image is scaled to fit a ``cell x cell`` square, aspect kept.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if len(images) == 0:
         raise SpecError("images: expected at least one image, got none")
@@ -171,13 +184,13 @@ def image_grid(
         raise SpecError(f"captions: expected one caption per image ({len(images)}), got {len(captions)}")
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
-    font = ImageFont.load_default(size=12)
+    font = grid_font(12)
     pad, cap_h = 6, 16
     top = 24 if title else 0
     sheet = Image.new("RGB", (ncols * (cell + pad) + pad, top + nrows * (cell + cap_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((pad, 4), str(title), fill="black", font=ImageFont.load_default(size=15))
+        draw.text((pad, 4), str(title), fill="black", font=grid_font(15))
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         if not isinstance(image, Image.Image):
             arr = np.asarray(image)
@@ -245,7 +258,8 @@ def plot_intervals(
     """The reported modes' eigenvalues with their bootstrap intervals and held-out eigenvalues.
 
     One column per mode (``labels``, e.g. ``"x1"``): the in-sample eigenvalue (dot, coloured by sign), its
-    ``level`` interval (bar), the held-out eigenvalue (cross); modes not ``supported`` drawn hollow and grey.
+    ``level`` interval (bar), the held-out eigenvalue (cross); modes not ``supported`` (the report passes: not
+    flagged) drawn hollow and grey.
 
     Args:
         eigenvalues: ``[M]``; ci: ``[M, 2]``; heldout: ``[M]``; supported: ``[M]`` booleans.
@@ -268,7 +282,7 @@ def plot_intervals(
     ax.scatter([], [], s=36, color="#555555", label="in-sample λ")
     ax.plot([], [], color="#555555", lw=4, alpha=0.45, label=f"{level:.0%} bootstrap interval")
     ax.scatter([], [], s=40, marker="x", color="black", label="held-out λ")
-    ax.scatter([], [], s=36, facecolors="none", edgecolors="#999999", label="not supported / not distinct")
+    ax.scatter([], [], s=36, facecolors="none", edgecolors="#999999", label="flagged (see the mode's card)")
     ax.set_xticks(pos, [str(label) for label in labels])
     ax.set_xlabel("reported mode")
     ax.set_ylabel("eigenvalue λ")
