@@ -14,6 +14,7 @@ from ._validate import (
     check_fits,
     check_pair,
     check_positive,
+    check_seed,
     memory_available,
 )
 from .covariance import MAX_ETA, DiffCovariance
@@ -231,6 +232,7 @@ def spec(
     eta = check_positive(eta, "eta", max_value=MAX_ETA)
     check_positive(batch_size, "batch_size", integer=True)
     check_accumulate_dtype(accumulate_dtype)
+    seed = check_seed(seed)
     kx = resolve_kernel(kernel_x, "kernel_x")
     ky = resolve_kernel(kernel_y, "kernel_y")
     kx.check_input(x, "x")
@@ -239,6 +241,7 @@ def spec(
     # replicates come from group sums of feature maps: the feature route (checked in _spec_with_uncertainty)
     route = "features" if replicates and method != "exact" else choose_route(method, n, p, q, kx, ky)
     kx, ky = kx.for_route(route), ky.for_route(route)
+    _check_route_fits(route, n, p, q, kx, ky, accumulate_dtype, x.device)  # before a kernel is fitted
     if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
         rows = _fit_rows(n, seed, x.device, size=max(FIT_ROWS, kx.fit_rows, ky.fit_rows))
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
@@ -273,11 +276,7 @@ def spec(
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)
     top_k = check_top_k(top_k, keep)
-    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
     block = min(n, 4096)
-    check_fits(
-        (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
-    )
     # after L is freed, the permutation reference's (2n + 1)-square matrix and eigvalsh's copy: 8 n x n
     reference = _reference_fits(reference, (8 * n * n + 2 * block * n) * 8, x.device, n)
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
@@ -324,6 +323,31 @@ def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> 
         return torch.arange(n, device=device)
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
+
+
+def _check_route_fits(
+    route: str, n: int, p: int, q: int, kx: Kernel, ky: Kernel, accumulate_dtype: Any, device: torch.device
+) -> None:
+    """Refuse from the sizes alone, before any kernel is fitted or matrix allocated, a comparison whose
+    matrices would not fit on ``device``: the D x D sums on the features route (D <= n), otherwise the n x n
+    matrices plus, for kernels evaluated through features (random Fourier features), the feature blocks."""
+    from .covariance import check_state_fits
+
+    if route == "features":
+        dx, dy = kx.feature_dim(p), ky.feature_dim(q)
+        if dx + dy <= n:
+            check_state_fits(dx, dy, (accumulate_dtype or torch.float64).itemsize, device, kernels=(kx, ky))
+            return
+    block = min(n, 4096)
+    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
+    need = (4 * n * n + 2 * block * n) * 8
+    what = f"the exact route with n = {n} (n x n matrices)"
+    # the gram of a kernel with features holds both sides' features and its [b, m] projections (float64)
+    width = max(kx.exact_dim(p), ky.exact_dim(q))
+    if width > max(p, q):
+        need += 3 * (block + n) * width * 8
+        what += f" with {width} random features per row"
+    check_fits(need, device, what, "rff_dim" if width > max(p, q) else "method")
 
 
 def _reference_fits(reference: bool | None, n_bytes: int, device: torch.device, n: int) -> bool:
@@ -388,8 +412,6 @@ def _spec_with_uncertainty(
     n = x.shape[0]
     if groups is None:
         groups = min(DEFAULT_GROUPS, n // 2)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
     acc = DiffCovariance(kx, ky, accumulate_dtype=accumulate_dtype, groups=groups, group_seed=seed)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)

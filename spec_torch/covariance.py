@@ -24,6 +24,7 @@ from ._validate import (
     check_fits,
     check_pair,
     check_positive,
+    check_seed,
     resolve_device,
 )
 from .errors import SpecError
@@ -68,6 +69,43 @@ def _stage_rows(groups: int, dx: int, dy: int) -> int:
     k_half = (dx * dx + dx * dy + dy * dy) // (2 * (dx + dy))
     k_bytes = STAGE_MIN_BYTES // (groups * (dx + dy) * 8)
     return groups * max(MIN_STAGE_ROWS_PER_GROUP, min(STAGE_ROWS_PER_GROUP, max(k_half, k_bytes)))
+
+
+def check_state_fits(
+    dx: int,
+    dy: int,
+    itemsize: int,
+    device: torch.device,
+    groups: int | None = None,
+    kernels: tuple = (),
+    bound: str = "",
+) -> None:
+    """Refuse, before anything is allocated, sums of ``D = dx + dy`` features that would not fit on ``device``:
+    the blocks in ``itemsize`` bytes plus the float64 solve's C, Z, S and eigenvectors (about 6 D x D matrices);
+    with ``groups``, also the G group-wise sums, the staging buffer and the replicates' solves."""
+    d = dx + dy
+    rff = [
+        f"{side}.rff_dim = {k.rff_dim}"
+        for side, k in zip(("kernel_x", "kernel_y"), kernels)
+        if isinstance(getattr(k, "rff_dim", None), int)
+    ]
+    check_fits(
+        (dx * dx + dx * dy + dy * dy) * itemsize + 6 * d * d * 8,
+        device,
+        f"{bound}D = {dx} + {dy} = {d} features (D x D matrices{'; ' if rff else ''}{', '.join(rff)})",
+        "kernel_x/kernel_y",
+    )
+    if groups is not None:
+        check_fits(
+            groups * (dx * dx + dx * dy + dy * dy) * 8  # the group sums
+            + _stage_rows(groups, dx, dy)
+            * (dx + dy)
+            * 8  # the staging buffer (allocated by the first update)
+            + 12 * d * d * 8,  # the replicates' solves
+            device,
+            f"groups = {groups} group-wise sums of {bound}D = {dx} + {dy} features (G x D x D matrices)",
+            "groups",
+        )
 
 
 def distributed_ready() -> bool:
@@ -137,9 +175,20 @@ class DiffCovariance:
         self.count = 0
         if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 2):
             raise SpecError(f"groups: expected an integer >= 2 or None, got {groups!r}")
-        if isinstance(group_seed, bool) or not isinstance(group_seed, int) or group_seed < 0:
-            raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
+        group_seed = check_seed(group_seed, "group_seed")
         self.groups, self.group_seed = groups, group_seed
+        # the sums' size from the kernels' widths alone (random features: 2 rff_dim whatever the input), so
+        # rff_dim=10**9 is refused here, before a frequency or a sum is allocated; checked again with the inputs
+        cpu = torch.device("cpu")
+        check_state_fits(
+            self.kernel_x.feature_dim(1),
+            self.kernel_y.feature_dim(1),
+            self.accumulate_dtype.itemsize,
+            self.device or cpu,
+            groups,
+            (self.kernel_x, self.kernel_y),
+            bound="at least ",
+        )
         self._group_sums: dict[str, torch.Tensor] | None = None  # read through group_state (flushes first)
         # with groups, each group's rows wait in its slot of a staging buffer until k of them are there, so
         # every group GEMM sees k rows whatever the batch size (_stage_or_add): features [G k + 1, Dx] and
@@ -220,11 +269,25 @@ class DiffCovariance:
         xs = as_matrix(x_sample, "x_sample")
         ys = as_matrix(y_sample, "y_sample")
         check_pair(xs, ys, ("x_sample", "y_sample"))
+        dx, dy = self.kernel_x.feature_dim(xs.shape[1]), self.kernel_y.feature_dim(ys.shape[1])
+        check_state_fits(
+            dx,
+            dy,
+            self.accumulate_dtype.itemsize,
+            self.device or xs.device,
+            self.groups,
+            (self.kernel_x, self.kernel_y),
+        )
         self.kernel_x = self.kernel_x.fit(xs)
         self.kernel_y = self.kernel_y.fit(ys)
         return self
 
     def _init_state(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        dtype = self.accumulate_dtype
+        device = self.device or x.device
+        # sizes first: fitting a kernel allocates its random frequencies, the sums come after
+        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])
+        check_state_fits(dx, dy, dtype.itemsize, device, self.groups, (self.kernel_x, self.kernel_y))
         if any(not k.is_fitted and k.fit_uses_data for k in (self.kernel_x, self.kernel_y)):
             warnings.warn(
                 "DiffCovariance: fitting the kernels (sigma='auto', random frequencies) on the first batch only; "
@@ -235,19 +298,9 @@ class DiffCovariance:
         self.kernel_x = self.kernel_x if self.kernel_x.is_fitted else self.kernel_x.fit(x)
         self.kernel_y = self.kernel_y if self.kernel_y.is_fitted else self.kernel_y.fit(y)
         self.dims = (x.shape[1], y.shape[1])
-        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])
-        dtype = self.accumulate_dtype
-        device = self.device or x.device
+        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])  # fitted widths
         self.device = device
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        # the state plus the float64 solve's C, Z, S, eigenvectors: about 6 D x D matrices
-        d = dx + dy
-        check_fits(
-            (dx * dx + dx * dy + dy * dy) * itemsize + 6 * d * d * 8,
-            device,
-            f"D = {dx} + {dy} = {d} features (D x D matrices)",
-            "kernel_x/kernel_y",
-        )
+        check_state_fits(dx, dy, dtype.itemsize, device, self.groups, (self.kernel_x, self.kernel_y))
         self.xx = torch.zeros(dx, dx, dtype=dtype, device=device)
         self.xy = torch.zeros(dx, dy, dtype=dtype, device=device)
         self.yy = torch.zeros(dy, dy, dtype=dtype, device=device)
@@ -259,14 +312,6 @@ class DiffCovariance:
     def _init_groups(self, dx: int, dy: int, device: torch.device) -> None:
         """Zero group sums (float64): ``xx [G, Dx, Dx]``, ``xy``, ``yy``, ``sum_x [G, Dx]``, ``sum_y``, ``count [G]``."""
         g, f64 = self.groups, torch.float64
-        check_fits(
-            g * (dx * dx + dx * dy + dy * dy) * 8  # the group sums
-            + _stage_rows(g, dx, dy) * (dx + dy) * 8  # the staging buffer (allocated by the first update)
-            + 12 * (dx + dy) ** 2 * 8,  # the replicates' solves
-            device,
-            f"groups = {g} group-wise sums of D = {dx} + {dy} features (G x D x D matrices)",
-            "groups",
-        )
         self.group_state = {
             "xx": torch.zeros(g, dx, dx, dtype=f64, device=device),
             "xy": torch.zeros(g, dx, dy, dtype=f64, device=device),
@@ -673,6 +718,13 @@ class DiffCovariance:
                 for the many pairs of a matrix job.
         """
         eta = check_positive(eta, "eta", max_value=MAX_ETA)
+        seed = check_seed(seed)
+        if replicates and self.xx is not None:  # refused before the full-data solve, not after it
+            from .uncertainty import check_replicates
+
+            d = self.xx.shape[0] + self.yy.shape[0]
+            k = min(self.n, d) if top_k is None else min(2 * int(top_k), d)  # an upper bound of the modes
+            check_replicates(replicates, self.groups or 2, d, max(k, 1), self.device)
         sync = sync_dist if sync_dist is not None else distributed_ready()
         if self._pending_error is not None and not sync:
             raise self._pending_error
