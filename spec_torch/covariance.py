@@ -117,6 +117,145 @@ def distributed_ready() -> bool:
     )
 
 
+#: tolerances of a loaded state's consistency checks (:meth:`DiffCovariance.load_state_dict`), relative to the
+#: largest diagonal entry (PSD) or to the count (traces), per dtype of the sums: float32 sums of a long stream
+#: carry about 1e-4 relative rounding, float64 sums about 1e-12
+STATE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-8}
+#: kernels whose feature rows all have unit norm (k(a, a) = 1): their sums' traces equal the count
+_UNIT_DIAGONAL = ("cosine", "gaussian")
+
+
+def _check_state(state: Any, acc: DiffCovariance, adopt_kernels: bool) -> dict[str, Any]:
+    """Every field of a saved :meth:`DiffCovariance.state_dict` checked against ``acc``, nothing assigned.
+
+    Types, shapes and dtypes against the kernels and dims; every tensor finite; ``count`` an integer, >= 1 with
+    sums and 0 without; the group counts non-negative whole numbers summing to ``count`` and the group sums
+    summing to the totals; for kernels with unit diagonals (cosine, Gaussian) ``trace(XX) = trace(YY) = count``;
+    the centred joint second moment ``[XX XY; XY^T YY] - s s^T / n`` positive semidefinite. Tolerances:
+    :data:`STATE_RTOL`. Returns the values to assign (``kernels, dims, count, input_dtype, sums,
+    group_state``); a :class:`SpecError` naming the entry otherwise.
+    """
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SpecError(f"state: expected a DiffCovariance.state_dict() (format {_FORMAT!r}), got {got!r}")
+    missing = [k for k in ("count", "dims", "kernel_x", "kernel_y") if k not in state]
+    if missing:
+        raise SpecError(f"state: missing entries {missing}")
+    count = state["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise SpecError(f"state: 'count' must be an integer >= 0, got {count!r}")
+    if adopt_kernels:
+        kx = kernel_from_state(state["kernel_x"], "state.kernel_x")
+        ky = kernel_from_state(state["kernel_y"], "state.kernel_y")
+    else:
+        kx = acc.kernel_x.load_state_dict(state["kernel_x"], "state.kernel_x")
+        ky = acc.kernel_y.load_state_dict(state["kernel_y"], "state.kernel_y")
+    saved_input = state.get("input_dtype")
+    if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
+        raise SpecError(f"state: 'input_dtype' must be a float dtype name or None, got {saved_input!r}")
+    groups = state.get("groups")
+    if (groups, state.get("group_seed", acc.group_seed)) != (acc.groups, acc.group_seed):
+        raise SpecError(
+            f"state: saved with groups={groups} (group_seed={state.get('group_seed')}), this accumulator has "
+            f"groups={acc.groups} (group_seed={acc.group_seed}); construct it with the same groups"
+        )
+    dims = state["dims"]
+    out: dict[str, Any] = {
+        "kernels": (kx, ky),
+        "dims": None,
+        "count": count,
+        "input_dtype": None if saved_input is None else getattr(torch, saved_input),
+        "sums": {},
+        "group_state": None,
+    }
+    if dims is None:
+        if count != 0:
+            raise SpecError(f"state: 'count' is {count} but no sums are saved ('dims' is None); expected 0")
+        return out
+    if not (
+        isinstance(dims, (list, tuple))
+        and len(dims) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+    ):
+        raise SpecError(f"state: 'dims' must be two integers [p, q] >= 1, got {dims!r}")
+    if count < 1:
+        raise SpecError(
+            "state: 'count' is 0 but sums are saved; expected the number of samples summed (>= 1)"
+        )
+    dx, dy = kx.feature_dim(dims[0]), ky.feature_dim(dims[1])
+    shapes = {"xx": (dx, dx), "xy": (dx, dy), "yy": (dy, dy), "sum_x": (dx,), "sum_y": (dy,)}
+    sums: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        sums[key] = _checked_tensor(state.get(key), key, shape, (torch.float32, torch.float64))
+    dtype = sums["xx"].dtype
+    if any(t.dtype != dtype for t in sums.values()) or len({t.device for t in sums.values()}) != 1:
+        raise SpecError("state: the saved sums must share one dtype (float32 or float64) and one device")
+    rtol = STATE_RTOL[dtype]
+    f64 = torch.float64
+    for k, name, block in ((kx, "xx", sums["xx"]), (ky, "yy", sums["yy"])):
+        if k.name in _UNIT_DIAGONAL:
+            trace = float(block.to(f64).diagonal().sum())
+            if abs(trace - count) > rtol * count:
+                raise SpecError(
+                    f"state: trace of {name!r} is {trace:.6g}, but a {k.name} kernel's features have unit norm, "
+                    f"so it must equal 'count' = {count} (relative tolerance {rtol:g}); the state is corrupted"
+                )
+    _check_psd(sums, count, rtol)
+    group_state = None
+    if groups is not None:
+        group_state = {}
+        for key in ("xx", "xy", "yy", "sum_x", "sum_y", "count"):
+            shape = (groups, *shapes[key]) if key != "count" else (groups,)
+            group_state[key] = _checked_tensor(state.get(f"group_{key}"), f"group_{key}", shape, (f64,))
+        gc = group_state["count"]
+        if bool((gc < 0).any()) or not bool((gc == gc.round()).all()):
+            raise SpecError("state: 'group_count' must hold whole numbers >= 0 (samples per group)")
+        if int(gc.sum()) != count:
+            raise SpecError(f"state: 'group_count' sums to {int(gc.sum())}, but 'count' is {count}")
+        for key in shapes:
+            total = sums[key].to(f64)
+            parts = group_state[key].sum(0).to(total.device)
+            if float((parts - total).abs().max()) > rtol * float(total.abs().max()):
+                raise SpecError(f"state: 'group_{key}' does not sum to {key!r} (relative tolerance {rtol:g})")
+    out.update(dims=(dims[0], dims[1]), sums=sums, group_state=group_state)
+    return out
+
+
+def _checked_tensor(
+    t: Any, key: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]
+) -> torch.Tensor:
+    """``t`` must be a finite tensor of ``shape`` in one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in dtypes:
+        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise SpecError(
+            f"state: {key!r} must be a floating tensor of shape {list(shape)} ({names}), got {got}"
+        )
+    if t.layout != torch.strided or t.is_meta:
+        raise SpecError(f"state: {key!r} must be a dense tensor with data")
+    if not bool(torch.isfinite(t).all()):
+        raise SpecError(f"state: {key!r} holds NaN or Inf; the state is corrupted")
+    return t
+
+
+def _check_psd(sums: dict[str, torch.Tensor], count: int, rtol: float) -> None:
+    """The centred joint second moment ``M = [XX XY; XY^T YY] - s s^T / n`` (a covariance times n) must be
+    positive semidefinite: ``M + rtol * max diag(M) * I`` has a Cholesky factor."""
+    f64 = torch.float64
+    xx, xy, yy = (sums[k].to(f64) for k in ("xx", "xy", "yy"))
+    s = torch.cat([sums["sum_x"].to(f64), sums["sum_y"].to(f64)])  # [D]
+    m = torch.cat([torch.cat([xx, xy], 1), torch.cat([xy.T, yy], 1)], 0) - torch.outer(s, s) / count  # [D, D]
+    m = (m + m.T) / 2
+    scale = max(float(m.diagonal().abs().max()), 1e-300)
+    jitter = rtol * scale
+    _, info = torch.linalg.cholesky_ex(m + jitter * torch.eye(m.shape[0], dtype=f64, device=m.device))
+    if int(info) != 0:
+        raise SpecError(
+            "state: the saved sums are not a second moment ([XX XY; XY^T YY] - s s^T / n is not positive "
+            f"semidefinite within {rtol:g} of its largest diagonal entry); the state is corrupted"
+        )
+
+
 class DiffCovariance:
     """Accumulates the blocks of ``C = A^T A`` over batches without storing features.
 
@@ -548,60 +687,10 @@ class DiffCovariance:
                 taken from the state), otherwise :class:`SpecError`. ``True``: take the saved kernels whatever
                 they are.
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise SpecError(
-                f"state: expected a DiffCovariance.state_dict() (format {_FORMAT!r}), got {got!r}"
-            )
-        missing = [k for k in ("count", "dims", "kernel_x", "kernel_y") if k not in state]
-        if missing:
-            raise SpecError(f"state: missing entries {missing}")
-        count = state["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise SpecError(f"state: 'count' must be an integer >= 0, got {count!r}")
-        if adopt_kernels:
-            kx = kernel_from_state(state["kernel_x"], "state.kernel_x")
-            ky = kernel_from_state(state["kernel_y"], "state.kernel_y")
-        else:
-            kx = self.kernel_x.load_state_dict(state["kernel_x"], "state.kernel_x")
-            ky = self.kernel_y.load_state_dict(state["kernel_y"], "state.kernel_y")
-        dims = state["dims"]
-        sums: dict[str, torch.Tensor] = {}
-        if dims is not None:
-            if not (
-                isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, int) for d in dims)
-            ):
-                raise SpecError(f"state: 'dims' must be two integers [p, q], got {dims!r}")
-            dx, dy = kx.feature_dim(dims[0]), ky.feature_dim(dims[1])
-            shapes = {"xx": (dx, dx), "xy": (dx, dy), "yy": (dy, dy), "sum_x": (dx,), "sum_y": (dy,)}
-            for key, shape in shapes.items():
-                t = state.get(key)
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                    got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise SpecError(
-                        f"state: {key!r} must be a floating tensor of shape {list(shape)}, got {got}"
-                    )
-                sums[key] = t
-            if len({t.dtype for t in sums.values()}) != 1:
-                raise SpecError("state: the saved sums must share one dtype")
-        self.kernel_x, self.kernel_y = kx, ky
-        groups = state.get("groups")
-        if (groups, state.get("group_seed", self.group_seed)) != (self.groups, self.group_seed):
-            raise SpecError(
-                f"state: saved with groups={groups} (group_seed={state.get('group_seed')}), this accumulator has "
-                f"groups={self.groups} (group_seed={self.group_seed}); construct it with the same groups"
-            )
-        group_state = None
-        if groups is not None and sums:
-            group_state = {}
-            for key in ("xx", "xy", "yy", "sum_x", "sum_y", "count"):
-                t = state.get(f"group_{key}")
-                shape = (groups, *sums[key].shape) if key != "count" else (groups,)
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                    raise SpecError(f"state: 'group_{key}' must be a floating tensor of shape {list(shape)}")
-                group_state[key] = t.detach().clone()
-        self.dims = None if dims is None else (dims[0], dims[1])
-        self.count = count
+        loaded = _check_state(state, self, adopt_kernels)  # every field checked; nothing assigned yet
+        self.kernel_x, self.kernel_y = loaded["kernels"]
+        self.dims, self.count, self.input_dtype = loaded["dims"], loaded["count"], loaded["input_dtype"]
+        sums = loaded["sums"]
         if sums:
             for key, t in sums.items():
                 setattr(self, key, t.detach().clone())
@@ -609,12 +698,11 @@ class DiffCovariance:
         else:
             self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         # rows staged before the load are dropped with the sums they belonged to (the group_state setter)
-        self.group_state = group_state
+        group_state = loaded["group_state"]
+        self.group_state = (
+            None if group_state is None else {k: t.detach().clone() for k, t in group_state.items()}
+        )
         self._stale = False
-        saved_input = state.get("input_dtype")
-        if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
-            raise SpecError(f"state: 'input_dtype' must be a float dtype name or None, got {saved_input!r}")
-        self.input_dtype = None if saved_input is None else getattr(torch, saved_input)
         return self
 
     def synced(self) -> DiffCovariance:

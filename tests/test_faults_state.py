@@ -1,0 +1,223 @@
+"""Fault cases of issue 19, second part (saved state, allocations, odd values, Ctrl-C): each reproduced and handled.
+
+Every test is one case; ``bench/faults.py`` runs this module with ``tests/test_faults.py`` and prints the table.
+Each test fails on the main branch before issue 19 (said in its docstring). Ctrl-C is simulated at a known phase,
+never by timing: a stage monkeypatched to raise KeyboardInterrupt in-process, or a subprocess that signals
+itself (SIGINT) when it reaches the phase (``SPEC_TORCH_TEST_INTERRUPT``, read only by these tests' hooks).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+
+import spec_torch as st
+from spec_torch.errors import SpecError
+from spec_torch.kernels import GaussianKernel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)  # weights_only=True
+
+
+# ----------------------------------------------------------------- allocations are checked before they happen
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: GaussianKernel(sigma=1.0, rff_dim=10**9).fit(x),
+        lambda x, y: st.DiffCovariance(GaussianKernel(rff_dim=10**9), "cosine"),
+        lambda x, y: st.spec(x, y, GaussianKernel(sigma=1.0, rff_dim=10**9), "cosine"),
+        lambda x, y: st.spec(x, y, GaussianKernel(sigma=1.0, rff_dim=10**9), "cosine", method="features"),
+        lambda x, y: st.SpecAlignLoss(GaussianKernel(sigma=1.0, rff_dim=10**9), "cosine", method="features")(
+            x, y
+        ),
+    ],
+    ids=["kernel.fit", "DiffCovariance", "spec", "spec-features", "SpecAlignLoss"],
+)
+def test_rff_dim_of_a_billion_is_refused_before_allocating(make):
+    """rff_dim=10**9 is one SpecError naming rff_dim (or the kernels' D) and the GiB it needs, refused from the
+    sizes before any allocation (on main: the allocator is asked for 64-256 GB)."""
+    x, y = torch.randn(40, 6), torch.randn(40, 4)
+    t0 = time.process_time()
+    with pytest.raises(SpecError, match=r"(rff_dim|kernel_x/kernel_y|method).* needs about [\d.e+]+ GiB"):
+        make(x, y)
+    assert time.process_time() - t0 < 5  # nothing big was drawn (CPU time, not a timing claim: 0.01 s here)
+
+
+def test_rff_dim_of_twenty_million_allocates_nothing_before_failing():
+    """rff_dim=2*10**7 on 20-d inputs (3.2 GB of frequencies) is refused before the frequencies are drawn: the
+    peak memory stays below 1 GB (on main: 3 GB allocated for several seconds before the D x D check)."""
+    import resource
+
+    x, y = torch.randn(60, 20), torch.randn(60, 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for method in ("auto", "features", "exact"):
+        with pytest.raises(SpecError, match="needs about"):
+            st.spec(x, y, GaussianKernel(sigma=1.0, rff_dim=2 * 10**7), "cosine", method=method)
+    acc = st.DiffCovariance(GaussianKernel(sigma="auto", rff_dim=8), "cosine")
+    acc.kernel_x = GaussianKernel(sigma="auto", rff_dim=2 * 10**7)  # past the constructor's check: update's
+    with pytest.raises(SpecError, match="needs about"):
+        acc.update(x, y)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 2**20, f"peak memory grew by {grown_kib / 2**20:.1f} GiB"
+
+
+def test_replicates_of_a_billion_are_refused_naming_the_memory():
+    """replicates=10**9 is one SpecError naming replicates and the GiB needed, before the full-data solve and
+    before the [R, G] draws (on main: 256 GB asked of the allocator)."""
+    x, y = torch.randn(64, 5), torch.randn(64, 3)
+    with pytest.raises(SpecError, match=r"replicates: replicates = 1000000000 .* needs about [\d.e+]+ GiB"):
+        st.spec(x, y, GaussianKernel(sigma=1.0, rff_dim=8), "cosine", replicates=10**9)
+    acc = st.DiffCovariance("cosine", "cosine", groups=4)
+    acc.update(x, y)
+    with pytest.raises(SpecError, match=r"replicates: .* needs about"):
+        acc.compute(replicates=10**9)
+    from spec_torch.uncertainty import estimate
+
+    with pytest.raises(SpecError, match=r"replicates: .* needs about"):
+        res = acc.compute()
+        d = acc.xx.shape[0] + acc.yy.shape[0]
+        estimate(
+            acc.group_state,
+            torch.eye(d, dtype=torch.float64),
+            res.eigenvalues,
+            res._u,
+            eta=1.0,
+            dx=5,
+            zero_tol=0.0,
+            replicates=10**9,
+        )
+
+
+# ----------------------------------------------------------------- seeds
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y, s: st.spec(x, y, seed=s),
+        lambda x, y, s: GaussianKernel(rff_dim=4, seed=s),
+        lambda x, y, s: st.Nystrom("gaussian", landmarks=8, seed=s),
+        lambda x, y, s: st.DiffCovariance(groups=4, group_seed=s),
+        lambda x, y, s: st.DiffCovariance(groups=4).update(x, y).compute(replicates=4, seed=s),
+    ],
+    ids=["spec", "GaussianKernel", "Nystrom", "group_seed", "compute"],
+)
+@pytest.mark.parametrize("seed", [2**70, 2**63, -1])
+def test_seed_out_of_range_is_refused_and_the_largest_accepted(call, seed):
+    """A seed outside 0 <= seed < 2**63 is one SpecError naming it (on main: 2**70 is an overflow traceback
+    from torch.Generator, -1 is accepted here and refused there); 2**63 - 1 is accepted everywhere."""
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    with pytest.raises(SpecError, match=r"seed: expected an integer with 0 <= \w*seed < 2\*\*63"):
+        call(x, y, seed)
+    call(x, y, 2**63 - 1)
+
+
+# ----------------------------------------------------------------- DiffCovariance.load_state_dict
+def _grouped(kx="cosine", ky=None, groups=4):
+    ky = ky if ky is not None else GaussianKernel(sigma=1.0, rff_dim=6, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    acc = st.DiffCovariance(kx, ky, groups=groups)
+    for _ in range(3):
+        acc.update(torch.randn(20, 5, generator=gen), torch.randn(20, 3, generator=gen))
+    return acc
+
+
+def _tamper(state, what):
+    s = dict(state)
+    if what == "count=0":
+        s["count"] = 0
+    elif what == "count off by one":
+        s["count"] += 1
+    elif what == "NaN in group counts":
+        s["group_count"] = s["group_count"].clone()
+        s["group_count"][1] = float("nan")
+    elif what == "negative group count":
+        s["group_count"] = s["group_count"].clone()
+        s["group_count"][0] -= 100
+        s["group_count"][1] += 100
+    elif what == "fractional group count":
+        s["group_count"] = s["group_count"].clone()
+        s["group_count"][0] += 0.5
+        s["group_count"][1] -= 0.5
+    elif what == "Inf in xy":
+        s["xy"] = s["xy"].clone()
+        s["xy"][0, 0] = float("inf")
+    elif what == "integer sums":
+        s["sum_x"] = s["sum_x"].round().long()
+    elif what == "cosine trace":
+        s["xx"] = s["xx"] * 1.5
+    elif what == "not PSD":
+        s["yy"] = s["yy"].clone()
+        s["yy"][1, 1] += s["yy"][0, 0] + 5.0  # trace kept, so only the PSD check sees it
+        s["yy"][0, 0] = -5.0
+    elif what == "group sums disagree":
+        s["group_xy"] = s["group_xy"] * 1.01
+    elif what == "bad group shape":
+        s["group_xx"] = s["group_xx"][:2]
+    elif what == "bad input_dtype":
+        s["input_dtype"] = "int8"
+    elif what == "bool dims":
+        s["dims"] = [True, 3]
+    return s
+
+
+_BAD_STATES = {
+    "count=0": "'count' is 0 but sums are saved",
+    "count off by one": "trace of 'xx'|'group_count' sums to",
+    "NaN in group counts": "'group_count' holds NaN",
+    "negative group count": "'group_count' must hold whole numbers >= 0",
+    "fractional group count": "'group_count' must hold whole numbers",
+    "Inf in xy": "'xy' holds NaN or Inf",
+    "cosine trace": "trace of 'xx' is .* must equal 'count'",
+    "not PSD": "not positive semidefinite",
+    "group sums disagree": "'group_xy' does not sum to 'xy'",
+    "bad input_dtype": "'input_dtype' must be a float dtype name",
+    "bool dims": "'dims' must be two integers",
+}
+
+
+@pytest.mark.parametrize("what", list(_BAD_STATES))
+def test_covariance_load_validates_everything_before_assigning(what):
+    """A tampered DiffCovariance state is refused naming the entry, and the accumulator is left exactly as it
+    was: count, sums, group sums and kernels (on main: count=0 loads and divides by zero in compute, a NaN group
+    count gives NaN intervals silently, a bad group entry raises after count and the kernels were replaced)."""
+    saved = _roundtrip(_grouped().state_dict())
+    target = _grouped(ky=GaussianKernel(sigma=1.0, rff_dim=6, seed=3))
+    gen = torch.Generator().manual_seed(9)
+    target.update(torch.randn(7, 5, generator=gen), torch.randn(7, 3, generator=gen))
+    before = target.state_dict()
+    kernels = (target.kernel_x, target.kernel_y)
+    with pytest.raises(SpecError, match=_BAD_STATES[what]):
+        target.load_state_dict(_tamper(saved, what))
+    after = target.state_dict()
+    assert (target.kernel_x, target.kernel_y) == kernels and after["count"] == before["count"] == 67
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key], value), key
+
+
+def test_covariance_load_accepts_real_states_of_every_kind():
+    """The consistency checks accept what state_dict writes: float32 and float64 sums, linear (no trace rule),
+    Gaussian random features and cosine, with and without groups, and close embeddings (nearly singular C)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=gen)
+    for kx, ky, dtype, groups in [
+        ("cosine", "cosine", torch.float32, None),
+        ("cosine", "cosine", None, 8),
+        ("linear", GaussianKernel(sigma=2.0, rff_dim=16), None, None),
+        ("linear", "linear", torch.float32, 4),
+    ]:
+        acc = st.DiffCovariance(kx, ky, accumulate_dtype=dtype, groups=groups)
+        for xb in (x * 1e3).split(64):  # large magnitudes: rounding in the float32 sums
+            acc.update(xb, xb + 1e-3 * torch.randn(xb.shape, generator=gen))
+        fresh = st.DiffCovariance(kx, ky, accumulate_dtype=dtype, groups=groups)
+        fresh.load_state_dict(_roundtrip(acc.state_dict()))
+        assert fresh.n == 300
+        assert torch.equal(fresh.compute().eigenvalues, acc.compute().eigenvalues)
