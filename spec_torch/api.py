@@ -334,6 +334,8 @@ def _check_route_fits(
     from .covariance import check_state_fits
 
     if route == "features":
+        if not (kx.has_features and ky.has_features):
+            return  # refused with its own message (replicates need feature maps)
         dx, dy = kx.feature_dim(p), ky.feature_dim(q)
         if dx + dy <= n:
             check_state_fits(dx, dy, (accumulate_dtype or torch.float64).itemsize, device, kernels=(kx, ky))

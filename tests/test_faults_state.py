@@ -221,3 +221,182 @@ def test_covariance_load_accepts_real_states_of_every_kind():
         fresh.load_state_dict(_roundtrip(acc.state_dict()))
         assert fresh.n == 300
         assert torch.equal(fresh.compute().eigenvalues, acc.compute().eigenvalues)
+
+
+# ----------------------------------------------------------------- alignment checkpoints and train.csv
+class _TinyClip(torch.nn.Module):
+    """The parts of an open_clip model the trainer touches: a visual tower, a text tower, a logit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.visual = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 6))
+        self.text = torch.nn.Embedding(10, 6)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def encode_image(self, images):
+        return self.visual(images)
+
+    def encode_text(self, tokens):
+        return self.text(tokens).mean(1)
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, key):
+        k, _ = key
+        g = torch.Generator().manual_seed(k)
+        return {"id": f"s{k}", "index": k, "image": torch.randn(3, 4, 4, generator=g), "text": ""}
+
+
+class _Teacher:
+    def lookup(self, ids):
+        return torch.stack([torch.randn(5, generator=torch.Generator().manual_seed(int(i[1:]))) for i in ids])
+
+
+def _trainer(out, steps=4):
+    from spec_torch.apps.align.train import AlignTrainer, TrainSettings
+
+    torch.manual_seed(0)
+    settings = TrainSettings(
+        steps=steps, batch_size=4, lr=1e-2, contrastive="off", w_clip=0.0, ckpt_every=2, log_every=1,
+        heldout_every=100, progress=False, amp=False, warmup_steps=1,
+    )
+    loss = st.SpecAlignLoss("cosine", "cosine")
+    return AlignTrainer(_TinyClip(), None, loss, _Samples(), _Teacher(), settings, out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run of 2 steps (of 4) with its checkpoint and training log."""
+    out = tmp_path_factory.mktemp("align_ckpt")
+    trainer = _trainer(out)
+
+    def stop(t):
+        if t.step == 2:  # after the step-2 checkpoint
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        trainer.fit(on_step=stop)
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tampered_checkpoint(src, dst, what):
+    state = torch.load(src / "checkpoints" / "last.pt", weights_only=True)
+    if what == "step=-7":
+        state["step"] = -7
+    elif what == "step past steps":
+        state["step"] = 99
+    elif what == "step a string":
+        state["step"] = "2"
+    elif what == "resized tensor":
+        state["model"]["visual.1.weight"] = torch.zeros(7, 48)
+    elif what == "missing model tensor":
+        del state["model"]["text.weight"]
+    elif what == "NaN weight":
+        state["model"]["visual.1.bias"][0] = float("nan")
+    elif what == "missing optimizer entry":
+        del state["optimizer"]["param_groups"]
+    elif what == "resized optimizer moment":
+        entry = next(iter(state["optimizer"]["state"].values()))
+        entry["exp_avg"] = torch.zeros(3)
+    elif what == "malformed RNG state":
+        state["rng"]["torch"] = torch.zeros(5, dtype=torch.uint8)
+    elif what == "numpy RNG keys out of range":
+        state["rng"]["numpy"]["keys"] = torch.full((624,), 2**40)
+    elif what == "python RNG state short":
+        state["rng"]["python"]["state"] = state["rng"]["python"]["state"][:10]
+    elif what == "non-integer data position":
+        state["data"]["batch"] = 1.5
+    elif what == "data position past the epoch":
+        state["data"]["batch"] = 40
+    elif what == "scheduler off the step":
+        state["scheduler"]["last_epoch"] = 7
+    elif what == "spec_loss buffer of another dtype":
+        key = next(iter(state["spec_loss"]))
+        state["spec_loss"][key] = state["spec_loss"][key].to(torch.float16)
+    elif what == "world_size not an integer":
+        state["world_size"] = "2"
+    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(state, dst / "checkpoints" / "last.pt")
+
+
+_BAD_CHECKPOINTS = {
+    "step=-7": r"'step' is -7, expected an integer in 0\.\.train\.steps = 4",
+    "step past steps": r"'step' is 99",
+    "step a string": r"'step' is '2'",
+    "resized tensor": r"'model' 'visual.1.weight' is torch.float32 \[7, 48\], this run's model has .*\[6, 48\]",
+    "missing model tensor": r"'model' does not match this run's model \(missing \['text.weight'\]",
+    "NaN weight": r"'visual.1.bias' holds NaN",
+    "missing optimizer entry": r"'optimizer' has no param_groups",
+    "resized optimizer moment": r"'optimizer' state \d+.exp_avg has shape \[3\]",
+    "malformed RNG state": r"'rng.torch' must be a uint8 tensor",
+    "numpy RNG keys out of range": r"'rng.numpy.keys' must lie in",
+    "python RNG state short": r"'rng.python.state' must be 625 integers",
+    "non-integer data position": r"'data' is .*1.5",
+    "data position past the epoch": r"'data' is .* batch in 0\.\.4",
+    "scheduler off the step": r"'scheduler' has last_epoch 7",
+    "spec_loss buffer of another dtype": r"'spec_loss\..*' must be a torch\.\w+ tensor",
+    "world_size not an integer": r"'world_size' is '2'",
+}
+
+
+@pytest.mark.parametrize("what", list(_BAD_CHECKPOINTS))
+def test_align_checkpoint_contents_are_validated_before_loading(trained, tmp_path, what):
+    """A tampered alignment checkpoint (loaded with weights_only, so its contents are still untrusted) is refused
+    in one SpecError naming train.resume and the field, and the trainer is left untouched (on main: step=-7 is
+    accepted and trains 11 steps; resized tensors, a missing optimizer entry, a malformed RNG state or a
+    non-integer data position are tracebacks)."""
+    _tampered_checkpoint(trained, tmp_path, what)
+    trainer = _trainer(tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(SpecError, match=r"^train\.resume: .*" + _BAD_CHECKPOINTS[what]):
+        trainer.resume()
+    assert trainer.step == 0 and all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_align_checkpoint_untampered_resumes(trained, tmp_path):
+    """The checks accept what the trainer writes: the run resumes at step 2 and finishes at 4."""
+    import shutil
+
+    shutil.copytree(trained, tmp_path / "run")
+    trainer = _trainer(tmp_path / "run")
+    assert trainer.resume() and trainer.step == 2
+    trainer.fit()
+    assert trainer.step == 4
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"step,epoch\nx,y\n",
+        b"\x00\xff\xfe binary \x00\x00",
+        None,  # the right header, a step that is not a number
+        "short",  # the right header, a row with too few fields
+    ],
+    ids=["other columns", "binary", "non-numeric step", "short row"],
+)
+def test_corrupted_train_csv_on_resume_auto_is_one_error(trained, tmp_path, content):
+    """A corrupted logs/train.csv beside a good checkpoint is refused on resume=auto in one SpecError naming
+    train.resume and the log (on main: a ValueError/KeyError traceback from the CSV reader)."""
+    import shutil
+
+    from spec_torch.apps.align.train import CSV_FIELDS
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    header = ",".join(CSV_FIELDS) + "\n"
+    if content is None:
+        content = (header + "two," + ",".join(["1"] * (len(CSV_FIELDS) - 1)) + "\n").encode()
+    elif content == "short":
+        content = (header + "1,0,0.1\n").encode()
+    (run / "logs" / "train.csv").write_bytes(content)
+    trainer = _trainer(run)
+    with pytest.raises(SpecError, match=r"^train\.resume: the training log .*train\.csv is damaged"):
+        trainer.resume()
+    assert trainer.step == 0
