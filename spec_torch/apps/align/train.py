@@ -42,6 +42,7 @@ from ...errors import SpecError
 from ...loss import SpecAlignLoss
 from .. import sharding as distributed
 from .._io import atomic_torch_save
+from ..interrupt import interrupt_note
 from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_align
 from .runtime import Runtime
 
@@ -218,6 +219,7 @@ class AlignTrainer:
                 local_loss=True, gather_with_grad=True, rank=self.rt.rank, world_size=self.rt.world_size
             )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.saved_step = 0  # the step of the checkpoint on disk (what train.resume=auto continues from)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ setup helpers
@@ -357,6 +359,11 @@ class AlignTrainer:
         Args:
             on_step: called after every step (after logging and checkpointing), e.g. to stop early.
         """
+        # Ctrl-C: the checkpoint on disk is where a rerun with train.resume=auto continues
+        with interrupt_note(lambda: f"interrupted; `train.resume=auto` resumes from step {self.saved_step}"):
+            return self._fit(on_step)
+
+    def _fit(self, on_step: Callable[[AlignTrainer], None] | None) -> AlignTrainer:
         logger = _Logs(self.out_dir / "logs", self.step, enabled=self.rt.is_main)
         bar = tqdm(
             total=self.s.steps,
@@ -430,6 +437,7 @@ class AlignTrainer:
         self.spec_loss.load_state_dict(state["spec_loss"])
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
+        self.saved_step = self.step
         _set_rng_state(state["rng"])
 
     def check_state(self, state: dict[str, Any], path: str | Path = "the checkpoint") -> None:
@@ -538,6 +546,7 @@ class AlignTrainer:
         if self.rt.is_main:
             atomic_torch_save(self.state_dict(), self.ckpt_path)
         self.rt.barrier()
+        self.saved_step = self.step
 
     def resume(self, path: str | Path | None = None, force: bool = False) -> bool:
         """Load ``path`` (default ``checkpoints/last.pt``) if it exists; True when a checkpoint was loaded.

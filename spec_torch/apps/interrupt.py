@@ -1,0 +1,43 @@
+"""What a Ctrl-C says: one line telling how far the run got, by phase, instead of a KeyboardInterrupt traceback.
+
+A phase that can be resumed registers a note for its duration (:func:`interrupt_note`); :func:`cli.run_guarded`
+prints the innermost note when the run is interrupted, and exits with status 130 (128 + SIGINT)::
+
+    with interrupt_note(lambda: f"interrupted; a rerun resumes from row {state['rows_done']}"):
+        ...  # the extraction loop
+
+Without a note (e.g. during the solve) the line is ``interrupted``. The note is a function, evaluated when the
+interrupt arrives, so it tells the position the run had actually saved then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["INTERRUPTED_STATUS", "interrupt_note", "interrupted_message"]
+
+#: exit status of an interrupted command (128 + SIGINT, as a shell reports it)
+INTERRUPTED_STATUS = 130
+
+_NOTES: list[Callable[[], str]] = []
+
+
+@contextmanager
+def interrupt_note(note: Callable[[], str]) -> Iterator[None]:
+    """While the block runs, a Ctrl-C is reported as ``note()`` (the innermost note wins)."""
+    _NOTES.append(note)
+    try:
+        yield
+    finally:
+        _NOTES.remove(note)
+
+
+def interrupted_message() -> str:
+    """The line to print for a Ctrl-C now: the innermost phase's note, or ``interrupted``."""
+    for note in reversed(_NOTES):
+        try:
+            return " ".join(str(note()).split())
+        except Exception:  # a note must never turn the interrupt into a traceback
+            continue
+    return "interrupted"
