@@ -166,7 +166,9 @@ MAX_SEED = 2**63
 def check_seed(value: Any, name: str = "seed") -> int:
     """``0 <= value < 2**63`` (Python, numpy or 0-d tensor integer); returns it as a Python int."""
     value = as_scalar(value, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name}: expected an integer, got {value!r}")
+    if not 0 <= value < MAX_SEED:
         raise SpecError(f"{name}: expected an integer with 0 <= {name} < 2**63, got {value!r}")
     return value
 

@@ -218,8 +218,9 @@ def _interrupted() -> None:
     """Ctrl-C: one line saying how far the run got (rank 0 only: every rank gets the signal) and exit 130."""
     from .interrupt import INTERRUPTED_STATUS, interrupted_message
 
-    if distributed.is_main_process():
-        print(interrupted_message(), file=sys.stderr, flush=True)
+    message = interrupted_message()
+    if distributed.is_main_process() and not distributed.is_follower():  # also before/after the group exists
+        print(message, file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED_STATUS)
 
 

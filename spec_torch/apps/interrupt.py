@@ -21,6 +21,8 @@ __all__ = ["INTERRUPTED_STATUS", "interrupt_note", "interrupted_message"]
 INTERRUPTED_STATUS = 130
 
 _NOTES: list[Callable[[], str]] = []
+#: the note of the innermost phase an interrupt left, taken as it passed (the phase is gone when it is reported)
+_CAUGHT: list[str] = []
 
 
 @contextmanager
@@ -29,15 +31,24 @@ def interrupt_note(note: Callable[[], str]) -> Iterator[None]:
     _NOTES.append(note)
     try:
         yield
+    except KeyboardInterrupt:
+        if not _CAUGHT:  # the innermost phase's note, evaluated when the interrupt leaves it
+            _CAUGHT.append(_evaluate(note))
+        raise
     finally:
         _NOTES.remove(note)
 
 
+def _evaluate(note: Callable[[], str]) -> str:
+    try:
+        return " ".join(str(note()).split())
+    except Exception:  # a note must never turn the interrupt into a traceback
+        return "interrupted"
+
+
 def interrupted_message() -> str:
-    """The line to print for a Ctrl-C now: the innermost phase's note, or ``interrupted``."""
-    for note in reversed(_NOTES):
-        try:
-            return " ".join(str(note()).split())
-        except Exception:  # a note must never turn the interrupt into a traceback
-            continue
-    return "interrupted"
+    """The line to print for a Ctrl-C: the note of the innermost phase it interrupted, or ``interrupted``.
+    Reading it forgets it (the next interrupt has its own)."""
+    if _CAUGHT:
+        return _CAUGHT.pop()
+    return _evaluate(_NOTES[-1]) if _NOTES else "interrupted"
