@@ -672,3 +672,64 @@ def test_ctrl_c_under_torch_distributed_every_rank_exits_130_and_rank_0_alone_pr
     rank1 = (tmp_path / "rank1.txt").read_text()
     assert rank0 == "130 False\ninterrupted; a rerun resumes from row 32\n"
     assert rank1 == "130 False\n"
+
+
+# ----------------------------------------------------------------- odd values: empty labels, binary spec.json
+@pytest.mark.parametrize("suffix", [".txt", ".npy", ".json", ".csv"])
+def test_zero_byte_labels_file_is_one_error_naming_it(tmp_path, suffix):
+    """A zero-byte data.labels_path is one SpecError naming the key and saying the file is empty, before any
+    solve (on main: an EOFError traceback for .npy, a count mismatch for text)."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from spec_torch.apps.compare import run
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(30, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.normal(size=(30, 3)).astype(np.float32))
+    labels = tmp_path / f"labels{suffix}"
+    labels.write_bytes(b"")
+    overrides = [
+        "data=features",
+        f"data.x_path={tmp_path / 'x.npy'}",
+        f"data.y_path={tmp_path / 'y.npy'}",
+        f"+data.labels_path={labels}",
+        "report=false",
+        "progress=false",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "spec_torch" / "apps" / "configs" / "compare"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(config_name="compare", overrides=overrides)
+    with pytest.raises(SpecError, match=r"^data\.labels_path: .*labels\.\w+ is empty \(0 bytes\)"):
+        run(cfg)
+    assert not (tmp_path / "out" / "spec.json").exists()
+
+
+def test_summarize_warns_and_skips_a_binary_or_foreign_spec_json(tmp_path, caplog):
+    """`spec-torch summarize DIR` with a binary spec.json, a JSON list and an object of other shapes among
+    the runs: each is warned about and skipped, the good run is tabulated, exit 0 (on main: a
+    UnicodeDecodeError / AttributeError traceback)."""
+    import json
+    import logging
+
+    from spec_torch.apps.summarize import main
+
+    good = {"n": 10, "spec_diff": 0.5, "modes": {"x": [{"eigenvalue": 0.5}], "y": []}, "metrics": {}}
+    for name, content in [
+        ("good", json.dumps(good).encode()),
+        ("binary", bytes(range(256))),
+        ("list", b"[1, 2]"),
+        ("shape", b'{"modes": [1], "metrics": 3}'),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="spec_torch.apps.summarize"):
+        assert main([str(tmp_path)]) == 0
+    skipped = sorted(
+        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("skipping")
+    )
+    assert skipped == [str(tmp_path / d / "spec.json") for d in ("binary", "list", "shape")]
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 2  # header and the good run
