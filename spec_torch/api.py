@@ -321,7 +321,7 @@ def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> 
     """A seeded uniform sample of ``min(n, size)`` row indices (sorted), the rows kernels are fitted on."""
     if n <= size:
         return torch.arange(n, device=device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
 
 

@@ -53,7 +53,9 @@ def test_rff_dim_of_a_billion_is_refused_before_allocating(make):
 
 
 def test_rff_dim_of_twenty_million_allocates_nothing_before_failing():
-    """rff_dim=2*10**7 on 20-d inputs (3.2 GB of frequencies) is refused before the frequencies are drawn: the
+    """rff_dim=2*10**7: refused before 3 GB of frequencies are drawn.
+
+    rff_dim=2*10**7 on 20-d inputs (3.2 GB of frequencies) is refused before the frequencies are drawn: the
     peak memory stays below 1 GB (on main: 3 GB allocated for several seconds before the D x D check)."""
     import resource
 
@@ -71,7 +73,9 @@ def test_rff_dim_of_twenty_million_allocates_nothing_before_failing():
 
 
 def test_replicates_of_a_billion_are_refused_naming_the_memory():
-    """replicates=10**9 is one SpecError naming replicates and the GiB needed, before the full-data solve and
+    """replicates=10**9: one error naming the memory, before any draw.
+
+    replicates=10**9 is one SpecError naming replicates and the GiB needed, before the full-data solve and
     before the [R, G] draws (on main: 256 GB asked of the allocator)."""
     x, y = torch.randn(64, 5), torch.randn(64, 3)
     with pytest.raises(SpecError, match=r"replicates: replicates = 1000000000 .* needs about [\d.e+]+ GiB"):
@@ -98,6 +102,12 @@ def test_replicates_of_a_billion_are_refused_naming_the_memory():
 
 
 # ----------------------------------------------------------------- seeds
+def _train_settings(**kw):
+    from spec_torch.apps.align.train import TrainSettings
+
+    return TrainSettings(**kw)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -106,15 +116,20 @@ def test_replicates_of_a_billion_are_refused_naming_the_memory():
         lambda x, y, s: st.Nystrom("gaussian", landmarks=8, seed=s),
         lambda x, y, s: st.DiffCovariance(groups=4, group_seed=s),
         lambda x, y, s: st.DiffCovariance(groups=4).update(x, y).compute(replicates=4, seed=s),
+        lambda x, y, s: st.spec_matrix({"a": x, "b": x[:, :3]}, seed=s),
+        lambda x, y, s: st.rff_error_estimate(
+            x, y, GaussianKernel(rff_dim=4), "cosine", seeds=(0, s), subsample=8
+        ),
+        lambda x, y, s: _train_settings(seed=s).check(),
     ],
-    ids=["spec", "GaussianKernel", "Nystrom", "group_seed", "compute"],
+    ids=["spec", "GaussianKernel", "Nystrom", "group_seed", "compute", "spec_matrix", "rff_error", "align"],
 )
 @pytest.mark.parametrize("seed", [2**70, 2**63, -1])
 def test_seed_out_of_range_is_refused_and_the_largest_accepted(call, seed):
     """A seed outside 0 <= seed < 2**63 is one SpecError naming it (on main: 2**70 is an overflow traceback
     from torch.Generator, -1 is accepted here and refused there); 2**63 - 1 is accepted everywhere."""
     x, y = torch.randn(32, 5), torch.randn(32, 3)
-    with pytest.raises(SpecError, match=r"seed: expected an integer (with 0 <= \w*seed < 2\*\*63)?, got"):
+    with pytest.raises(SpecError, match=r"seeds?: expected an integer (with 0 <= \w*seeds? < 2\*\*63)?, got"):
         call(x, y, seed)
     call(x, y, 2**63 - 1)
 
@@ -204,7 +219,9 @@ def test_covariance_load_validates_everything_before_assigning(what):
 
 
 def test_covariance_load_accepts_real_states_of_every_kind():
-    """The consistency checks accept what state_dict writes: float32 and float64 sums, linear (no trace rule),
+    """DiffCovariance states that state_dict writes still load.
+
+    The consistency checks accept what state_dict writes: float32 and float64 sums, linear (no trace rule),
     Gaussian random features and cosine, with and without groups, and close embeddings (nearly singular C)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 6, generator=gen)
@@ -370,7 +387,9 @@ def test_align_checkpoint_contents_are_validated_before_loading(trained, tmp_pat
 
 
 def test_align_checkpoint_untampered_resumes(trained, tmp_path):
-    """The checks accept what the trainer writes: the run resumes at step 2 and finishes at 4."""
+    """An untampered alignment checkpoint still resumes.
+
+    The checks accept what the trainer writes: the run resumes at step 2 and finishes at 4."""
     import shutil
 
     shutil.copytree(trained, tmp_path / "run")
@@ -425,7 +444,9 @@ def _guarded(cfg, run, capsys, code=2):
 
 
 def test_run_guarded_turns_eloop_and_nul_into_one_line(tmp_path, capsys):
-    """ELOOP (a symlink loop or a refused link) and the embedded-NUL ValueError are one error: line, exit 2 (on
+    """ELOOP and an embedded NUL: one error line.
+
+    ELOOP (a symlink loop or a refused link) and the embedded-NUL ValueError are one error: line, exit 2 (on
     main: tracebacks); another ValueError stays a traceback."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
 
@@ -449,7 +470,9 @@ def test_run_guarded_turns_eloop_and_nul_into_one_line(tmp_path, capsys):
 
 
 def test_run_guarded_turns_ctrl_c_into_the_phase_line(tmp_path, capsys):
-    """KeyboardInterrupt is one line, the innermost phase's note (or 'interrupted'), exit status 130 (on main: a
+    """Ctrl-C in run_guarded: the phase's line, exit 130.
+
+    KeyboardInterrupt is one line, the innermost phase's note (or 'interrupted'), exit status 130 (on main: a
     KeyboardInterrupt traceback)."""
     from spec_torch.apps.interrupt import interrupt_note
 
@@ -468,7 +491,9 @@ def test_run_guarded_turns_ctrl_c_into_the_phase_line(tmp_path, capsys):
 
 
 def test_run_guarded_turns_an_unset_env_interpolation_into_one_line(tmp_path, capsys, monkeypatch):
-    """${oc.env:UNSET} resolved inside the run is one error: line naming the key (on main: an
+    """An unset ${oc.env:...} in the config: one error line.
+
+    ${oc.env:UNSET} resolved inside the run is one error: line naming the key (on main: an
     InterpolationResolutionError traceback)."""
     monkeypatch.delenv("SPEC_TORCH_SURELY_UNSET", raising=False)
     cfg = {"output_dir": str(tmp_path), "seed": 0, "data": {"root": "${oc.env:SPEC_TORCH_SURELY_UNSET}"}}
@@ -522,7 +547,9 @@ def _sigint():
 
 
 def test_ctrl_c_during_extraction_names_the_row_a_rerun_resumes_from(tmp_path, capsys):
-    """SIGINT while embedding rows 12..15 (chunks of 8 rows checkpointed): one line 'interrupted; a rerun
+    """Ctrl-C during extraction: 'a rerun resumes from row N'.
+
+    SIGINT while embedding rows 12..15 (chunks of 8 rows checkpointed): one line 'interrupted; a rerun
     resumes from row 8', exit 130, and the rerun embeds only rows 8..23 (on main: a KeyboardInterrupt
     traceback)."""
     from omegaconf import OmegaConf
@@ -559,7 +586,9 @@ def test_ctrl_c_during_extraction_names_the_row_a_rerun_resumes_from(tmp_path, c
 
 
 def test_ctrl_c_during_align_training_names_the_checkpoint_step(trained, tmp_path, capsys):
-    """SIGINT in step 4 of a run checkpointed every 2 steps: one line 'interrupted; `train.resume=auto` resumes
+    """Ctrl-C during align training: 'train.resume=auto resumes from step N'.
+
+    SIGINT in step 4 of a run checkpointed every 2 steps: one line 'interrupted; `train.resume=auto` resumes
     from step 2', exit 130; resume=auto then continues from step 2 (on main: a KeyboardInterrupt traceback)."""
     from omegaconf import OmegaConf
 
@@ -602,7 +631,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_ctrl_c_during_the_solve_of_the_cli_is_one_line_and_status_130(tmp_path):
-    """`spec-torch compare` receiving SIGINT when the solve starts prints 'interrupted' as its only stderr line
+    """Ctrl-C during the CLI's solve: 'interrupted', exit 130.
+
+    `spec-torch compare` receiving SIGINT when the solve starts prints 'interrupted' as its only stderr line
     (Hydra's log goes to stdout) and exits 130 (on main: a 77-line KeyboardInterrupt traceback)."""
     import os
     import subprocess
@@ -663,7 +694,9 @@ def _w_interrupted_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_ctrl_c_under_torch_distributed_every_rank_exits_130_and_rank_0_alone_prints(tmp_path):
-    """Two Gloo ranks both interrupted: both exit 130 from run_guarded, rank 0 prints the phase line, rank 1
+    """Ctrl-C under torch.distributed: every rank exits 130, rank 0 prints.
+
+    Two Gloo ranks both interrupted: both exit 130 from run_guarded, rank 0 prints the phase line, rank 1
     prints nothing (on main: a KeyboardInterrupt traceback on every rank)."""
     from helpers import spawn_gloo
 
@@ -709,7 +742,9 @@ def test_zero_byte_labels_file_is_one_error_naming_it(tmp_path, suffix):
 
 
 def test_summarize_warns_and_skips_a_binary_or_foreign_spec_json(tmp_path, caplog):
-    """`spec-torch summarize DIR` with a binary spec.json, a JSON list and an object of other shapes among
+    """summarize: a binary or foreign spec.json is warned about and skipped.
+
+    `spec-torch summarize DIR` with a binary spec.json, a JSON list and an object of other shapes among
     the runs: each is warned about and skipped, the good run is tabulated, exit 0 (on main: a
     UnicodeDecodeError / AttributeError traceback)."""
     import json

@@ -108,6 +108,9 @@ class TrainSettings:
             raise SpecError(f"loss.contrastive: expected one of {CONTRASTIVE}, got {self.contrastive!r}")
         if self.w_clip == 0 and self.w_spec == 0:
             raise SpecError("loss.w_clip/w_spec: both are 0, nothing to train")
+        from ..._validate import check_seed
+
+        check_seed(self.seed, "seed")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
