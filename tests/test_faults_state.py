@@ -238,6 +238,14 @@ def test_covariance_load_accepts_real_states_of_every_kind():
         fresh.load_state_dict(_roundtrip(acc.state_dict()))
         assert fresh.n == 300
         assert torch.equal(fresh.compute().eigenvalues, acc.compute().eigenvalues)
+    # nearly constant non-negative rows (a strong uniform mode: centring cancels almost all of XX), float32 sums
+    # of 400 small batches, class-sorted
+    base = torch.rand(4, 50, generator=gen).repeat_interleave(800, 0)  # [3200, 50], 4 classes in order
+    rows = 1 + 1e-3 * base + 1e-4 * torch.rand(3200, 50, generator=gen)
+    acc = st.DiffCovariance("cosine", "cosine", accumulate_dtype=torch.float32)
+    for xb in rows.split(8):
+        acc.update(xb, xb.flip(1))
+    st.DiffCovariance("cosine", "cosine", accumulate_dtype=torch.float32).load_state_dict(acc.state_dict())
 
 
 # ----------------------------------------------------------------- alignment checkpoints and train.csv
