@@ -156,8 +156,8 @@ def hydra_command(command: Command, args: Sequence[str]) -> None:
     sys.argv = [f"{argv0} {command.name}", *args]
     try:
         launch(_main, _run)
-    except KeyboardInterrupt:  # while Hydra composes, before run_guarded
-        _interrupted()
+    except KeyboardInterrupt as exc:  # while Hydra composes, before run_guarded
+        _interrupted(exc)
     finally:
         sys.argv = [argv0, command.name, *args]
 
@@ -196,8 +196,8 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
         run(cfg)
     except SpecError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except InterpolationResolutionError as exc:  # ${oc.env:UNSET} in a config file, resolved on first use
         _fail(f"{exc.full_key or 'config'}: {exc.msg if hasattr(exc, 'msg') else exc}")
     except ValueError as exc:
@@ -214,11 +214,11 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
         distributed.destroy_distributed()
 
 
-def _interrupted() -> None:
+def _interrupted(exc: KeyboardInterrupt) -> None:
     """Ctrl-C: one line saying how far the run got (rank 0 only: every rank gets the signal) and exit 130."""
     from .interrupt import INTERRUPTED_STATUS, interrupted_message
 
-    message = interrupted_message()
+    message = interrupted_message(exc)
     if distributed.is_main_process() and not distributed.is_follower():  # also before/after the group exists
         print(message, file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED_STATUS)

@@ -21,8 +21,9 @@ __all__ = ["INTERRUPTED_STATUS", "interrupt_note", "interrupted_message"]
 INTERRUPTED_STATUS = 130
 
 _NOTES: list[Callable[[], str]] = []
-#: the note of the innermost phase an interrupt left, taken as it passed (the phase is gone when it is reported)
-_CAUGHT: list[str] = []
+#: attribute of a KeyboardInterrupt holding the note of the innermost phase it left (the phase is gone by the
+#: time the interrupt is reported; kept on the exception, so one handled elsewhere leaves nothing behind)
+_ATTRIBUTE = "spec_torch_note"
 
 
 @contextmanager
@@ -31,9 +32,9 @@ def interrupt_note(note: Callable[[], str]) -> Iterator[None]:
     _NOTES.append(note)
     try:
         yield
-    except KeyboardInterrupt:
-        if not _CAUGHT:  # the innermost phase's note, evaluated when the interrupt leaves it
-            _CAUGHT.append(_evaluate(note))
+    except KeyboardInterrupt as exc:
+        if not hasattr(exc, _ATTRIBUTE):  # evaluated when the interrupt leaves the innermost phase
+            setattr(exc, _ATTRIBUTE, _evaluate(note))
         raise
     finally:
         _NOTES.remove(note)
@@ -46,9 +47,10 @@ def _evaluate(note: Callable[[], str]) -> str:
         return "interrupted"
 
 
-def interrupted_message() -> str:
-    """The line to print for a Ctrl-C: the note of the innermost phase it interrupted, or ``interrupted``.
-    Reading it forgets it (the next interrupt has its own)."""
-    if _CAUGHT:
-        return _CAUGHT.pop()
+def interrupted_message(exc: BaseException | None = None) -> str:
+    """The line to print for the Ctrl-C ``exc``: the note of the innermost phase it interrupted, or
+    ``interrupted``."""
+    note = getattr(exc, _ATTRIBUTE, None)
+    if note is not None:
+        return note
     return _evaluate(_NOTES[-1]) if _NOTES else "interrupted"
