@@ -344,12 +344,13 @@ def _check_route_fits(
     # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
     need = (4 * n * n + 2 * block * n) * 8
     what = f"the exact route with n = {n} (n x n matrices)"
-    # the gram of a kernel with features holds both sides' features and its [b, m] projections (float64)
+    # a kernel evaluated through its features holds both sides' features and their projections (float64)
     width = max(kx.exact_dim(p), ky.exact_dim(q))
     if width > max(p, q):
         need += 3 * (block + n) * width * 8
-        what += f" with {width} random features per row"
-    check_fits(need, device, what, "rff_dim" if width > max(p, q) else "method")
+        what += f" with {width} features per row"
+    rff = any(isinstance(getattr(k, "rff_dim", None), int) for k in (kx, ky))
+    check_fits(need, device, what, "rff_dim" if rff and width > max(p, q) else "method")
 
 
 def _reference_fits(reference: bool | None, n_bytes: int, device: torch.device, n: int) -> bool:
