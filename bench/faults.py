@@ -31,6 +31,16 @@ SLOW = [
     "tests/test_extract.py::test_cache_lock_names_its_holder_times_out_and_dies_with_it",
 ]
 
+# ------------------------------------------------------------ issue 19, part 2 (saved state, allocations, values)
+# allocations checked before they happen (rff_dim, replicates), untrusted alignment checkpoints and train.csv,
+# DiffCovariance.load_state_dict validate-then-assign, zero-byte labels, a binary spec.json in summarize, unset
+# ${oc.env:...} overrides, seeds outside 0..2**63-1, Ctrl-C per phase, run_guarded's ELOOP / NUL lines
+STATE_CASES = ["tests/test_faults_state.py"]
+#: of those, the ones that start processes (a CLI subprocess, two Gloo ranks): left out by --quick
+STATE_SLOW = ["the_cli", "torch_distributed", "override"]
+CASES += STATE_CASES
+# ------------------------------------------------------------ end of issue 19, part 2
+
 
 class _Table:
     """Collects one outcome per test (a failed setup or teardown counts as not handled)."""
@@ -61,7 +71,7 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     table = _Table()
     targets = CASES + ([] if args.quick else SLOW)
-    extra = ["-k", "not rank"] if args.quick else []
+    extra = ["-k", " and ".join(["not rank", *(f"not {k}" for k in STATE_SLOW)])] if args.quick else []
     pytest.main(
         ["-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", *extra, *targets], plugins=[table]
     )

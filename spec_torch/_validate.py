@@ -112,14 +112,65 @@ def memory_available(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def memory_total(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all (host RAM for CPU): a property of the machine, not of its load."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 def check_fits(n_bytes: int, device: torch.device, what: str, name: str) -> None:
-    """Refuse work whose dense matrices would not fit in the memory of ``device``."""
+    """Refuse work whose dense matrices would not fit in the memory of ``device``.
+
+    Asked before anything is allocated. Sizes beyond the device's total memory are refused from the sizes
+    alone (the same verdict whatever the machine's load); below that, the memory available now is consulted.
+    Either error names the setting ``name``, what it sizes and the bytes it would need.
+    """
+    device = torch.device(device)
+    total = memory_total(device)
+    if n_bytes > total:
+        raise SpecError(
+            f"{name}: {what} needs about {_gib(n_bytes)} on {device}, more than its total memory "
+            f"({_gib(total)}); reduce it"
+        )
     avail = memory_available(device)
     if n_bytes > avail:
         raise SpecError(
-            f"{name}: {what} needs about {n_bytes / 2**30:.1f} GiB on {device}, "
-            f"but only {avail / 2**30:.1f} GiB is available; reduce it"
+            f"{name}: {what} needs about {_gib(n_bytes)} on {device}, "
+            f"but only {_gib(avail)} is available; reduce it"
         )
+
+
+def _gib(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, readable from a few MiB to exabytes."""
+    gib = n_bytes / 2**30
+    return f"{gib:.1f} GiB" if gib < 1e5 else f"{gib:.3g} GiB"
+
+
+#: allocations below this size skip :func:`check_alloc` (no system call on every small batch)
+SMALL_ALLOCATION = 64 * 2**20
+
+
+def check_alloc(n_bytes: int, device: torch.device, what: str, name: str) -> None:
+    """:func:`check_fits` for allocations made per batch: sizes below :data:`SMALL_ALLOCATION` pass unasked."""
+    if n_bytes >= SMALL_ALLOCATION:
+        check_fits(n_bytes, device, what, name)
+
+
+#: seeds accepted everywhere a seed is taken: what ``torch.Generator.manual_seed`` takes as a signed 64-bit int
+MAX_SEED = 2**63
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``0 <= value < 2**63`` (Python, numpy or 0-d tensor integer); returns it as a Python int."""
+    value = as_scalar(value, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name}: expected an integer, got {value!r}")
+    if not 0 <= value < MAX_SEED:
+        raise SpecError(f"{name}: expected an integer with 0 <= {name} < 2**63, got {value!r}")
+    return value
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:

@@ -14,6 +14,7 @@ from ._validate import (
     check_fits,
     check_pair,
     check_positive,
+    check_seed,
     memory_available,
 )
 from .covariance import MAX_ETA, DiffCovariance
@@ -248,16 +249,16 @@ def spec(
     eta = check_positive(eta, "eta", max_value=MAX_ETA)
     check_positive(batch_size, "batch_size", integer=True)
     check_accumulate_dtype(accumulate_dtype)
+    seed = check_seed(seed)
     kx = resolve_kernel(kernel_x, "kernel_x")
     ky = resolve_kernel(kernel_y, "kernel_y")
     kx.check_input(x, "x")
     ky.check_input(y, "y")
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
     groups = check_replicate_groups(replicates, groups, n)  # None: no replicates
-    if groups is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise SpecError(f"seed: expected a non-negative integer, got {seed!r}")
     route = choose_route(method, n, p, q, kx, ky)
     kx, ky = kx.for_route(route), ky.for_route(route)
+    _check_route_fits(route, n, p, q, kx, ky, accumulate_dtype, x.device)  # before a kernel is fitted
     if not (kx.is_fitted and ky.is_fitted):  # sigma="auto": a seeded uniform sample of all rows, not a batch
         rows = _fit_rows(n, seed, x.device, size=max(FIT_ROWS, kx.fit_rows, ky.fit_rows))
         kx, ky = kx.fit(x[rows]), ky.fit(y[rows])
@@ -289,7 +290,16 @@ def spec(
             eta=eta, top_k=top_k, sync_dist=False, center=center, reference=reference is not False
         )
         return _resolve_auto(res, x, y, kx, ky, eta, top_k, center) if method == "auto" else res
-    return _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference)
+    uncertainty = None
+    if groups is not None:  # replicates on the n x n route: from an exact factor of L
+        uncertainty = {
+            "replicates": replicates,
+            "groups": groups,
+            "level": level,
+            "seed": seed,
+            "interval": interval,
+        }
+    return _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference, uncertainty)
 
 
 #: ``method="auto"`` re-solves a features-route result with modes below resolution on the exact route up to
@@ -330,19 +340,18 @@ def _resolve_auto(res: SpecResult, x, y, kx, ky, eta, top_k, center) -> SpecResu
     return out
 
 
-def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference) -> SpecResult:
-    """The n x n route: the exact kernels, or the features route's dual ``A J A^T`` when D > n."""
+def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference, uncertainty=None) -> SpecResult:
+    """The n x n route: the exact kernels, or the features route's dual ``A J A^T`` when D > n.
+
+    ``uncertainty``: ``replicates, groups, level, seed, interval`` for intervals from an exact factor of L
+    (:func:`~spec_torch.factor_intervals.attach_factor_uncertainty`), or None."""
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
     d = (kx.feature_dim(p) + ky.feature_dim(q)) if route == "features" else None
     if d is None:
         d = (kx.feature_dim(p) + ky.feature_dim(q)) if (kx.has_features and ky.has_features) else n
     keep = min(n, d)
     top_k = check_top_k(top_k, keep)
-    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
     block = min(n, 4096)
-    check_fits(
-        (4 * n * n + 2 * block * n) * 8, x.device, f"the exact route with n = {n} (n x n matrices)", "method"
-    )
     # after L is freed, the permutation reference's (2n + 1)-square matrix and eigvalsh's copy: 8 n x n
     reference = _reference_fits(reference, (8 * n * n + 2 * block * n) * 8, x.device, n)
     lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
@@ -376,7 +385,7 @@ def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference) -> SpecResu
         shift=shift,
         spec_diff_null=null,
     )
-    if groups is not None:  # intervals from an exact factor of L (spec_torch.factor_intervals)
+    if uncertainty is not None:  # intervals from an exact factor of L (spec_torch.factor_intervals)
         if center or top_k is not None:  # the factor needs every eigenpair of the uncentred L: one more solve
             lmat = difference_matrix(x, y, kx, ky, eta, block_size=block)  # [n, n]
             evals, v = torch.linalg.eigh(lmat)  # [n], [n, n]
@@ -385,13 +394,9 @@ def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference) -> SpecResu
             result,
             (evals, v),
             route="dual" if route == "features" else "exact",
-            replicates=replicates,
-            groups=groups,
-            level=level,
-            seed=seed,
             top_k=top_k,
             center=center,
-            interval=interval,
+            **uncertainty,
         )
     return result
 
@@ -405,8 +410,36 @@ def _fit_rows(n: int, seed: int, device: torch.device, size: int = FIT_ROWS) -> 
     """A seeded uniform sample of ``min(n, size)`` row indices (sorted), the rows kernels are fitted on."""
     if n <= size:
         return torch.arange(n, device=device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     return torch.randperm(n, generator=gen)[:size].sort().values.to(device)
+
+
+def _check_route_fits(
+    route: str, n: int, p: int, q: int, kx: Kernel, ky: Kernel, accumulate_dtype: Any, device: torch.device
+) -> None:
+    """Refuse from the sizes alone, before any kernel is fitted or matrix allocated, a comparison whose
+    matrices would not fit on ``device``: the D x D sums on the features route (D <= n), otherwise the n x n
+    matrices plus, for kernels evaluated through features (random Fourier features), the feature blocks."""
+    from .covariance import check_state_fits
+
+    if route == "features":
+        if not (kx.has_features and ky.has_features):
+            return  # refused with its own message (replicates need feature maps)
+        dx, dy = kx.feature_dim(p), ky.feature_dim(q)
+        if dx + dy <= n:
+            check_state_fits(dx, dy, (accumulate_dtype or torch.float64).itemsize, device, kernels=(kx, ky))
+            return
+    block = min(n, 4096)
+    # L, eigh's copy, eigenvectors and workspace, H L H: 4 n x n float64 matrices, plus two [b, n] blocks
+    need = (4 * n * n + 2 * block * n) * 8
+    what = f"the exact route with n = {n} (n x n matrices)"
+    # a kernel evaluated through its features holds both sides' features and their projections (float64)
+    width = max(kx.exact_dim(p), ky.exact_dim(q))
+    if width > max(p, q):
+        need += 3 * (block + n) * width * 8
+        what += f" with {width} features per row"
+    rff = any(isinstance(getattr(k, "rff_dim", None), int) for k in (kx, ky))
+    check_fits(need, device, what, "rff_dim" if rff and width > max(p, q) else "method")
 
 
 def _reference_fits(reference: bool | None, n_bytes: int, device: torch.device, n: int) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validate import as_matrix, check_pair, check_positive
+from ._validate import as_matrix, check_pair, check_positive, check_seed
 from .errors import SpecError
 from .kernels import GaussianKernel, Kernel, resolve_kernel
 
@@ -120,7 +120,8 @@ def rff_error_estimate(
     check_positive(eta, "eta")
     check_positive(subsample, "subsample", integer=True)
     check_positive(top, "top", integer=True)
-    seeds = [int(s) for s in seeds]
+    seeds = [check_seed(s, "seeds") for s in seeds]
+    sample_seed = check_seed(sample_seed, "sample_seed")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise SpecError(f"seeds: expected at least 2 distinct integer seeds, got {seeds!r}")
     kx = resolve_kernel(kernel_x, "kernel_x")

@@ -24,6 +24,7 @@ from ._validate import (
     check_fits,
     check_pair,
     check_positive,
+    check_seed,
     resolve_device,
 )
 from .errors import SpecError
@@ -70,6 +71,43 @@ def _stage_rows(groups: int, dx: int, dy: int) -> int:
     return groups * max(MIN_STAGE_ROWS_PER_GROUP, min(STAGE_ROWS_PER_GROUP, max(k_half, k_bytes)))
 
 
+def check_state_fits(
+    dx: int,
+    dy: int,
+    itemsize: int,
+    device: torch.device,
+    groups: int | None = None,
+    kernels: tuple = (),
+    bound: str = "",
+) -> None:
+    """Refuse, before anything is allocated, sums of ``D = dx + dy`` features that would not fit on ``device``:
+    the blocks in ``itemsize`` bytes plus the float64 solve's C, Z, S and eigenvectors (about 6 D x D matrices);
+    with ``groups``, also the G group-wise sums, the staging buffer and the replicates' solves."""
+    d = dx + dy
+    rff = [
+        f"{side}.rff_dim = {k.rff_dim}"
+        for side, k in zip(("kernel_x", "kernel_y"), kernels)
+        if isinstance(getattr(k, "rff_dim", None), int)
+    ]
+    check_fits(
+        (dx * dx + dx * dy + dy * dy) * itemsize + 6 * d * d * 8,
+        device,
+        f"{bound}D = {dx} + {dy} = {d} features (D x D matrices{'; ' if rff else ''}{', '.join(rff)})",
+        "kernel_x/kernel_y",
+    )
+    if groups is not None:
+        check_fits(
+            groups * (dx * dx + dx * dy + dy * dy) * 8  # the group sums
+            + _stage_rows(groups, dx, dy)
+            * (dx + dy)
+            * 8  # the staging buffer (allocated by the first update)
+            + 12 * d * d * 8,  # the replicates' solves
+            device,
+            f"groups = {groups} group-wise sums of {bound}D = {dx} + {dy} features (G x D x D matrices)",
+            "groups",
+        )
+
+
 def distributed_ready() -> bool:
     """True when a torch.distributed process group is initialised with more than one rank."""
     return (
@@ -77,6 +115,149 @@ def distributed_ready() -> bool:
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
+
+
+#: tolerances of a loaded state's consistency checks (:meth:`DiffCovariance.load_state_dict`), relative to the
+#: largest diagonal entry of the uncentred sums (PSD, group sums) or to the count (traces), per dtype of the sums:
+#: float32 sums of a stream of B batches carry up to about B * 1.2e-7 relative rounding per entry (measured: the
+#: centred second moment of nearly constant cosine features, 3,200 one-row batches, has eigenvalues down to
+#: -8e-4 of the largest diagonal entry), float64 sums about B * 2.2e-16. The tolerance used is the larger of
+#: this and ``4 count eps`` (B <= count), so a long float32 stream is never refused for its own rounding.
+STATE_RTOL = {torch.float32: 1e-2, torch.float64: 1e-8}
+#: kernels whose feature rows all have unit norm (k(a, a) = 1): their sums' traces equal the count
+_UNIT_DIAGONAL = ("cosine", "gaussian")
+
+
+def _check_state(state: Any, acc: DiffCovariance, adopt_kernels: bool) -> dict[str, Any]:
+    """Every field of a saved :meth:`DiffCovariance.state_dict` checked against ``acc``, nothing assigned.
+
+    Types, shapes and dtypes against the kernels and dims; every tensor finite; ``count`` an integer, >= 1 with
+    sums and 0 without; the group counts non-negative whole numbers summing to ``count`` and the group sums
+    summing to the totals; for kernels with unit diagonals (cosine, Gaussian) ``trace(XX) = trace(YY) = count``;
+    the centred joint second moment ``[XX XY; XY^T YY] - s s^T / n`` positive semidefinite. Tolerances:
+    :data:`STATE_RTOL`. Returns the values to assign (``kernels, dims, count, input_dtype, sums,
+    group_state``); a :class:`SpecError` naming the entry otherwise.
+    """
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SpecError(f"state: expected a DiffCovariance.state_dict() (format {_FORMAT!r}), got {got!r}")
+    missing = [k for k in ("count", "dims", "kernel_x", "kernel_y") if k not in state]
+    if missing:
+        raise SpecError(f"state: missing entries {missing}")
+    count = state["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise SpecError(f"state: 'count' must be an integer >= 0, got {count!r}")
+    if adopt_kernels:
+        kx = kernel_from_state(state["kernel_x"], "state.kernel_x")
+        ky = kernel_from_state(state["kernel_y"], "state.kernel_y")
+    else:
+        kx = acc.kernel_x.load_state_dict(state["kernel_x"], "state.kernel_x")
+        ky = acc.kernel_y.load_state_dict(state["kernel_y"], "state.kernel_y")
+    saved_input = state.get("input_dtype")
+    if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
+        raise SpecError(f"state: 'input_dtype' must be a float dtype name or None, got {saved_input!r}")
+    groups = state.get("groups")
+    if (groups, state.get("group_seed", acc.group_seed)) != (acc.groups, acc.group_seed):
+        raise SpecError(
+            f"state: saved with groups={groups} (group_seed={state.get('group_seed')}), this accumulator has "
+            f"groups={acc.groups} (group_seed={acc.group_seed}); construct it with the same groups"
+        )
+    dims = state["dims"]
+    out: dict[str, Any] = {
+        "kernels": (kx, ky),
+        "dims": None,
+        "count": count,
+        "input_dtype": None if saved_input is None else getattr(torch, saved_input),
+        "sums": {},
+        "group_state": None,
+    }
+    if dims is None:
+        if count != 0:
+            raise SpecError(f"state: 'count' is {count} but no sums are saved ('dims' is None); expected 0")
+        return out
+    if not (
+        isinstance(dims, (list, tuple))
+        and len(dims) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+    ):
+        raise SpecError(f"state: 'dims' must be two integers [p, q] >= 1, got {dims!r}")
+    if count < 1:
+        raise SpecError(
+            "state: 'count' is 0 but sums are saved; expected the number of samples summed (>= 1)"
+        )
+    dx, dy = kx.feature_dim(dims[0]), ky.feature_dim(dims[1])
+    shapes = {"xx": (dx, dx), "xy": (dx, dy), "yy": (dy, dy), "sum_x": (dx,), "sum_y": (dy,)}
+    sums: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        sums[key] = _checked_tensor(state.get(key), key, shape, (torch.float32, torch.float64))
+    dtype = sums["xx"].dtype
+    if any(t.dtype != dtype for t in sums.values()) or len({t.device for t in sums.values()}) != 1:
+        raise SpecError("state: the saved sums must share one dtype (float32 or float64) and one device")
+    rtol = max(STATE_RTOL[dtype], 4 * count * torch.finfo(dtype).eps)
+    f64 = torch.float64
+    for k, name, block in ((kx, "xx", sums["xx"]), (ky, "yy", sums["yy"])):
+        if k.name in _UNIT_DIAGONAL:
+            trace = float(block.to(f64).diagonal().sum())
+            if abs(trace - count) > rtol * count:
+                raise SpecError(
+                    f"state: trace of {name!r} is {trace:.6g}, but a {k.name} kernel's features have unit norm, "
+                    f"so it must equal 'count' = {count} (relative tolerance {rtol:g}); the state is corrupted"
+                )
+    _check_psd(sums, count, rtol)
+    group_state = None
+    if groups is not None:
+        group_state = {}
+        for key in ("xx", "xy", "yy", "sum_x", "sum_y", "count"):
+            shape = (groups, *shapes[key]) if key != "count" else (groups,)
+            group_state[key] = _checked_tensor(state.get(f"group_{key}"), f"group_{key}", shape, (f64,))
+        gc = group_state["count"]
+        if bool((gc < 0).any()) or not bool((gc == gc.round()).all()):
+            raise SpecError("state: 'group_count' must hold whole numbers >= 0 (samples per group)")
+        if int(gc.sum()) != count:
+            raise SpecError(f"state: 'group_count' sums to {int(gc.sum())}, but 'count' is {count}")
+        for key in shapes:
+            total = sums[key].to(f64)
+            parts = group_state[key].sum(0).to(total.device)
+            if float((parts - total).abs().max()) > rtol * float(total.abs().max()):
+                raise SpecError(f"state: 'group_{key}' does not sum to {key!r} (relative tolerance {rtol:g})")
+    out.update(dims=(dims[0], dims[1]), sums=sums, group_state=group_state)
+    return out
+
+
+def _checked_tensor(
+    t: Any, key: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]
+) -> torch.Tensor:
+    """``t`` must be a finite tensor of ``shape`` in one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in dtypes:
+        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise SpecError(
+            f"state: {key!r} must be a floating tensor of shape {list(shape)} ({names}), got {got}"
+        )
+    if t.layout != torch.strided or t.is_meta:
+        raise SpecError(f"state: {key!r} must be a dense tensor with data")
+    if not bool(torch.isfinite(t).all()):
+        raise SpecError(f"state: {key!r} holds NaN or Inf; the state is corrupted")
+    return t
+
+
+def _check_psd(sums: dict[str, torch.Tensor], count: int, rtol: float) -> None:
+    """The centred joint second moment ``M = [XX XY; XY^T YY] - s s^T / n`` (a covariance times n) must be
+    positive semidefinite: ``M + rtol * s_max * I`` has a Cholesky factor, ``s_max`` the largest diagonal entry of
+    the uncentred sums (the scale of their rounding; centring can cancel most of it)."""
+    f64 = torch.float64
+    xx, xy, yy = (sums[k].to(f64) for k in ("xx", "xy", "yy"))
+    s = torch.cat([sums["sum_x"].to(f64), sums["sum_y"].to(f64)])  # [D]
+    m = torch.cat([torch.cat([xx, xy], 1), torch.cat([xy.T, yy], 1)], 0) - torch.outer(s, s) / count  # [D, D]
+    m = (m + m.T) / 2
+    scale = max(float(xx.diagonal().abs().max()), float(yy.diagonal().abs().max()), 1e-300)
+    jitter = rtol * scale
+    _, info = torch.linalg.cholesky_ex(m + jitter * torch.eye(m.shape[0], dtype=f64, device=m.device))
+    if int(info) != 0:
+        raise SpecError(
+            "state: the saved sums are not a second moment ([XX XY; XY^T YY] - s s^T / n is not positive "
+            f"semidefinite within {rtol:g} of the sums' largest diagonal entry); the state is corrupted"
+        )
 
 
 class DiffCovariance:
@@ -137,9 +318,20 @@ class DiffCovariance:
         self.count = 0
         if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 2):
             raise SpecError(f"groups: expected an integer >= 2 or None, got {groups!r}")
-        if isinstance(group_seed, bool) or not isinstance(group_seed, int) or group_seed < 0:
-            raise SpecError(f"group_seed: expected a non-negative integer, got {group_seed!r}")
+        group_seed = check_seed(group_seed, "group_seed")
         self.groups, self.group_seed = groups, group_seed
+        # the sums' size from the kernels' widths alone (random features: 2 rff_dim whatever the input), so
+        # rff_dim=10**9 is refused here, before a frequency or a sum is allocated; checked again with the inputs
+        cpu = torch.device("cpu")
+        check_state_fits(
+            self.kernel_x.feature_dim(1),
+            self.kernel_y.feature_dim(1),
+            self.accumulate_dtype.itemsize,
+            self.device or cpu,
+            groups,
+            (self.kernel_x, self.kernel_y),
+            bound="at least ",
+        )
         self._group_sums: dict[str, torch.Tensor] | None = None  # read through group_state (flushes first)
         # with groups, each group's rows wait in its slot of a staging buffer until k of them are there, so
         # every group GEMM sees k rows whatever the batch size (_stage_or_add): features [G k + 1, Dx] and
@@ -220,11 +412,25 @@ class DiffCovariance:
         xs = as_matrix(x_sample, "x_sample")
         ys = as_matrix(y_sample, "y_sample")
         check_pair(xs, ys, ("x_sample", "y_sample"))
+        dx, dy = self.kernel_x.feature_dim(xs.shape[1]), self.kernel_y.feature_dim(ys.shape[1])
+        check_state_fits(
+            dx,
+            dy,
+            self.accumulate_dtype.itemsize,
+            self.device or xs.device,
+            self.groups,
+            (self.kernel_x, self.kernel_y),
+        )
         self.kernel_x = self.kernel_x.fit(xs)
         self.kernel_y = self.kernel_y.fit(ys)
         return self
 
     def _init_state(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        dtype = self.accumulate_dtype
+        device = self.device or x.device
+        # sizes first: fitting a kernel allocates its random frequencies, the sums come after
+        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])
+        check_state_fits(dx, dy, dtype.itemsize, device, self.groups, (self.kernel_x, self.kernel_y))
         if any(not k.is_fitted and k.fit_uses_data for k in (self.kernel_x, self.kernel_y)):
             warnings.warn(
                 "DiffCovariance: fitting the kernels (sigma='auto', random frequencies) on the first batch only; "
@@ -235,19 +441,9 @@ class DiffCovariance:
         self.kernel_x = self.kernel_x if self.kernel_x.is_fitted else self.kernel_x.fit(x)
         self.kernel_y = self.kernel_y if self.kernel_y.is_fitted else self.kernel_y.fit(y)
         self.dims = (x.shape[1], y.shape[1])
-        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])
-        dtype = self.accumulate_dtype
-        device = self.device or x.device
+        dx, dy = self.kernel_x.feature_dim(x.shape[1]), self.kernel_y.feature_dim(y.shape[1])  # fitted widths
         self.device = device
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        # the state plus the float64 solve's C, Z, S, eigenvectors: about 6 D x D matrices
-        d = dx + dy
-        check_fits(
-            (dx * dx + dx * dy + dy * dy) * itemsize + 6 * d * d * 8,
-            device,
-            f"D = {dx} + {dy} = {d} features (D x D matrices)",
-            "kernel_x/kernel_y",
-        )
+        check_state_fits(dx, dy, dtype.itemsize, device, self.groups, (self.kernel_x, self.kernel_y))
         self.xx = torch.zeros(dx, dx, dtype=dtype, device=device)
         self.xy = torch.zeros(dx, dy, dtype=dtype, device=device)
         self.yy = torch.zeros(dy, dy, dtype=dtype, device=device)
@@ -259,14 +455,6 @@ class DiffCovariance:
     def _init_groups(self, dx: int, dy: int, device: torch.device) -> None:
         """Zero group sums (float64): ``xx [G, Dx, Dx]``, ``xy``, ``yy``, ``sum_x [G, Dx]``, ``sum_y``, ``count [G]``."""
         g, f64 = self.groups, torch.float64
-        check_fits(
-            g * (dx * dx + dx * dy + dy * dy) * 8  # the group sums
-            + _stage_rows(g, dx, dy) * (dx + dy) * 8  # the staging buffer (allocated by the first update)
-            + 12 * (dx + dy) ** 2 * 8,  # the replicates' solves
-            device,
-            f"groups = {g} group-wise sums of D = {dx} + {dy} features (G x D x D matrices)",
-            "groups",
-        )
         self.group_state = {
             "xx": torch.zeros(g, dx, dx, dtype=f64, device=device),
             "xy": torch.zeros(g, dx, dy, dtype=f64, device=device),
@@ -503,60 +691,10 @@ class DiffCovariance:
                 taken from the state), otherwise :class:`SpecError`. ``True``: take the saved kernels whatever
                 they are.
         """
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise SpecError(
-                f"state: expected a DiffCovariance.state_dict() (format {_FORMAT!r}), got {got!r}"
-            )
-        missing = [k for k in ("count", "dims", "kernel_x", "kernel_y") if k not in state]
-        if missing:
-            raise SpecError(f"state: missing entries {missing}")
-        count = state["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise SpecError(f"state: 'count' must be an integer >= 0, got {count!r}")
-        if adopt_kernels:
-            kx = kernel_from_state(state["kernel_x"], "state.kernel_x")
-            ky = kernel_from_state(state["kernel_y"], "state.kernel_y")
-        else:
-            kx = self.kernel_x.load_state_dict(state["kernel_x"], "state.kernel_x")
-            ky = self.kernel_y.load_state_dict(state["kernel_y"], "state.kernel_y")
-        dims = state["dims"]
-        sums: dict[str, torch.Tensor] = {}
-        if dims is not None:
-            if not (
-                isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, int) for d in dims)
-            ):
-                raise SpecError(f"state: 'dims' must be two integers [p, q], got {dims!r}")
-            dx, dy = kx.feature_dim(dims[0]), ky.feature_dim(dims[1])
-            shapes = {"xx": (dx, dx), "xy": (dx, dy), "yy": (dy, dy), "sum_x": (dx,), "sum_y": (dy,)}
-            for key, shape in shapes.items():
-                t = state.get(key)
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                    got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise SpecError(
-                        f"state: {key!r} must be a floating tensor of shape {list(shape)}, got {got}"
-                    )
-                sums[key] = t
-            if len({t.dtype for t in sums.values()}) != 1:
-                raise SpecError("state: the saved sums must share one dtype")
-        self.kernel_x, self.kernel_y = kx, ky
-        groups = state.get("groups")
-        if (groups, state.get("group_seed", self.group_seed)) != (self.groups, self.group_seed):
-            raise SpecError(
-                f"state: saved with groups={groups} (group_seed={state.get('group_seed')}), this accumulator has "
-                f"groups={self.groups} (group_seed={self.group_seed}); construct it with the same groups"
-            )
-        group_state = None
-        if groups is not None and sums:
-            group_state = {}
-            for key in ("xx", "xy", "yy", "sum_x", "sum_y", "count"):
-                t = state.get(f"group_{key}")
-                shape = (groups, *sums[key].shape) if key != "count" else (groups,)
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                    raise SpecError(f"state: 'group_{key}' must be a floating tensor of shape {list(shape)}")
-                group_state[key] = t.detach().clone()
-        self.dims = None if dims is None else (dims[0], dims[1])
-        self.count = count
+        loaded = _check_state(state, self, adopt_kernels)  # every field checked; nothing assigned yet
+        self.kernel_x, self.kernel_y = loaded["kernels"]
+        self.dims, self.count, self.input_dtype = loaded["dims"], loaded["count"], loaded["input_dtype"]
+        sums = loaded["sums"]
         if sums:
             for key, t in sums.items():
                 setattr(self, key, t.detach().clone())
@@ -564,12 +702,11 @@ class DiffCovariance:
         else:
             self.xx = self.xy = self.yy = self.sum_x = self.sum_y = None  # type: ignore[assignment]
         # rows staged before the load are dropped with the sums they belonged to (the group_state setter)
-        self.group_state = group_state
+        group_state = loaded["group_state"]
+        self.group_state = (
+            None if group_state is None else {k: t.detach().clone() for k, t in group_state.items()}
+        )
         self._stale = False
-        saved_input = state.get("input_dtype")
-        if saved_input not in (None, "float16", "bfloat16", "float32", "float64"):
-            raise SpecError(f"state: 'input_dtype' must be a float dtype name or None, got {saved_input!r}")
-        self.input_dtype = None if saved_input is None else getattr(torch, saved_input)
         return self
 
     def synced(self) -> DiffCovariance:
@@ -674,6 +811,13 @@ class DiffCovariance:
                 for the many pairs of a matrix job.
         """
         eta = check_positive(eta, "eta", max_value=MAX_ETA)
+        seed = check_seed(seed)
+        if replicates and self.xx is not None:  # refused before the full-data solve, not after it
+            from .uncertainty import check_replicates
+
+            d = self.xx.shape[0] + self.yy.shape[0]
+            k = min(self.n, d) if top_k is None else min(2 * int(top_k), d)  # an upper bound of the modes
+            check_replicates(replicates, self.groups or 2, d, max(k, 1), self.device)
         sync = sync_dist if sync_dist is not None else distributed_ready()
         if self._pending_error is not None and not sync:
             raise self._pending_error

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._validate import check_positive
+from ._validate import check_alloc, check_fits, check_positive, check_seed
 from .errors import SpecError
 
 __all__ = [
@@ -196,7 +196,7 @@ def median_sigma(x: torch.Tensor, max_samples: int = 2000, seed: int = 0) -> flo
     if n < 2:
         raise SpecError(f"sigma='auto': needs at least 2 samples to pick a bandwidth, got {n}")
     if n > max_samples:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(check_seed(seed))
         idx = torch.randperm(n, generator=gen)[:max_samples].to(x.device)
         x = x[idx]
     d = torch.cdist(x.double(), x.double())  # [m, m]
@@ -215,7 +215,13 @@ def rff_frequencies(p: int, m: int, sigma: float, seed: int) -> torch.Tensor:
     Drawn from ``torch.Generator().manual_seed(seed)``, so the same ``(p, m, sigma, seed)`` gives the same
     frequencies in every run and on every device (they are moved to the data's device afterwards).
     """
-    gen = torch.Generator().manual_seed(seed)
+    check_fits(
+        8 * p * m,
+        torch.device("cpu"),
+        f"rff_dim = {m} random frequencies of {p}-d inputs ([p, m] float64)",
+        "rff_dim",
+    )
+    gen = torch.Generator().manual_seed(check_seed(seed))
     return torch.randn(p, m, generator=gen, dtype=torch.float64) / float(sigma)
 
 
@@ -251,8 +257,7 @@ class GaussianKernel(Kernel):
             sigma = check_positive(sigma, "sigma")
         if rff_dim is not None and rff_dim != "auto":
             rff_dim = check_positive(rff_dim, "rff_dim", integer=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SpecError(f"seed: expected an integer, got {seed!r}")
+        seed = check_seed(seed)
         self.sigma = sigma
         self.rff_dim = rff_dim
         self.seed = seed
@@ -292,11 +297,9 @@ class GaussianKernel(Kernel):
         if out.rff_dim not in (None, "auto"):
             p = x.shape[1]
             if out._omega is None or out._omega.shape[0] != p:
-                gen = torch.Generator().manual_seed(self.seed)
-                # w_j ~ N(0, sigma^-2 I): [p, m]
-                out._omega = torch.randn(p, out.rff_dim, generator=gen, dtype=torch.float64) / float(
-                    out.sigma
-                )
+                out._omega = rff_frequencies(
+                    p, out.rff_dim, out.sigma, self.seed
+                )  # w_j ~ N(0, sigma^-2 I): [p, m]
         return out
 
     def feature_dim(self, p: int) -> int:
@@ -324,6 +327,14 @@ class GaussianKernel(Kernel):
                 f"kernel: GaussianKernel(rff_dim={self.rff_dim!r}) has no feature map yet; give rff_dim or "
                 "resolve it with kernel.for_route('features')"
             )
+        m, size = self.rff_dim, x.element_size()
+        # the device copy of the frequencies, the projections, their cos and sin, and the [B, 2m] features
+        check_alloc(
+            (x.shape[1] * m + 5 * x.shape[0] * m) * size,
+            x.device,
+            f"rff_dim = {m} random features of {x.shape[0]} rows",
+            "rff_dim",
+        )
         proj = x @ self._frequencies(x)  # [B, p] @ [p, m] -> [B, m]
         scale = 1.0 / math.sqrt(self.rff_dim)
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1).mul_(scale)  # [B, 2m]

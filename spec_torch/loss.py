@@ -587,6 +587,8 @@ class SpecAlignLoss(nn.Module):
         route = self._route(n, d)
         size = n if route == "exact" else d
         need = _DENSE_COPIES[route] * size * size * torch.finfo(self.dtype).bits // 8
+        if d is not None:  # the batch's features (and their cos/sin projections) on either route
+            need += 3 * n * d * torch.finfo(self.dtype).bits // 8
         avail = float(table[:, 10].min())
         if need > avail:
             what = (
@@ -594,6 +596,8 @@ class SpecAlignLoss(nn.Module):
                 if route == "exact"
                 else f"D = {dims[0]} + {dims[1]} = {d} (D x D)"
             )
+            if d is not None:
+                what += f" and {d} features per row"
             raise SpecError(
                 f"method: the {route} route with {what} needs about {need / 2**30:.1f} GiB on {device}, but only "
                 f"{avail / 2**30:.1f} GiB is available{' on some rank' if distributed else ''}; use a smaller "

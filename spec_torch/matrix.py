@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._validate import as_matrix, check_fits, check_positive, memory_available
+from ._validate import as_matrix, check_fits, check_positive, check_seed, memory_available
 from .covariance import DiffCovariance, distributed_ready
 from .errors import SpecError
 from .kernels import Kernel, resolve_kernel
@@ -674,6 +674,7 @@ def spec_matrix(
     """
     check_positive(eta, "eta")
     check_positive(batch_size, "batch_size", integer=True)
+    seed = check_seed(seed)
     if max_dim is not None:
         check_positive(max_dim, "max_dim", integer=True)
     if isinstance(features, Mapping):  # all rows at hand: fit on a uniform sample of them, not on a batch

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import kernels as _kernels
-from ._validate import check_positive
+from ._validate import check_positive, check_seed
 from .errors import SpecError
 from .kernels import CosineKernel, GaussianKernel, Kernel, LinearKernel, resolve_kernel
 
@@ -110,8 +110,7 @@ class Nystrom(Kernel):
         **base_settings,
     ) -> None:
         check_positive(landmarks, "landmarks", integer=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SpecError(f"seed: expected an integer, got {seed!r}")
+        seed = check_seed(seed)
         base_settings = {k: v for k, v in base_settings.items() if v is not None}  # config nulls: not given
         if base_settings:
             if isinstance(base, Kernel):

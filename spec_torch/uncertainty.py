@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._validate import check_fits, check_seed
 from .errors import SpecError
 from .solver import select_modes, solve_features, sum_noise
 
@@ -630,6 +631,27 @@ def _normal_interval(point: torch.Tensor, se: torch.Tensor, level: float) -> tor
     return torch.stack([point - z * se, point + z * se], 1)
 
 
+def replicate_bytes(replicates: int, groups: int, d: int, k: int) -> int:
+    """Bytes :func:`estimate` holds for ``replicates`` R over G groups, D features and K modes: the draws and
+    weights ``[R, G]`` (int64, float64), every replicate's directions ``[D, K]`` and their matched copies, the
+    matched eigenvalues and overlaps ``[R, K]``, and one chunk of replicate covariances."""
+    return replicates * (16 * groups + 16 * d * k + 32 * k) + _CHUNK_BYTES
+
+
+def check_replicates(replicates: Any, groups: int, d: int, k: int, device: torch.device) -> int:
+    """``replicates``: an integer >= 2 whose replicates' state (:func:`replicate_bytes`) fits on ``device``;
+    asked before anything is drawn. Returns it."""
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
+        raise SpecError(f"replicates: expected an integer >= 2 (or 0/None to skip), got {replicates!r}")
+    check_fits(
+        replicate_bytes(replicates, groups, d, k),
+        device,
+        f"replicates = {replicates} bootstrap replicates of {k} modes over D = {d} features",
+        "replicates",
+    )
+    return replicates
+
+
 def estimate(
     state: dict[str, torch.Tensor],
     c_full: torch.Tensor,
@@ -675,13 +697,13 @@ def estimate(
         ``"crossfit"`` or ``"quotient"``). Zero modes get NaN and ``"unknown"``.
     """
     interval = DEFAULT_INTERVAL if interval is None else interval
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
-        raise SpecError(f"replicates: expected an integer >= 2 (or 0/None to skip), got {replicates!r}")
+    groups = state["count"].shape[0]
+    check_replicates(replicates, groups, c_full.shape[0], eigenvalues.numel(), c_full.device)
+    seed = check_seed(seed)
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise SpecError(f"level: expected a number in (0, 1), got {level!r}")
     if interval not in INTERVALS:
         raise SpecError(f"interval: expected one of {INTERVALS}, got {interval!r}")
-    groups = state["count"].shape[0]
     if int((state["count"] > 0).sum()) < 2:
         raise SpecError("groups: fewer than 2 groups hold samples; accumulate more samples")
     f64 = torch.float64

@@ -41,7 +41,20 @@ __all__ = ["COMMANDS", "Command", "main", "run_guarded", "launch", "check_requir
 RESULT_FILES = ("spec.json", "results.json", "report.html")
 
 #: write errors that are the environment's, not a bug: reported as one ``error:`` line naming the file
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO}
+_ENV_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EIO,
+    errno.ELOOP,
+}
+#: what to do about each, where it is not "free space or fix the permissions"
+_ENV_HINTS = {
+    errno.ELOOP: "a symbolic link loop, or a link where spec-torch does not follow one; remove the link"
+}
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,8 @@ def hydra_command(command: Command, args: Sequence[str]) -> None:
     def _main(cfg: DictConfig) -> None:
         run_guarded(_run, distributed.share_config(cfg))  # under torchrun: rank 0's config to every rank
 
+    _check_env_overrides(args)
+
     from .config import check_overrides
 
     try:  # unknown keys and presets: one error line before Hydra's report; on every rank (the same verdict)
@@ -151,8 +166,26 @@ def hydra_command(command: Command, args: Sequence[str]) -> None:
     sys.argv = [f"{argv0} {command.name}", *args]
     try:
         launch(_main, _run)
+    except KeyboardInterrupt as exc:  # while Hydra composes, before run_guarded
+        _interrupted(exc)
     finally:
         sys.argv = [argv0, command.name, *args]
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]*)\}")
+
+
+def _check_env_overrides(args: Sequence[str]) -> None:
+    """``key=${oc.env:NAME}`` with ``NAME`` unset (and no default) is one ``error:`` line naming the key and the
+    variable; Hydra would raise it from its own composition, before :func:`run_guarded`."""
+    for arg in args:
+        for name in _ENV_INTERPOLATION.findall(arg):
+            if name.strip() not in os.environ:
+                key = arg.split("=", 1)[0] if "=" in arg else arg
+                _fail(
+                    f"{key}: the environment variable {name.strip()!r} in {arg!r} is not set; set it, or give a "
+                    f"default: ${{oc.env:{name.strip()},DEFAULT}}"
+                )
 
 
 def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
@@ -164,6 +197,8 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
     out, error or not: left to the interpreter's teardown, Gloo's threads can abort the process (SIGABRT,
     "terminate called without an active exception").
     """
+    from omegaconf.errors import InterpolationResolutionError
+
     try:
         if distributed.is_main_process():
             clear_stale_results(cfg)
@@ -171,13 +206,20 @@ def run_guarded(run: Callable[[Any], Any], cfg: Any) -> None:
         run(cfg)
     except SpecError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    except InterpolationResolutionError as exc:  # ${oc.env:UNSET} in a config file, resolved on first use
+        _fail(f"{exc.full_key or 'config'}: {exc.msg if hasattr(exc, 'msg') else exc}")
+    except ValueError as exc:
+        if "embedded null" not in str(exc):
+            raise
+        _fail(f"a path holds a NUL byte ({exc}); rename that file or give another path")
     except OSError as exc:
         if exc.errno not in _ENV_ERRNOS:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        _fail(
-            f"cannot access{where}: {exc.strerror or exc} (free space, fix the permissions, or choose another path)"
-        )
+        hint = _ENV_HINTS.get(exc.errno, "free space, fix the permissions, or choose another path")
+        _fail(f"cannot access{where}: {exc.strerror or exc} ({hint})")
     finally:
         distributed.destroy_distributed()
 
@@ -191,16 +233,29 @@ def plain_text(doc: str) -> str:
     return text.strip()
 
 
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line saying how far the run got (rank 0 only: every rank gets the signal) and exit 130."""
+    from .interrupt import INTERRUPTED_STATUS, interrupted_message
+
+    message = interrupted_message(exc)
+    if distributed.is_main_process() and not distributed.is_follower():  # also before/after the group exists
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_STATUS)
+
+
 def _fail(message: str) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
 
 def check_seed(cfg: Any) -> None:
-    """``seed`` must be an integer (``seed=abc`` is refused here, not deep in ``torch.manual_seed``)."""
+    """``seed`` must be an integer with ``0 <= seed < 2**63`` (``seed=abc`` or ``seed=2**70`` is refused here, not
+    deep in ``torch.manual_seed``)."""
+    from .._validate import check_seed as check_seed_value
+
     seed = cfg.get("seed") if hasattr(cfg, "get") else None
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise SpecError(f"seed: expected an integer, got {seed!r}")
+    if seed is not None:
+        check_seed_value(seed, "seed")
 
 
 def _output_dir(cfg: Any) -> Path | None:

@@ -64,6 +64,7 @@ from ._io import atomic_write_text as _atomic_write_text
 from ._io import open_fd_nofollow, open_nofollow, refuse_link
 from .data.base import CorruptSample, SampleDataset
 from .encoders.base import Encoder, move_to
+from .interrupt import interrupt_note
 
 __all__ = ["extract_features", "FeatureCache", "cache_folder"]
 
@@ -474,9 +475,20 @@ def extract_features(
             return _reuse(folder, ids)
         state = _start_or_resume(folder, dataset, encoder, precision, ids)
         if state["rows_done"] < len(ids):
-            _run(
-                dataset, encoder, folder, state, batch_size, num_workers, dev, amp_dtype, progress, chunk_rows
-            )
+            # Ctrl-C: the rows the manifest counts (the last checkpoint) are what a rerun starts from
+            with interrupt_note(lambda: f"interrupted; a rerun resumes from row {state['rows_done']}"):
+                _run(
+                    dataset,
+                    encoder,
+                    folder,
+                    state,
+                    batch_size,
+                    num_workers,
+                    dev,
+                    amp_dtype,
+                    progress,
+                    chunk_rows,
+                )
         return _finalise(folder, state, ids)
 
 

@@ -93,15 +93,18 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     rows = []
     for name, reader in (("spec.json", _compare_row), ("results.json", _align_row)):
         for path in sorted(root.rglob(name)):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                log.warning("skipping %s: %s", path, exc)
-                continue
             run = path.parent
-            rows.append(
-                {"run": str(run.relative_to(root)) or ".", "overrides": _overrides(run), **reader(data)}
-            )
+            try:  # a file spec-torch did not write (binary, another JSON shape): warned about and skipped
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                row = {"run": str(run.relative_to(root)) or ".", "overrides": _overrides(run), **reader(data)}
+            except (OSError, ValueError, AttributeError, TypeError, IndexError, KeyError) as exc:
+                log.warning(
+                    "skipping %s: not a readable %s (%s)", path, name, " ".join(str(exc).split())[:200]
+                )
+                continue
+            rows.append(row)
     return sorted(rows, key=lambda r: r["run"])
 
 

@@ -42,6 +42,7 @@ from ...errors import SpecError
 from ...loss import SpecAlignLoss
 from .. import sharding as distributed
 from .._io import atomic_open, atomic_torch_save, open_nofollow
+from ..interrupt import interrupt_note
 from .data import AlignSamples, ResumableBatchSampler, TeacherFeatures, collate_align
 from .runtime import Runtime
 
@@ -107,6 +108,9 @@ class TrainSettings:
             raise SpecError(f"loss.contrastive: expected one of {CONTRASTIVE}, got {self.contrastive!r}")
         if self.w_clip == 0 and self.w_spec == 0:
             raise SpecError("loss.w_clip/w_spec: both are 0, nothing to train")
+        from ..._validate import check_seed
+
+        check_seed(self.seed, "seed")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -218,6 +222,7 @@ class AlignTrainer:
                 local_loss=True, gather_with_grad=True, rank=self.rt.rank, world_size=self.rt.world_size
             )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.saved_step = 0  # the step of the checkpoint on disk (what train.resume=auto continues from)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ setup helpers
@@ -357,6 +362,11 @@ class AlignTrainer:
         Args:
             on_step: called after every step (after logging and checkpointing), e.g. to stop early.
         """
+        # Ctrl-C: the checkpoint on disk is where a rerun with train.resume=auto continues
+        with interrupt_note(lambda: f"interrupted; `train.resume=auto` resumes from step {self.saved_step}"):
+            return self._fit(on_step)
+
+    def _fit(self, on_step: Callable[[AlignTrainer], None] | None) -> AlignTrainer:
         logger = _Logs(self.out_dir / "logs", self.step, enabled=self.rt.is_main)
         bar = tqdm(
             total=self.s.steps,
@@ -418,6 +428,11 @@ class AlignTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, checked first (:meth:`check_state`)."""
+        self.check_state(state)
+        self._assign(state)
+
+    def _assign(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -425,13 +440,116 @@ class AlignTrainer:
         self.spec_loss.load_state_dict(state["spec_loss"])
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
+        self.saved_step = self.step
         _set_rng_state(state["rng"])
+
+    def check_state(self, state: dict[str, Any], path: str | Path = "the checkpoint") -> None:
+        """Check every field of a loaded checkpoint against this trainer (after ``weights_only`` loading the
+        contents are still untrusted): types, ranges, and shapes against the model, optimizer and loss. A
+        :class:`SpecError` naming ``train.resume`` and the field otherwise; nothing is assigned here."""
+
+        def bad(field: str, what: str) -> SpecError:
+            return SpecError(
+                f"train.resume: the checkpoint {path} is damaged or not this run's: {field} {what}; "
+                "start a new output_dir, or give train.resume=<another checkpoint>"
+            )
+
+        missing = [
+            k for k in ("step", "data", "model", "optimizer", "scheduler", "scaler", "rng") if k not in state
+        ]
+        if missing:
+            raise bad(f"entries {missing}", "are missing")
+        step = state["step"]
+        if not _is_int(step) or not 0 <= step <= self.s.steps:
+            raise bad("'step'", f"is {step!r}, expected an integer in 0..train.steps = {self.s.steps}")
+        data = state["data"]
+        if not isinstance(data, dict) or not all(_is_int(data.get(k)) for k in ("epoch", "batch")):
+            raise bad("'data'", f"is {data!r}, expected {{'epoch': int, 'batch': int}}")
+        per_epoch = self.sampler.batches_per_epoch
+        if not 0 <= data["epoch"] <= step or not 0 <= data["batch"] <= per_epoch:
+            raise bad("'data'", f"is {data!r}, expected epoch in 0..{step} and batch in 0..{per_epoch}")
+        _check_tensors(state["model"], self.model.state_dict(), "'model'", bad)
+        self._check_optimizer(state["optimizer"], bad)
+        sched = state["scheduler"]
+        if not isinstance(sched, dict) or sched.get("last_epoch") != step:
+            got = sched.get("last_epoch") if isinstance(sched, dict) else type(sched).__name__
+            raise bad("'scheduler'", f"has last_epoch {got!r}, expected the step {step}")
+        base_lrs = sched.get("base_lrs")
+        groups = len(self.optimizer.param_groups)
+        if (
+            not isinstance(base_lrs, list)
+            or len(base_lrs) != groups
+            or not all(_is_number(v) for v in base_lrs)
+        ):
+            raise bad("'scheduler'", f"has base_lrs {base_lrs!r}, expected {groups} numbers")
+        scaler = state["scaler"]
+        if not isinstance(scaler, dict) or not all(_is_number(v) for v in scaler.values()):
+            raise bad("'scaler'", "must map names to numbers")
+        self._check_spec_loss(state.get("spec_loss", {}), bad)
+        _check_rng(state["rng"], bad)
+
+    def _check_optimizer(self, opt: Any, bad: Callable[[str, str], SpecError]) -> None:
+        mine = self.optimizer.state_dict()
+        if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+            raise bad("'optimizer'", "has no param_groups")
+        if not isinstance(opt.get("state"), dict):
+            raise bad("'optimizer'", "has no state")
+        if len(opt["param_groups"]) != len(mine["param_groups"]):
+            raise bad(
+                "'optimizer'",
+                f"has {len(opt['param_groups'])} parameter groups, this run {len(mine['param_groups'])}",
+            )
+        shapes: dict[int, torch.Size] = {}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for k, (theirs, ours) in enumerate(zip(opt["param_groups"], mine["param_groups"])):
+            ids = theirs.get("params") if isinstance(theirs, dict) else None
+            if not isinstance(ids, list) or ids != ours["params"]:
+                raise bad(f"'optimizer' group {k}", "lists other parameters than this run's model")
+            for key in ("lr", "weight_decay", "eps"):
+                if not _is_number(theirs.get(key)):
+                    raise bad(f"'optimizer' group {k}", f"has {key}={theirs.get(key)!r}, expected a number")
+        for pid, p in zip((i for g in mine["param_groups"] for i in g["params"]), params):
+            shapes[pid] = p.shape
+        for pid, entry in opt["state"].items():
+            if pid not in shapes or not isinstance(entry, dict):
+                raise bad("'optimizer' state", f"has an entry {pid!r} for no parameter of this run")
+            for key, t in entry.items():
+                if not isinstance(t, torch.Tensor) or not bool(torch.isfinite(t).all()):
+                    raise bad(f"'optimizer' state {pid}.{key}", "must be a finite tensor")
+                if key != "step" and t.shape != shapes[pid]:
+                    raise bad(
+                        f"'optimizer' state {pid}.{key}",
+                        f"has shape {list(t.shape)}, the parameter {list(shapes[pid])}",
+                    )
+            if not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+                raise bad(
+                    f"'optimizer' state {pid}",
+                    f"lacks {sorted({'step', 'exp_avg', 'exp_avg_sq'} - set(entry))}",
+                )
+
+    def _check_spec_loss(self, saved: Any, bad: Callable[[str, str], SpecError]) -> None:
+        """The loss's buffers: this loss's names, tensors of the same dtype; a trial load into a copy."""
+        import copy
+
+        mine = self.spec_loss.state_dict()
+        if not isinstance(saved, dict) or set(saved) != set(mine):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise bad("'spec_loss'", f"holds {got}, this run's loss {sorted(mine)}")
+        for key, t in saved.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != mine[key].dtype:
+                raise bad(f"'spec_loss.{key}'", f"must be a {mine[key].dtype} tensor")
+        trial = copy.deepcopy(self.spec_loss)
+        try:
+            trial.load_state_dict(saved)
+        except (RuntimeError, ValueError, SpecError) as exc:
+            raise bad("'spec_loss'", f"does not load ({' '.join(str(exc).split())[:200]})") from None
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/last.pt`` atomically (rank 0 only; every rank waits for it)."""
         if self.rt.is_main:
             atomic_torch_save(self.state_dict(), self.ckpt_path, resume=True)  # kept by a rerun
         self.rt.barrier()
+        self.saved_step = self.step
 
     def resume(self, path: str | Path | None = None, force: bool = False) -> bool:
         """Load ``path`` (default ``checkpoints/last.pt``) if it exists; True when a checkpoint was loaded.
@@ -459,6 +577,8 @@ class AlignTrainer:
             raise SpecError(f"train.resume: cannot read the checkpoint {path}: {exc}") from None
         if not isinstance(state, dict) or not {"step", "model", "settings", "rng"} <= set(state):
             raise SpecError(f"train.resume: {path} is not an alignment checkpoint (checkpoints/last.pt)")
+        if not isinstance(state["settings"], dict):
+            raise SpecError(f"train.resume: the checkpoint {path} is damaged: 'settings' must be a dict")
         saved = dict(state.get("settings", {}))
         for key in ("steps", "batch_size", "seed", "contrastive", "train_text"):
             mine = getattr(self.s, key)
@@ -479,12 +599,18 @@ class AlignTrainer:
                 f"meaning ({'; '.join(changed[:6])}); use a new output_dir, or train.resume_force=true to "
                 "continue anyway"
             )
-        if int(state.get("world_size", 1)) != self.rt.world_size:  # DDP: the data shards depend on it
+        world = state.get("world_size", 1)
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise SpecError(f"train.resume: the checkpoint {path} is damaged: 'world_size' is {world!r}")
+        if world != self.rt.world_size:  # DDP: the data shards depend on it
             raise SpecError(
                 f"train.resume: the checkpoint {path} was written by {state.get('world_size', 1)} process(es), "
                 f"this run has {self.rt.world_size}; an exact resume needs the same number (--nproc_per_node)"
             )
-        self.load_state_dict(state)
+        self.check_state(state, path)  # every field, before anything is assigned
+        if self.rt.is_main and path == self.ckpt_path:  # resume=auto continues this folder's log
+            _kept_log_rows(self.out_dir / "logs" / "train.csv", int(state["step"]))
+        self._assign(state)
         if self.rt.is_main:
             note = " (the run is already finished: 0 steps to train)" if self.step >= self.s.steps else ""
             forced = f"; FORCED over changed settings: {'; '.join(changed)}" if changed else ""
@@ -528,6 +654,72 @@ def _changed(saved: dict[str, Any], mine: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_tensors(saved: Any, mine: dict[str, torch.Tensor], field: str, bad) -> None:
+    """``saved``: exactly ``mine``'s names, each a tensor of the same shape and dtype (floating ones finite)."""
+    if not isinstance(saved, dict):
+        raise bad(field, f"is a {type(saved).__name__}, expected a state dict")
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or extra:
+        raise bad(field, f"does not match this run's model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, ref in mine.items():
+        t = saved[key]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise bad(f"{field} {key!r}", f"is {got}, this run's model has {ref.dtype} {list(ref.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise bad(f"{field} {key!r}", "holds NaN or Inf")
+
+
+def _check_rng(rng: Any, bad) -> None:
+    """The RNG states as :func:`_rng_state` writes them, with the sizes and ranges each generator takes."""
+    if not isinstance(rng, dict):
+        raise bad("'rng'", "must be a dict")
+    mine = torch.get_rng_state()
+    t = rng.get("torch")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != mine.shape:
+        raise bad("'rng.torch'", f"must be a uint8 tensor of shape {list(mine.shape)}")
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, list) or not all(
+        isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda
+    ):
+        raise bad("'rng.cuda'", "must be a list of uint8 tensors")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count() or any(
+            c.shape != s.shape for c, s in zip(cuda, torch.cuda.get_rng_state_all())
+        ):
+            raise bad("'rng.cuda'", "does not match this machine's CUDA generators")
+    npy = rng.get("numpy")
+    if not isinstance(npy, dict) or npy.get("kind") != "MT19937":
+        raise bad("'rng.numpy'", "must be a MT19937 state")
+    keys = npy.get("keys")
+    if not isinstance(keys, torch.Tensor) or keys.shape != (624,) or keys.is_floating_point():
+        raise bad("'rng.numpy.keys'", "must be 624 integers")
+    if bool((keys < 0).any()) or bool((keys >= 2**32).any()):
+        raise bad("'rng.numpy.keys'", "must lie in 0..2**32-1")
+    if not (_is_int(npy.get("pos")) and 0 <= npy["pos"] <= 624) or npy.get("has_gauss") not in (0, 1):
+        raise bad("'rng.numpy'", "has pos outside 0..624 or has_gauss not 0/1")
+    if not isinstance(npy.get("cached_gaussian"), float):
+        raise bad("'rng.numpy.cached_gaussian'", "must be a float")
+    py = rng.get("python")
+    if not isinstance(py, dict) or py.get("version") != 3:
+        raise bad("'rng.python'", "must be a version-3 state")
+    st = py.get("state")
+    if not isinstance(st, torch.Tensor) or st.shape != (625,) or st.is_floating_point():
+        raise bad("'rng.python.state'", "must be 625 integers")
+    if bool((st < 0).any()) or bool((st[:624] >= 2**32).any()) or not 0 <= int(st[624]) <= 624:
+        raise bad("'rng.python.state'", "must hold 624 words in 0..2**32-1 and a position in 0..624")
+    if py.get("gauss") is not None and not isinstance(py.get("gauss"), float):
+        raise bad("'rng.python.gauss'", "must be a float or None")
+
+
 # ------------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict[str, Any]:
     """The RNG states as tensors and plain values (a checkpoint must load with ``weights_only=True``)."""
@@ -568,10 +760,7 @@ class _Logs:
             return
         folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = folder / "train.csv"
-        kept: list[dict[str, str]] = []
-        if self.csv_path.is_file() and resume_step > 0:
-            with open_nofollow(self.csv_path, "r", newline="") as fh:
-                kept = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        kept = _kept_log_rows(self.csv_path, resume_step) if resume_step > 0 else []
         # rewritten: a resumed run drops the rows it will redo
         with atomic_open(self.csv_path, "w", newline="", record=False) as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -602,6 +791,42 @@ class _Logs:
         if self.enabled:
             self.fh.close()
             self.tb.close()
+
+
+def _kept_log_rows(csv_path: Path, resume_step: int) -> list[dict[str, str]]:
+    """The rows of ``train.csv`` up to ``resume_step`` (a resumed run redoes the later ones). A log that is not
+    one this trainer wrote (other columns, a step or value that is not a number, binary bytes) is refused in
+    one line naming ``train.resume``."""
+    if not csv_path.is_file():
+        return []
+
+    def bad(what: str) -> SpecError:
+        return SpecError(
+            f"train.resume: the training log {csv_path} is damaged ({what}); delete or repair it to resume "
+            "(the checkpoint is intact), or start a new output_dir"
+        )
+
+    kept = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and list(reader.fieldnames) != list(CSV_FIELDS):
+                raise bad(f"columns {list(reader.fieldnames)[:10]}, expected {list(CSV_FIELDS)}")
+            for line, row in enumerate(reader, start=2):
+                if None in row or any(v is None for v in row.values()):
+                    raise bad(f"line {line} has {len(row)} fields, expected {len(CSV_FIELDS)}")
+                try:
+                    step = int(row["step"])
+                    for key in CSV_FIELDS[1:]:
+                        if row[key] != "":
+                            float(row[key])
+                except ValueError:
+                    raise bad(f"line {line} is not numbers: {str(row)[:120]}") from None
+                if step <= resume_step:
+                    kept.append(row)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise bad(str(exc)[:120]) from None
+    return kept
 
 
 def read_history(csv_path: str | Path) -> dict[str, list[float]]:

@@ -80,6 +80,9 @@ def load_ids(path: str | os.PathLike, name: str = "ids_path", unique: bool = Tru
 
     ``unique=False`` reads per-row labels or display names the same way (repeats allowed)."""
     p = existing_path(path, name, kind="file")
+    what = "ids (unique, one a line)" if unique else "values (one a line, one per row)"
+    if p.stat().st_size == 0:
+        raise SpecError(f"{name}: {p} is empty (0 bytes); expected {what}")
     try:
         if p.suffix.lower() == ".json":
             ids = json.loads(p.read_text(encoding="utf-8"))
@@ -91,8 +94,8 @@ def load_ids(path: str | os.PathLike, name: str = "ids_path", unique: bool = Tru
             ids = p.read_text(encoding="utf-8").splitlines()
             while ids and not ids[-1].strip():
                 ids.pop()
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise SpecError(f"{name}: cannot read ids from {p} ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, EOFError, OSError) as exc:
+        raise SpecError(f"{name}: cannot read {what} from {p} ({exc})") from None
     ids = [str(s) for s in ids]
     if unique and len(set(ids)) != len(ids):
         raise SpecError(f"{name}: the ids in {p} are not unique")
