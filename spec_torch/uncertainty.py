@@ -869,11 +869,13 @@ def replicate_solve_cost(dx: int, dy: int, groups: int) -> float:
     return MATCH_FACTOR * EIGH_FLOPS * float(d) ** 3 + float(groups) * d * d + SOLVE_OVERHEAD_FLOPS
 
 
-def plan_replicates(n: int, dx: int, dy: int, groups: int, budget: float = DEFAULT_BUDGET) -> int:
+def plan_replicates(
+    n: int, dx: int, dy: int, groups: int, budget: float = DEFAULT_BUDGET, plain: float | None = None
+) -> int:
     """The most replicates (<= :data:`MAX_REPLICATES`) whose solves cost at most ``budget`` times the plain
-    compare (:func:`compare_cost`), each solve costed by :func:`replicate_solve_cost`; 0 when fewer than
-    :data:`MIN_REPLICATES` fit. A function of the sizes only."""
-    allowed = float(budget) * compare_cost(n, dx, dy)
+    compare (``plain`` FLOPs; default :func:`compare_cost`), each solve costed by :func:`replicate_solve_cost`;
+    0 when fewer than :data:`MIN_REPLICATES` fit. A function of the sizes only."""
+    allowed = float(budget) * (compare_cost(n, dx, dy) if plain is None else float(plain))
     per = replicate_solve_cost(dx, dy, groups)
     best = 0
     for r in range(MIN_REPLICATES, MAX_REPLICATES + 1):

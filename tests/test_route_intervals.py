@@ -244,3 +244,26 @@ def test_close_float32_embeddings_get_the_same_intervals_on_both_routes():
     assert exact.uncertainty["route"] == "exact" and exact.uncertainty["unmatched_modes"] == []
     assert_same_intervals(feat, exact, exact.scale)
     assert exact.eigenvalue_ci[0, 0] <= exact.eigenvalues[0] <= exact.eigenvalue_ci[0, 1]
+
+
+def test_compare_job_gets_intervals_on_the_exact_route(tmp_path):
+    """The compare job on the n x n route (method=exact) plans replicates of an exact factor of L from sizes and
+    writes intervals; on main it logged "off: method=exact" and wrote none. The exact route's intervals equal
+    the features route's on the same data (the demo's cosine kernels): the same groups and seed resample the
+    same rows, and both routes solve the same resampled L."""
+    from spec_torch.apps.compare import run
+
+    common = ["experiment=demo", "uncertainty.replicates=40", "report=false"]
+    exact = run([*common, "method=exact", f"output_dir={tmp_path / 'exact'}"])
+    feats = run([*common, "method=features", f"output_dir={tmp_path / 'features'}"])
+    assert exact["method"] == "exact" and feats["method"] == "features"
+    plan = exact["uncertainty"]
+    assert plan["enabled"] and plan["replicates"] == 40 and "exact factor of L" in plan["note"]
+    for direction in ("x", "y"):
+        for e, f in zip(exact["modes"][direction], feats["modes"][direction]):
+            assert e["ci"][0] <= e["eigenvalue"] <= e["ci"][1]
+            assert e["support"] in unc.VERDICTS and e["support"] != "unknown"
+            np.testing.assert_allclose(e["eigenvalue"], f["eigenvalue"], rtol=1e-9)
+            np.testing.assert_allclose(e["ci"], f["ci"], rtol=1e-6)  # the same resampled L and seed
+    lo, hi = exact["spec_diff_ci"]
+    assert lo <= exact["spec_diff"] <= hi

@@ -347,6 +347,16 @@ def _solve(
             kx, ky = _fit_kernels(cfg, paired, route)
         x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
         cka.update(x, y)
+        plan = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
+        replicates = {}
+        if plan["groups"]:  # intervals from an exact factor of L (spec_torch.factor_intervals)
+            replicates = {
+                "replicates": int(plan["replicates"]),
+                "groups": int(plan["groups"]),
+                "level": plan["level"],
+                "interval": plan["interval"],
+                "seed": int(cfg.seed),
+            }
         with _named("top_k", "solve_top_k"), _sample_ids(paired, 0):
             res = api.spec(
                 x,
@@ -357,8 +367,14 @@ def _solve(
                 method=route,
                 top_k=solve_top_k,
                 center=center,
+                **replicates,
             )
-        res.uncertainty = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
+        res.uncertainty = {
+            **plan,
+            **(res.uncertainty or {}),
+            "enabled": bool(replicates),
+            "note": plan["note"],
+        }
         centred = _centred_spec_diff(
             cfg,
             res,
@@ -518,19 +534,13 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
     if replicates == 0:
         plan["note"] = "off (uncertainty.replicates = 0)"
         return plan
-    missing = [name for k, name in ((kx, "kernel_x"), (ky, "kernel_y")) if not k.has_features]
-    if exact or missing:
-        why = f"{', '.join(missing)} has no feature map" if missing else "method=exact"
-        if replicates != "auto":
-            raise SpecError(
-                f"{(missing or ['method'])[0]}: uncertainty.replicates needs the feature route but {why}; use "
-                "Nystrom or random Fourier features (GaussianKernel rff_dim), or uncertainty.replicates=0"
-            )
-        plan["note"] = f"off: {why} (intervals need the feature route; use Nystrom or random features)"
-        return plan
     n = paired.n
     p, q = (int(paired.x.shape[1]), int(paired.y.shape[1]))
-    dx, dy = kx.feature_dim(p), ky.feature_dim(q)
+    if exact:  # the n x n route: replicates of an exact factor of L, rank r <= min(n, D) (factor_intervals)
+        d = kx.feature_dim(p) + ky.feature_dim(q) if (kx.has_features and ky.has_features) else n
+        dx, dy = min(n, d), 0  # the factor's width, at most r (its two signs' blocks cost no more than r^2)
+    else:
+        dx, dy = kx.feature_dim(p), ky.feature_dim(q)
     groups = unc.plan_groups(n, dx, dy, unc.DEFAULT_GROUPS if wanted == "auto" else int(wanted))
     if not groups:
         per = unc.group_bytes(1, dx, dy)
@@ -541,10 +551,17 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
             f"more than the {unc.MAX_GROUP_BYTES / 2**30:.0f} GiB cap (spec_torch.uncertainty.MAX_GROUP_BYTES)"
         )
         return plan
-    plain = unc.compare_cost(n, dx, dy)
+    if exact:  # the plain n x n compare: both kernel matrices and one eigh of L
+        plain = (
+            float(n) * n * (kx.exact_dim(p) + ky.exact_dim(q))
+            + unc.EIGH_FLOPS * float(n) ** 3
+            + unc.JOB_FLOPS
+        )
+    else:
+        plain = unc.compare_cost(n, dx, dy)
     per_solve = unc.replicate_solve_cost(dx, dy, groups)
     if replicates == "auto":
-        replicates = unc.plan_replicates(n, dx, dy, groups, budget)
+        replicates = unc.plan_replicates(n, dx, dy, groups, budget, plain=plain)
         if not replicates:
             need = unc.solves_needed(unc.MIN_REPLICATES) * per_solve
             plan["note"] = (
@@ -563,11 +580,12 @@ def _uncertainty_plan(cfg, kx, ky, paired: PairedFeatures, device, exact: bool =
         unc.group_bytes(groups, dx, dy), device, f"{groups} group sums of D = {dx + dy}", "uncertainty.groups"
     )
     cost = unc.solves_needed(replicates) * per_solve
+    where = " of an exact factor of L (the n x n route)" if exact else ""
     plan.update(
         replicates=int(replicates),
         groups=groups,
         cost_gflop={"plain": plain / 1e9, "replicates": cost / 1e9, "ratio": cost / plain},
-        note=f"{replicates} bootstrap replicates over {groups} groups ({why})",
+        note=f"{replicates} bootstrap replicates over {groups} groups{where} ({why})",
     )
     return plan
 
