@@ -299,13 +299,21 @@ def _solve_all(
 
 
 def _match(
-    c_full: torch.Tensor, cu: torch.Tensor, norm_u: torch.Tensor, lam: torch.Tensor, evals, dirs
+    c_full: torch.Tensor,
+    cu: torch.Tensor,
+    norm_u: torch.Tensor,
+    lam: torch.Tensor,
+    evals,
+    dirs,
+    zero_tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Match each full-data mode to one mode of every replicate by sample-score overlap.
 
     Args:
         c_full: ``[D, D]`` full-data C; ``cu = C u: [D, K]``; ``norm_u = sqrt(u^T C u): [K]``; ``lam: [K]``.
         evals, dirs: per replicate ``[K_r]`` eigenvalues and ``[D, K_r]`` directions.
+        zero_tol: replicate modes with ``|eigenvalue| <= zero_tol`` are numerical zeros (their directions are
+            arbitrary within the null space) and are never matched.
 
     Returns:
         ``(matched eigenvalues [R, K], overlaps [R, K], matched directions [R, D, K])``: for each full mode the
@@ -319,7 +327,8 @@ def _match(
         norm_r = (ur * (c_full @ ur)).sum(0).clamp_min(0).sqrt()  # [K_r]: ||A u'_j||
         ov = (cu.T @ ur).abs() / (norm_u[:, None] * norm_r[None, :]).clamp_min(1e-300)  # [K, K_r]
         same = torch.sign(lam)[:, None] == torch.sign(lr)[None, :]
-        ov = torch.where(same & (norm_r[None, :] > 0), ov, torch.full_like(ov, -1.0))
+        live = (lr.abs() > zero_tol) & (norm_r > 0)  # [K_r]
+        ov = torch.where(same & live[None, :], ov, torch.full_like(ov, -1.0))
         best = ov.argmax(1)  # [K]
         found = ov.gather(1, best[:, None]).squeeze(1) >= 0
         out_val[r] = torch.where(found, lr[best], torch.full_like(lam, float("nan")))
@@ -723,7 +732,7 @@ def estimate(
     )
     weights = weights.to(c_full.device)
     evals, dirs = _solve_all(state, weights, eta, dx, keep, top_k, center)
-    matched, overlap, _ = _match(c_full, cu, norm_u, lam, evals, dirs)  # [R, K] each
+    matched, overlap, _ = _match(c_full, cu, norm_u, lam, evals, dirs, zero_tol)  # [R, K] each
     matched = matched.cpu()
     ci = _interval(matched, lam_cpu, level, interval)
     ci[~live] = float("nan")

@@ -767,3 +767,20 @@ def test_heldout_jackknife_matches_brute_force_deletion(center):
     jack = torch.stack([mean_value((torch.arange(8) != g).double()) for g in range(8)])  # [G, K]
     want = (7 / 8 * (jack - jack.mean(0)).square().sum(0)).sqrt()
     torch.testing.assert_close(se, want, rtol=1e-8, atol=1e-12)
+
+
+def test_a_replicate_mode_at_rounding_level_is_never_matched():
+    """A replicate mode whose eigenvalue is a numerical zero has an arbitrary direction in the null space, so it
+    can overlap a live mode more than the live mode's true counterpart does. On main such a mode was matched
+    (an interval value of -1.2e-15 among -0.2s, found with linear kernels sharing directions); now it is not."""
+    from spec_torch.uncertainty import _match
+
+    f64 = torch.float64
+    c_full = torch.eye(2, dtype=f64)
+    u = torch.tensor([[1.0], [0.0]], dtype=f64)  # one full-data mode, eigenvalue -0.2
+    lam = torch.tensor([-0.2], dtype=f64)
+    rep_vals = [torch.tensor([-1e-15, -0.19], dtype=f64)]
+    rep_dirs = [torch.tensor([[1.0, 0.6], [0.0, 0.8]], dtype=f64)]  # the zero mode overlaps 1.0, the live 0.6
+    matched, overlap, _ = _match(c_full, c_full @ u, torch.ones(1, dtype=f64), lam, rep_vals, rep_dirs, 1e-12)
+    assert float(matched[0, 0]) == -0.19
+    assert abs(float(overlap[0, 0]) - 0.6) < 1e-12
