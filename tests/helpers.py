@@ -1,17 +1,38 @@
-"""Helpers shared by the test modules: thread pinning and 2-process Gloo runs."""
+"""Helpers shared by the test modules: thread pinning, 2-process Gloo runs and the `spec-torch` command in a
+subprocess."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+#: the repository root, and the environment a subprocess runs the checkout's spec_torch in, offline
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m spec_torch ARGS`` in a subprocess (the checkout's code, offline), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "spec_torch", *args],
+        cwd=cwd or ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextmanager

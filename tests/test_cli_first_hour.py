@@ -8,7 +8,6 @@ Each test fails on the main branch before this change (said per test)."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -18,24 +17,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import ENV, ROOT, run_cli
 
 from spec_torch.apps.config import check_overrides
 from spec_torch.apps.logs import quiet_third_party
 from spec_torch.errors import SpecError
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "spec_torch", *args],
-        cwd=cwd or ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -48,7 +34,7 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------------ overrides
 def test_misspelt_key_gets_did_you_mean_and_never_the_plus_advice(tmp_path):
     """Main: Hydra's "To append to your config use +top_kk=5" (exit 1), and +top_kk=5 then ran with top_k 3."""
-    line = _error_line(_cli("compare", "top_kk=5", cwd=tmp_path))
+    line = _error_line(run_cli("compare", "top_kk=5", cwd=tmp_path))
     assert "top_kk" in line and "did you mean top_k?" in line and "+top_kk" not in line
     with pytest.raises(SpecError, match=r"data\.nn: .* did you mean data\.n\?"):
         check_overrides("compare", ["data.nn=3"])
@@ -64,7 +50,7 @@ def test_misspelt_key_gets_did_you_mean_and_never_the_plus_advice(tmp_path):
 
 def test_a_plus_key_that_nothing_reads_is_warned_about(tmp_path):
     """Main: +top_kk=5 ran silently with top_k unchanged."""
-    proc = _cli("compare", "+top_kk=5", "--cfg", "job", cwd=tmp_path)
+    proc = run_cli("compare", "+top_kk=5", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     warn = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ")]
     assert len(warn) == 1 and "+top_kk=5" in warn[0] and "did you mean top_k?" in warn[0], proc.stderr
@@ -73,7 +59,7 @@ def test_a_plus_key_that_nothing_reads_is_warned_about(tmp_path):
 
 def test_unknown_preset_is_one_error_line_with_the_choices(tmp_path):
     """Main: about 14 lines of Hydra output (search path, options) and exit 1."""
-    line = _error_line(_cli("compare", "kernel@kernel_x=cosin", cwd=tmp_path))
+    line = _error_line(run_cli("compare", "kernel@kernel_x=cosin", cwd=tmp_path))
     assert line == (
         "error: kernel@kernel_x: unknown option 'cosin'; choices: cosine, gaussian, linear, nystrom; "
         "did you mean cosine?"
@@ -168,7 +154,7 @@ def test_verbose_false_keeps_other_libraries_info_out_and_spec_torch_info_in():
 # ------------------------------------------------------------------------------------------------ help
 def test_summarize_help_is_plain_text():
     """Main printed the docstring's rst markup (````spec-torch summarize DIR````)."""
-    proc = _cli("summarize", "--help")
+    proc = run_cli("summarize", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "``" not in proc.stdout and "::" not in proc.stdout and ":func:" not in proc.stdout
     assert "spec-torch summarize DIR: one table" in proc.stdout
@@ -197,7 +183,9 @@ def test_readme_installs_by_path_not_from_an_index():
 @pytest.mark.slow
 def test_readme_install_commands_work_offline(tmp_path):
     """Run the README's pip commands as printed (offline: no index, no build isolation, dependencies from this
-    environment) in a copy of the clone, each into a fresh venv, and import spec_torch from there."""
+        environment) in a copy of the clone, each into a fresh venv, and from helpers import run_cli
+
+    import spec_torch from there."""
     src = tmp_path / "clone"
     junk = (".git", ".venv", "build", "dist", "outputs", "multirun", ".cache", "__pycache__", "*.egg-info")
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*junk, ".*_cache"))

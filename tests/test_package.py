@@ -6,7 +6,6 @@ installed in a fresh venv runs the demo from outside the repo."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -18,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ENV, ROOT, run_cli
 from omegaconf import OmegaConf
 
 from spec_torch.apps.config import compose, config_dir, load_config
 from spec_torch.errors import SpecError
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 #: what the application needs and the library must not load (not tqdm: ``import torch`` itself loads it)
 APP_MODULES = (
@@ -91,15 +88,6 @@ def test_library_runs_without_the_apps_extra_and_apps_name_the_extra():
 
 
 # --------------------------------------------------------------------------------------------- command
-def _cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "spec_torch", *args],
-        cwd=cwd or ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _presets(command: str) -> set[str]:
@@ -110,7 +98,7 @@ def test_each_command_help_lists_only_its_own_presets():
     compare, align = _presets("compare"), _presets("align")
     assert "demo" in compare and "align_tiny" in align and not compare & align
     for command, own, other in (("compare", compare, align), ("align", align, compare)):
-        proc = _cli(command, "--help")
+        proc = run_cli(command, "--help")
         assert proc.returncode == 0, proc.stderr
         listed = re.search(r"experiment: (.*)", proc.stdout).group(1)
         assert set(listed.split(", ")) == own, (command, listed)
@@ -128,9 +116,9 @@ def test_each_command_help_lists_only_its_own_presets():
 
 
 def test_top_level_usage_and_unknown_command():
-    proc = _cli()
+    proc = run_cli()
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("compare", "align", "summarize"))
-    proc = _cli("comapre")
+    proc = run_cli("comapre")
     assert proc.returncode == 2 and "unknown command 'comapre'" in proc.stderr
 
 
@@ -183,7 +171,7 @@ def test_user_class_by_target_from_a_user_config_dir(tmp_path, features):
     mine.mkdir(parents=True)
     (mine / "mine.yaml").write_text("_target_: spec_torch.kernels.LinearKernel\n")
     out = tmp_path / "run"
-    proc = _cli(
+    proc = run_cli(
         "compare",
         "--config-dir",
         str(tmp_path / "my_configs"),
