@@ -344,20 +344,51 @@ def test_dataset_texts_lines_captions_and_none(tmp_path, synthetic_coco):
     assert SyntheticShapes(n=4).texts is None
 
 
-def test_a_tied_set_is_named_whatever_the_rotation_of_its_modes():
-    """Two tied modes span two planted groups; any rotation of the pair names the same words (set_scores)."""
+def test_a_tied_set_is_named_by_the_members_of_any_of_its_modes():
+    """Two tied centred modes, each holding one planted group: the set is named once by the words of both
+    groups (set_scores: a member of any of its modes). The projection norm on the span, which the first
+    version used, named nothing here: centred, every sample projects about as much."""
     from spec_torch.apps.explain import set_scores
 
     n = 300
     groups = np.full(n, -1)
     groups[:40], groups[40:80] = 0, 1
     texts = planted_texts(groups)
-    a, b = (groups == 0).astype(float), (groups == 1).astype(float)  # [n] each
     rng = np.random.default_rng(0)
-    pair = np.stack([a + b, a - b], 1) / np.sqrt(2) + 0.01 * rng.normal(size=(n, 2))  # [n, 2]
-    turn = np.array([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]])
-    first = mode_keywords(set_scores(pair, [[0, 1]]), texts)
-    assert first == mode_keywords(set_scores(pair @ turn, [[0, 1]]), texts)
-    assert first[0] and words_of(first[0]) <= {"zebra", "quokka", "narwhal", "okapi"}
+    a, b = (groups == 0).astype(float), (groups == 1).astype(float)  # [n] each
+    pair = np.stack([a - a.mean(), b - b.mean()], 1) + 0.01 * rng.normal(size=(n, 2))  # [n, 2] centred
+    (words,) = mode_keywords(set_scores(pair, [[0, 1]]), texts)
+    first, second = (mode_keywords(pair[:, [j]], texts)[0] for j in (0, 1))
+    assert first and second and words_of(first) != words_of(second)
+    assert words_of(words) & words_of(first) and words_of(words) & words_of(second)
+    assert words_of(words) <= words_of(first) | words_of(second)
     with pytest.raises(SpecError, match="sets"):
         set_scores(pair, [[0, 2]])
+
+
+def test_a_tied_set_is_named_once_in_spec_json(synthetic_coco):
+    """With replicates the demo's colour modes x1-x3 form one tied set (their directions are not identifiable
+    one by one); spec.json's top-level ``tied_modes`` entry carries the set's words, named from the samples'
+    projections on its span: the colours of its three groups. Absent before the verdicts and words merged."""
+    data = synthetic_coco
+    spec = run(
+        _compose(
+            "compare",
+            [
+                "experiment=demo",
+                "data=mscoco",
+                f"data.root={data['root']}",
+                f"data.annotations={data['annotations']}",
+                "uncertainty.replicates=40",
+                "report=false",
+                f"cache_dir={data['tmp'] / 'cache'}",
+                f"output_dir={data['tmp'] / 'compare_tied'}",
+                "progress=false",
+            ],
+        )  # fmt: skip
+    )
+    (colour_set,) = [t for t in spec["tied_modes"] if ["x", 1] in t["modes"]]
+    assert colour_set["modes"] == [["x", 1], ["x", 2], ["x", 3]]
+    terms = [term for term, _ in colour_set["keywords"]]
+    assert {"blue", "green", "yellow"} <= set(terms), colour_set["keywords"]
+    assert not set(terms) & set(SHAPES)

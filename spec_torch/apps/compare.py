@@ -799,33 +799,48 @@ def _texts(paired: PairedFeatures, dataset) -> list[str] | None:
     return paired.names
 
 
-def _explain(cfg, res, paired: PairedFeatures, dataset, modes: dict[str, list[dict]], views, device) -> None:
+def _explain(cfg, res, paired: PairedFeatures, dataset, modes: dict[str, list[dict]], views, device) -> dict:
     """The explain stage: each reported mode's ``keywords`` (:func:`spec_torch.apps.explain.mode_keywords`),
-    into its spec.json entry and its report view; nothing when the data has no texts. Rank 0 scores every
-    row (oriented as the top samples) and sends the words to every rank."""
-    from .explain import mode_keywords, oriented_scores
+    into its spec.json entry and its report view, and the words of each tied set of modes, named once from
+    the members of any of its modes (:func:`~spec_torch.apps.explain.set_scores`). Returns ``{tuple(set indices): keywords}`` for spec.json's top-level
+    ``tied_modes``; nothing when the data has no texts. Rank 0 scores every row (oriented as the top samples)
+    and sends the words to every rank."""
+    from .explain import mode_keywords, oriented_scores, set_scores
 
     texts = _texts(paired, dataset)
     chosen = [(direction, entry) for direction in ("x", "y") for entry in modes[direction]]
     if texts is None or not chosen:
-        return
+        return {}
     settings = keywords_config(cfg)
     picked = [int(entry["index"]) for _, entry in chosen]
+    sets = [list(t) for t in (res.tied_modes or []) if len(t) > 1]
+    extra = sorted({k for t in sets for k in t} - set(picked))  # tied modes beyond the reported ones
     top = [paired.ids.index(entry["top_ids"][0]) for _, entry in chosen]  # each mode's top sample
-    anchors = paired.gather(top)  # [M, p], [M, q]
+    anchors = paired.gather(top + [0] * len(extra))  # [M, p], [M, q]
+    columns = {k: j for j, k in enumerate(picked + extra)}
 
-    def name_modes() -> list[list[tuple[str, float]]]:
+    def name_modes() -> tuple[list, list]:
         batches = ((xb.to(device), yb.to(device)) for xb, yb in paired.batches(_stream_batch(cfg)))
-        scores = oriented_scores(res, batches, picked, (anchors[0].to(device), anchors[1].to(device)))
-        return mode_keywords(scores, texts, **settings)  # scores: [n, M]
+        scores = oriented_scores(res, batches, picked + extra, (anchors[0].to(device), anchors[1].to(device)))
+        for j in range(
+            len(picked), scores.shape[1]
+        ):  # tied modes beyond the reported ones: the sign that puts
+            if (
+                scores[np.abs(scores[:, j]).argmax(), j] < 0
+            ):  # their largest |score| positive (top_samples' rule)
+                scores[:, j] *= -1
+        words = mode_keywords(scores[:, : len(picked)], texts, **settings)  # scores: [n, M]
+        unions = set_scores(scores, [[columns[k] for k in t] for t in sets])  # [n, S]
+        return words, (mode_keywords(unions, texts, **settings) if sets else [])
 
-    with phase(log, f"naming {len(chosen)} modes by the words of {paired.n} texts"):
-        words = distributed.run_on_main(name_modes)
+    with phase(log, f"naming {len(chosen)} modes and {len(sets)} tied sets by the words of {paired.n} texts"):
+        words, set_words = distributed.run_on_main(name_modes)
     view_of = {(view.direction, view.index): view for view in views}
     for (direction, entry), terms in zip(chosen, words, strict=True):
         entry["keywords"] = [[term, z] for term, z in terms]
         if (direction, entry["index"]) in view_of:
             view_of[direction, entry["index"]].keywords = entry["keywords"]
+    return {tuple(t): [[term, z] for term, z in terms] for t, terms in zip(sets, set_words, strict=True)}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -875,7 +890,7 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
     approx = _approx_error(cfg, res, paired) if distributed.is_main_process() else None
     with phase(log, "scoring the top samples of each reported mode"):
         modes, views, clustering = _mode_entries(cfg, res, paired, dataset, device)
-    _explain(cfg, res, paired, dataset, modes, views, device)
+    set_words = _explain(cfg, res, paired, dataset, modes, views, device)
     with phase(log, "mutual k-NN overlap"):
         knn = _mutual_knn(cfg, paired)
     timings["score_and_metrics_s"] = time.perf_counter() - t_score
@@ -902,6 +917,9 @@ def run(cfg: DictConfig | dict | list[str] | None = None) -> dict[str, Any]:
         metrics={"linear_cka": float(cka), "mutual_knn": knn, "kmeans": clustering},
         modes=modes,
     )
+    for tied in summary.get("tied_modes") or []:  # a tied set's words, named once from its span
+        if tuple(tied["indices"]) in set_words:
+            tied["keywords"] = set_words[tuple(tied["indices"])]
     if approx is not None:
         summary["approximation"] = approx
         summary["settings"]["approx_error"] = cfg.get("approx_error", "auto")
