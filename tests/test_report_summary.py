@@ -333,3 +333,32 @@ def test_summary_names_a_group_by_its_keywords_when_the_entry_has_them():
     headline = build_summary(spec, {"x": "A", "y": "B"})["headline"]
     assert "A holds together a group described by terrier, spaniel, which B does not" in headline
     assert "B holds together a group led by cap:7, which A does not" in headline
+
+
+def test_a_tied_lead_is_told_as_its_set_never_as_one_group():
+    """A tied strongest mode (verdicts branch: ``tied_size``, ``tied_set``) is one of its set's directions: the
+    headline says no one of them is a group and names what the set holds together, by the set's own keywords
+    when the data had texts, else by each member's group. Before, it read "points to a group that is 100%
+    colour=blue" for x1 alone, which resampling cannot tell apart from x2 and x3."""
+    entry = lambda rank, lam, colour: {  # noqa: E731
+        "rank": rank, "eigenvalue": lam, "support": "tied", "tied_size": 3, "tied_set": 0,
+        "purity": {"colour": 1.0}, "dominant": {"colour": colour},
+    }  # fmt: skip
+    spec = {
+        "eigenvalues": [0.103, 0.098, 0.095, -0.05],
+        "spec_diff": 0.103,
+        "tied_modes": [
+            {"modes": [["x", 1], ["x", 2], ["x", 3]], "eigenvalue_sum": 0.296, "ci": [0.27, 0.31]}
+        ],
+        "modes": {
+            "x": [entry(1, 0.103, "blue"), entry(2, 0.098, "green"), entry(3, 0.095, "yellow")],
+            "y": [],
+        },
+    }
+    headline = build_summary(spec, {"x": "A", "y": "B"})["headline"]
+    assert "x1 [tied: one of 3 directions within noise]" in headline
+    assert "no one of them is a group on its own" in headline and "points to a group" not in headline
+    assert "groups that are 100% colour=blue, 100% colour=green and 100% colour=yellow" in headline
+    spec["tied_modes"][0]["keywords"] = [["blue", 5.8], ["green", 5.6]]
+    headline = build_summary(spec, {"x": "A", "y": "B"})["headline"]
+    assert "together they hold groups described by blue, green (together 86% of the |spectrum|)" in headline

@@ -130,14 +130,42 @@ def _share(entry: Mapping[str, Any], total: float) -> str:
     return f"{abs(float(entry['eigenvalue'])) / total:.0%} of the |spectrum|"
 
 
+def _tied_set(entry: Mapping[str, Any], tied_modes: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The spec.json ``tied_modes`` entry of a mode's tied set (its ``tied_set`` index), or None."""
+    t = entry.get("tied_set")
+    return tied_modes[t] if isinstance(t, int) and 0 <= t < len(tied_modes) else None
+
+
+def _set_phrase(
+    tied: Mapping[str, Any], direction: str, entries: Sequence[Mapping[str, Any]], total: float
+) -> str:
+    """What a tied set holds, in words: its own ``keywords`` (named once from the members of any of its modes)
+    or, without texts, each reported member's group; and its share of the |spectrum|."""
+    ranks = {int(r) for d, r in tied.get("modes") or [] if d == direction}
+    members = [e for e in entries if int(e.get("rank", 1)) in ranks]
+    share = f"together {abs(float(tied.get('eigenvalue_sum', 0.0))) / total:.0%} of the |spectrum|"
+    if tied.get("keywords"):
+        what = "groups described by " + ", ".join(str(term) for term, _ in tied["keywords"])
+    elif members:
+        phrases = [group_phrase(e) for e in members]
+        plain = all(not p.startswith(("described", "led", "of ")) for p in phrases)
+        listed = ", ".join(phrases[:-1]) + (" and " if len(phrases) > 1 else "") + phrases[-1]
+        what = f"groups that are {listed}" if plain else "groups " + "; ".join(phrases)
+    else:
+        what = "groups"
+    return f"{what} ({share})"
+
+
 def _direction_finding(
     direction: str,
     entries: Sequence[Mapping[str, Any]],
     names: Mapping[str, str],
     total: float,
     lead_told: bool = False,
+    tied_modes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """One sentence on the strongest modes of one sign; uniform modes are named as such, never as groups.
+    """One sentence on the strongest modes of one sign; uniform modes are named as such, never as groups, and a
+    tied lead as one of its set, whose span (not any one direction) holds the groups.
     ``lead_told``: the headline has already described this sign's uniform lead (SPEC-diff's mode)."""
     other = "y" if direction == "x" else "x"
     me, them = names[direction], names[other]
@@ -160,6 +188,13 @@ def _direction_finding(
                 f"The strongest group {me} holds together and {them} does not is {tagged(direction, group)}: "
                 f"{group_phrase(group)} ({_lam(group)}, {_share(group, total)})."
             )
+    elif "tied" in flags.entry_flags(lead) and _tied_set(lead, tied_modes) is not None:
+        size = int(lead.get("tied_size") or len(_tied_set(lead, tied_modes)["modes"]))
+        text = (
+            f"{me}'s strongest mode, {tagged(direction, lead)} ({_lam(lead)}), is one of {size} directions that "
+            f"resampling does not tell apart: no one of them is a group on its own, but together they hold "
+            f"{_set_phrase(_tied_set(lead, tied_modes), direction, entries, total)}, which {them} does not."
+        )
     elif flags.entry_flags(lead):
         text = (
             f"{me}'s strongest mode, {tagged(direction, lead)} ({_lam(lead)}, {_share(lead, total)}; {count}), "
@@ -214,7 +249,12 @@ def build_summary(spec: Mapping[str, Any], names: Mapping[str, str] | None = Non
     }
     lead = _lead(modes)
     told = lead[0] if lead is not None and "uniform" in flags.entry_flags(lead[1]) else None
-    findings = [_direction_finding(d, modes[d], names, total, lead_told=d == told) for d in "xy" if modes[d]]
+    tied_modes = spec.get("tied_modes") or []
+    findings = [
+        _direction_finding(d, modes[d], names, total, lead_told=d == told, tied_modes=tied_modes)
+        for d in "xy"
+        if modes[d]
+    ]
     out["findings"] = findings
     if lead is None:
         out["headline"] = (
