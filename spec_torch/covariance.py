@@ -907,11 +907,11 @@ class DiffCovariance:
             )
         from .uncertainty import MIN_GROUPS
 
-        if self.groups < MIN_GROUPS:  # st.spec refuses this; the accumulator (tests, experiments) warns
-            warnings.warn(
-                f"groups: {self.groups} groups give few distinct bootstrap resamples and intervals that "
-                f"undercover; use at least {MIN_GROUPS} (st.spec refuses fewer)",
-                stacklevel=3,
+        if self.groups < MIN_GROUPS:  # G groups give at most binom(2G - 1, G) distinct resamples (3 at G = 2)
+            raise SpecError(
+                f"groups: replicates need at least {MIN_GROUPS} groups, got {self.groups} (with few groups a "
+                "bootstrap has few distinct resamples and its intervals undercover: 49% at G = 2); create "
+                f"DiffCovariance(..., groups={MIN_GROUPS}) or more"
             )
         c_full = assemble_covariance(*blocks, self.n, eta)
         out = estimate(

@@ -80,7 +80,7 @@ def test_replicates_of_a_billion_are_refused_naming_the_memory():
     x, y = torch.randn(64, 5), torch.randn(64, 3)
     with pytest.raises(SpecError, match=r"replicates: replicates = 1000000000 .* needs about [\d.e+]+ GiB"):
         st.spec(x, y, GaussianKernel(sigma=1.0, rff_dim=8), "cosine", replicates=10**9)
-    acc = st.DiffCovariance("cosine", "cosine", groups=4)
+    acc = st.DiffCovariance("cosine", "cosine", groups=8)
     acc.update(x, y)
     with pytest.raises(SpecError, match=r"replicates: .* needs about"):
         acc.compute(replicates=10**9)
@@ -115,7 +115,7 @@ def _train_settings(**kw):
         lambda x, y, s: GaussianKernel(rff_dim=4, seed=s),
         lambda x, y, s: st.Nystrom("gaussian", landmarks=8, seed=s),
         lambda x, y, s: st.DiffCovariance(groups=4, group_seed=s),
-        lambda x, y, s: st.DiffCovariance(groups=4).update(x, y).compute(replicates=4, seed=s),
+        lambda x, y, s: st.DiffCovariance(groups=8).update(x, y).compute(replicates=4, seed=s),
         lambda x, y, s: st.spec_matrix({"a": x, "b": x[:, :3]}, seed=s),
         lambda x, y, s: st.rff_error_estimate(
             x, y, GaussianKernel(rff_dim=4), "cosine", seeds=(0, s), subsample=8

@@ -147,8 +147,8 @@ def test_replicates_need_16_samples_and_8_groups():
         st.spec(x, y, replicates=1)
     res = st.spec(x[:16], y[:16], replicates=10)  # the least that runs: 8 groups of 2 on average
     assert res.uncertainty["groups"] == 8
-    with pytest.warns(UserWarning, match="groups: 4 groups"):
-        st.DiffCovariance(groups=4).update(x, y).compute(replicates=10)
+    with pytest.raises(st.SpecError, match="groups: replicates need at least 8 groups, got 4"):
+        st.DiffCovariance(groups=4).update(x, y).compute(replicates=10)  # on main: a warning, then intervals
 
 
 def test_memory_is_checked_before_the_factor_is_allocated(monkeypatch):

@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -322,8 +323,8 @@ def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run(slots_of_64):
     staged = st.DiffCovariance("linear", "linear", groups=STAGE_G)
     _stream(staged, x, y, [90] * 12 + [20])
     assert (staged._flushes, staged._staged) == _slot_path(torch.arange(1100)) and staged._staged > 0
-    r_direct = direct.compute(replicates=20, seed=3)
-    r_staged = staged.compute(replicates=20, seed=3)  # flushes the staged rows first
+    r_direct = _replicates(direct, 20, seed=3)  # STAGE_G = 4 groups: below what compute(replicates=) takes
+    r_staged = _replicates(staged, 20, seed=3)  # compute() flushes the staged rows first
     assert staged._staged == 0
     torch.testing.assert_close(r_staged.eigenvalues, r_direct.eigenvalues, rtol=SOLVE_RTOL, atol=SOLVE_ATOL)
     assert bool(torch.isfinite(r_direct.eigenvalue_ci[[0, -1]]).all())  # the extreme modes have intervals
@@ -331,8 +332,29 @@ def test_merge_and_compute_with_staged_rows_equal_the_unstaged_run(slots_of_64):
     torch.testing.assert_close(r_staged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
     torch.testing.assert_close(r_staged.heldout_eigenvalues, r_direct.heldout_eigenvalues, **close)
     torch.testing.assert_close(r_staged.stability, r_direct.stability, equal_nan=True)
-    r_merged = a.compute(replicates=20, seed=3)
+    r_merged = _replicates(a, 20, seed=3)
     torch.testing.assert_close(r_merged.eigenvalue_ci, r_direct.eigenvalue_ci, **close)
+
+
+def _replicates(acc: st.DiffCovariance, replicates: int, seed: int) -> SimpleNamespace:
+    """The full-data solve with :func:`uncertainty.estimate` on its group sums: what ``compute(replicates=)``
+    attaches, for any number of groups (compute refuses fewer than 8)."""
+    from spec_torch.solver import assemble_covariance
+
+    res = acc.compute()
+    c_full = assemble_covariance(acc.xx.double(), acc.xy.double(), acc.yy.double(), acc.n, 1.0)
+    out = unc.estimate(
+        acc.group_state,
+        c_full,
+        res.eigenvalues,
+        res._u,
+        eta=1.0,
+        dx=acc.xx.shape[0],
+        zero_tol=res.zero_tol,
+        replicates=replicates,
+        seed=seed,
+    )
+    return SimpleNamespace(eigenvalues=res.eigenvalues, **out)
 
 
 # ------------------------------------------------------------------------------- solves against the oracle
