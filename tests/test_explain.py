@@ -257,6 +257,26 @@ def synthetic_coco(tmp_path_factory):
     return {"root": images, "annotations": ann, "shape": attributes["shape"], "tmp": tmp}
 
 
+def _captioned_demo(data: dict, replicates: int, out: str) -> dict:
+    """The compare demo on the synthetic images read as COCO with their generated captions; spec.json."""
+    return run(
+        _compose(
+            "compare",
+            [
+                "experiment=demo",
+                "data=mscoco",
+                f"data.root={data['root']}",
+                f"data.annotations={data['annotations']}",
+                f"uncertainty.replicates={replicates}",
+                "report=false",
+                f"cache_dir={data['tmp'] / 'cache'}",
+                f"output_dir={data['tmp'] / out}",
+                "progress=false",
+            ],
+        )  # fmt: skip
+    )
+
+
 def majority_shape(ids: list[str], shapes: list[str]) -> str:
     return Counter(shapes[int(sid.split(":")[1])] for sid in ids).most_common(1)[0][0]
 
@@ -265,22 +285,7 @@ def test_synthetic_captions_name_the_shape_modes_by_their_shape(synthetic_coco):
     """The demo (colour vs shape encoder, centred) on the synthetic images read as COCO: the shape modes y1-y3
     get their shape word first; and every image's captions are its text."""
     data = synthetic_coco
-    spec = run(
-        _compose(
-            "compare",
-            [
-                "experiment=demo",
-                "data=mscoco",
-                f"data.root={data['root']}",
-                f"data.annotations={data['annotations']}",
-                "uncertainty.replicates=0",
-                "report=false",
-                f"cache_dir={data['tmp'] / 'cache'}",
-                f"output_dir={data['tmp'] / 'compare'}",
-                "progress=false",
-            ],
-        )  # fmt: skip
-    )
+    spec = _captioned_demo(data, replicates=0, out="compare")
     assert len(spec["modes"]["y"]) == 3
     for entry in spec["modes"]["y"]:
         assert entry["keywords"], entry
@@ -371,22 +376,7 @@ def test_a_tied_set_is_named_once_in_spec_json(synthetic_coco):
     one by one); spec.json's top-level ``tied_modes`` entry carries the set's words, named from the samples'
     projections on its span: the colours of its three groups. Absent before the verdicts and words merged."""
     data = synthetic_coco
-    spec = run(
-        _compose(
-            "compare",
-            [
-                "experiment=demo",
-                "data=mscoco",
-                f"data.root={data['root']}",
-                f"data.annotations={data['annotations']}",
-                "uncertainty.replicates=40",
-                "report=false",
-                f"cache_dir={data['tmp'] / 'cache'}",
-                f"output_dir={data['tmp'] / 'compare_tied'}",
-                "progress=false",
-            ],
-        )  # fmt: skip
-    )
+    spec = _captioned_demo(data, replicates=40, out="compare_tied")
     (colour_set,) = [t for t in spec["tied_modes"] if ["x", 1] in t["modes"]]
     assert colour_set["modes"] == [["x", 1], ["x", 2], ["x", 3]]
     terms = [term for term, _ in colour_set["keywords"]]
