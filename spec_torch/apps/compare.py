@@ -342,46 +342,7 @@ def _solve(
     kx, ky = kx0.for_route(route), ky0.for_route(route)  # rff_dim: auto -> exact, or AUTO_RFF_DIM features
     d = kx.feature_dim(p) + ky.feature_dim(q) if route == "features" else None
     if route == "exact" or (at_hand and d > paired.n):
-        # the n x n route (exact kernels, or the features route's dual when D > n); st.spec checks memory
-        if not (kx.is_fitted and ky.is_fitted):
-            kx, ky = _fit_kernels(cfg, paired, route)
-        x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
-        cka.update(x, y)
-        plan = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
-        replicates = {}
-        if plan["groups"]:  # intervals from an exact factor of L (spec_torch.factor_intervals)
-            replicates = {
-                "replicates": int(plan["replicates"]),
-                "groups": int(plan["groups"]),
-                "level": plan["level"],
-                "interval": plan["interval"],
-                "seed": int(cfg.seed),
-            }
-        with _named("top_k", "solve_top_k"), _sample_ids(paired, 0):
-            res = api.spec(
-                x,
-                y,
-                kernel_x=kx,
-                kernel_y=ky,
-                eta=float(cfg.eta),
-                method=route,
-                top_k=solve_top_k,
-                center=center,
-                **replicates,
-            )
-        res.uncertainty = {
-            **plan,
-            **(res.uncertainty or {}),
-            "enabled": bool(replicates),
-            "note": plan["note"],
-        }
-        centred = _centred_spec_diff(
-            cfg,
-            res,
-            lambda: api.spec(x, y, kx, ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=True,
-                             reference=False),
-            f"a second solve on the {res.method} route",
-        )  # fmt: skip
+        res, centred = _solve_rows(cfg, paired, device, kx, ky, route, cka)
         return res, cka.compute(), centred
     plan = _uncertainty_plan(cfg, kx, ky, paired, device)
     acc = DiffCovariance(
@@ -411,6 +372,18 @@ def _solve(
             res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
             res.uncertainty = plan
     timings["solve_s"] = time.perf_counter() - t_solve
+    unresolved = int((res.below_resolution & (res.eigenvalues.abs().cpu() > res.zero_tol)).sum())
+    if unresolved and at_hand and cfg.get("method", "auto") == "auto" and paired.n <= api.RESOLVE_MAX_N:
+        # the D x D solve cannot resolve these modes; the n x n matrix differences the kernels entrywise first
+        log.info("%d modes below the features route's resolution: re-solving on the exact route", unresolved)
+        modes = int((res.eigenvalues.abs().cpu() > res.zero_tol).sum())
+        error = float(res.eigenvalue_error.max())
+        res, centred = _solve_rows(cfg, paired, device, acc.kernel_x, acc.kernel_y, "exact")
+        res.re_solve = (
+            f"the features route left {unresolved} of {modes} modes below resolution (a value or gap under its "
+            f"estimated error, up to {error:.1e}); solved on the exact route"
+        )
+        return res, cka.compute(), centred
     centred = _centred_spec_diff(
         cfg,
         res,
@@ -418,6 +391,55 @@ def _solve(
         "from the same streamed sums: DiffCovariance.compute(center=True), centring needs only the feature means",
     )
     return res, cka.compute(), centred
+
+
+def _solve_rows(cfg: DictConfig, paired: PairedFeatures, device, kx, ky, route: str, cka=None):
+    """The n x n route (exact kernels, or the features route's dual when D > n) on all rows at once; st.spec
+    checks memory. -> (SpecResult, spec.json ``spec_diff_centred`` or None). ``cka``: the CKA sums to add
+    the rows to (None: already added)."""
+    center = bool(cfg.get("center", False))
+    solve_top_k = cfg.get("solve_top_k")
+    if not (kx.is_fitted and ky.is_fitted):
+        kx, ky = _fit_kernels(cfg, paired, route)
+    x, y = (t.to(device) for t in paired.gather(np.arange(paired.n)))  # [n, p], [n, q]
+    if cka is not None:
+        cka.update(x, y)
+    plan = _uncertainty_plan(cfg, kx, ky, paired, device, exact=True)
+    replicates = {}
+    if plan["groups"]:  # intervals from an exact factor of L (spec_torch.factor_intervals)
+        replicates = {
+            "replicates": int(plan["replicates"]),
+            "groups": int(plan["groups"]),
+            "level": plan["level"],
+            "interval": plan["interval"],
+            "seed": int(cfg.seed),
+        }
+    with _named("top_k", "solve_top_k"), _sample_ids(paired, 0):
+        res = api.spec(
+            x,
+            y,
+            kernel_x=kx,
+            kernel_y=ky,
+            eta=float(cfg.eta),
+            method=route,
+            top_k=solve_top_k,
+            center=center,
+            **replicates,
+        )
+    res.uncertainty = {
+        **plan,
+        **(res.uncertainty or {}),
+        "enabled": bool(replicates),
+        "note": plan["note"],
+    }
+    centred = _centred_spec_diff(
+        cfg,
+        res,
+        lambda: api.spec(x, y, kx, ky, eta=float(cfg.eta), method=route, top_k=solve_top_k, center=True,
+                         reference=False),
+        f"a second solve on the {res.method} route",
+    )  # fmt: skip
+    return res, centred
 
 
 def _centred_spec_diff(cfg: DictConfig, res, solve_centred, how: str) -> dict[str, Any] | None:
