@@ -317,14 +317,13 @@ def _resolve_auto(res: SpecResult, x, y, kx, ky, eta, top_k, center) -> SpecResu
     entrywise, error about ``eps * scale / sqrt(n)``) and ``re_solve`` says why. The features route's
     permutation reference (a large value, resolved there) is kept.
     """
-    modes = res.eigenvalues.abs().cpu() > res.zero_tol
-    unresolved = int((res.below_resolution & modes).sum())
+    unresolved, modes = unresolved_modes(res)
     if not unresolved:
         return res
     n = res.n
     if n > RESOLVE_MAX_N:
         warnings.warn(
-            f"method: {unresolved} of {int(modes.sum())} modes are below the features route's resolution "
+            f"method: {unresolved} of {modes} modes are below the features route's resolution "
             f"(estimated error up to {float(res.eigenvalue_error.max()):.1e}) and n = {n} is above "
             f"RESOLVE_MAX_N = {RESOLVE_MAX_N} for an exact re-solve; they carry below_resolution "
             "(method='exact' solves the n x n matrix)",
@@ -333,11 +332,23 @@ def _resolve_auto(res: SpecResult, x, y, kx, ky, eta, top_k, center) -> SpecResu
         return res
     out = _solve_dense(x, y, kx, ky, eta, "exact", top_k, center, reference=False)
     out.spec_diff_null = res.spec_diff_null
-    out.re_solve = (
-        f"the features route left {unresolved} of {int(modes.sum())} modes below resolution (a value or gap "
-        f"under its estimated error, up to {float(res.eigenvalue_error.max()):.1e}); solved on the exact route"
-    )
+    out.re_solve = re_solve_reason(res)
     return out
+
+
+def unresolved_modes(res: SpecResult) -> tuple[int, int]:
+    """``(unresolved, modes)``: how many of ``res``'s modes (``|lambda| > zero_tol``) are below resolution."""
+    modes = res.eigenvalues.abs().cpu() > res.zero_tol
+    return int((res.below_resolution & modes).sum()), int(modes.sum())
+
+
+def re_solve_reason(res: SpecResult) -> str:
+    """``re_solve`` of the exact-route result that replaces the features-route result ``res``."""
+    unresolved, modes = unresolved_modes(res)
+    return (
+        f"the features route left {unresolved} of {modes} modes below resolution (a value or gap under its "
+        f"estimated error, up to {float(res.eigenvalue_error.max()):.1e}); solved on the exact route"
+    )
 
 
 def _solve_dense(x, y, kx, ky, eta, route, top_k, center, reference, uncertainty=None) -> SpecResult:

@@ -372,17 +372,13 @@ def _solve(
             res = acc.compute(eta=float(cfg.eta), top_k=solve_top_k, center=center)
             res.uncertainty = plan
     timings["solve_s"] = time.perf_counter() - t_solve
-    unresolved = int((res.below_resolution & (res.eigenvalues.abs().cpu() > res.zero_tol)).sum())
+    unresolved, _ = api.unresolved_modes(res)
     if unresolved and at_hand and cfg.get("method", "auto") == "auto" and paired.n <= api.RESOLVE_MAX_N:
         # the D x D solve cannot resolve these modes; the n x n matrix differences the kernels entrywise first
         log.info("%d modes below the features route's resolution: re-solving on the exact route", unresolved)
-        modes = int((res.eigenvalues.abs().cpu() > res.zero_tol).sum())
-        error = float(res.eigenvalue_error.max())
+        reason = api.re_solve_reason(res)
         res, centred = _solve_rows(cfg, paired, device, acc.kernel_x, acc.kernel_y, "exact")
-        res.re_solve = (
-            f"the features route left {unresolved} of {modes} modes below resolution (a value or gap under its "
-            f"estimated error, up to {error:.1e}); solved on the exact route"
-        )
+        res.re_solve = reason
         return res, cka.compute(), centred
     centred = _centred_spec_diff(
         cfg,
