@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..explain import keywords_phrase
 from . import flags
 
 __all__ = ["build_summary", "encoder_names", "mode_name", "group_phrase"]
@@ -101,7 +102,7 @@ def group_phrase(entry: Mapping[str, Any]) -> str:
     (labels), ``"described by terrier, spaniel"`` (its distinctive words, spec.json ``keywords`` ``[[term, z],
     ...]``, where the data has texts), ``'led by "a caption"'`` (texts) or ``"led by <id>"``."""
     if entry.get("keywords"):  # its distinctive words say best what the group is
-        return "described by " + ", ".join(str(term) for term, _ in entry["keywords"])
+        return "described by " + keywords_phrase(entry)
     purity, dominant = entry.get("purity"), entry.get("dominant") or {}
     if purity:
         attr, frac = max(purity.items(), key=lambda kv: float(kv[1]))
@@ -145,7 +146,7 @@ def _set_phrase(
     members = [e for e in entries if int(e.get("rank", 1)) in ranks]
     share = f"together {abs(float(tied.get('eigenvalue_sum', 0.0))) / total:.0%} of the |spectrum|"
     if tied.get("keywords"):
-        what = "groups described by " + ", ".join(str(term) for term, _ in tied["keywords"])
+        what = "groups described by " + keywords_phrase(tied)
     elif members:
         phrases = [group_phrase(e) for e in members]
         plain = all(not p.startswith(("described", "led", "of ")) for p in phrases)
